@@ -1,0 +1,28 @@
+# Two entry points for a fresh machine: `make demo` and `make test` (both build .venv first).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# DeepSpeed: no CUDA ops at install; JIT-built ops are cached inside the checkout.
+export DS_BUILD_OPS := 0
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+export WANDB_MODE ?= offline
+
+.PHONY: setup demo test clean-venv
+setup: $(VENV)/.installed
+
+# torch first: asking for anything else first would pull a multi-GB CUDA build of torch.
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/python -m pretrain.demo
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)

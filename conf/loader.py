@@ -1,0 +1,346 @@
+"""Load YAML configs (with ``inherit`` and ``key=value`` overrides) into validated, typed dataclasses.
+
+Every key remembers where it was last set (``file:line`` or ``override 'k=v'``), so that every mistake, from an
+unknown key to an impossible combination reported by ``validate()``, comes back as one line pointing at its source.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import os
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence, Union
+
+import yaml
+
+from model.config import ConfigError, ModelConfig
+
+CONF_DIR = Path(__file__).resolve().parent
+PRESET_DIR = CONF_DIR / "model"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-5`` as a float (PyYAML follows YAML 1.1, which needs a dot: ``1.0e-5``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+@dataclass
+class _Entry:
+    value: Any  # a plain YAML value (lists are leaves), or a _Tree for a mapping
+    where: str  # "file:line" or "override 'k=v'": where this key was last set
+
+
+_Tree = dict[str, _Entry]
+
+
+def _display(path: Path) -> str:
+    """Path as the user would type it: relative to the working directory when inside it."""
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
+
+
+def _suggest(word: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(options)})"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# ---- reading files ------------------------------------------------------------------------------------------
+def _tree_from_node(loader: _Loader, node: yaml.MappingNode, fname: str, prefix: str) -> _Tree:
+    # Merge keys (<<: *anchor) are expanded in place first so their lines point at the anchor's definition.
+    loader.flatten_mapping(node)
+    tree: _Tree = {}
+    for key_node, value_node in node.value:
+        where = f"{fname}:{key_node.start_mark.line + 1}"
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise ConfigError(f"{where}: {prefix or 'top level'}: mapping keys must be plain names")
+        key = key_node.value
+        # safe_load would silently keep the last of two equal keys; that is almost always an editing slip.
+        if key in tree:
+            raise ConfigError(f"{where}: {prefix}{key}: duplicate key (first set at {tree[key].where})")
+        if isinstance(value_node, yaml.MappingNode):
+            tree[key] = _Entry(_tree_from_node(loader, value_node, fname, f"{prefix}{key}."), where)
+        else:
+            tree[key] = _Entry(loader.construct_object(value_node, deep=True), where)
+    return tree
+
+
+def _read_yaml(path: Path) -> _Tree:
+    fname = _display(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{fname}: cannot read config: {e.strerror or e}") from None
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:  # empty file
+            return {}
+        if not isinstance(node, yaml.MappingNode):
+            raise ConfigError(f"{fname}:{node.start_mark.line + 1}: top level must be a mapping of keys")
+        return _tree_from_node(loader, node, fname, "")
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{fname}{line}: invalid YAML: {_one_line(getattr(e, 'problem', None) or e)}") from None
+    finally:
+        loader.dispose()
+
+
+def _merge(base: _Tree, top: _Tree) -> _Tree:
+    """Deep merge: ``top`` wins; mappings merge key by key, anything else (lists included) is replaced."""
+    out = dict(base)
+    for key, entry in top.items():
+        old = out.get(key)
+        if old is not None and isinstance(old.value, dict) and isinstance(entry.value, dict):
+            out[key] = _Entry(_merge(old.value, entry.value), entry.where)
+        else:
+            out[key] = entry
+    return out
+
+
+def _load_file(path: Path, stack: tuple[Path, ...] = ()) -> _Tree:
+    path = path.resolve()
+    tree = _read_yaml(path)
+    inherit = tree.pop("inherit", None)
+    if inherit is None:
+        return tree
+    parents = inherit.value if isinstance(inherit.value, list) else [inherit.value]
+    if not parents or not all(isinstance(p, str) and p for p in parents):
+        raise ConfigError(f"{inherit.where}: inherit: expected a file name or a list of names, "
+                          f"got {_describe(inherit.value)}")
+    merged: _Tree = {}
+    for parent in parents:  # later parents win over earlier ones, the file itself over all of them
+        ppath = (path.parent / parent).resolve()
+        if ppath == path or ppath in stack:
+            chain = " -> ".join(_display(p) for p in (*stack, path, ppath))
+            raise ConfigError(f"{inherit.where}: inherit: cycle {chain}")
+        if not ppath.is_file():
+            raise ConfigError(f"{inherit.where}: inherit: file not found: {_display(ppath)}")
+        merged = _merge(merged, _load_file(ppath, (*stack, path)))
+    return _merge(merged, tree)
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _resolve(path_or_name: str | os.PathLike[str]) -> Path:
+    text = os.fspath(path_or_name)
+    # Anything that looks like a path is one; a bare word is a preset under conf/model/.
+    if isinstance(path_or_name, os.PathLike) or "/" in text or os.sep in text or text.endswith((".yaml", ".yml")):
+        path = Path(text)
+        if not path.is_file():
+            raise ConfigError(f"{text}: config file not found")
+        return path
+    path = PRESET_DIR / f"{text}.yaml"
+    if not path.is_file():
+        close = difflib.get_close_matches(text, list_presets(), n=5, cutoff=0.0)
+        raise ConfigError(f"unknown preset {text!r}; closest: {', '.join(close) or '(none)'} "
+                          f"(presets live in {_display(PRESET_DIR)}/)")
+    return path
+
+
+# ---- overrides ----------------------------------------------------------------------------------------------
+def _plain_to_tree(value: dict[Any, Any], where: str) -> _Tree:
+    return {str(k): _Entry(_plain_to_tree(v, where) if isinstance(v, dict) else v, where) for k, v in value.items()}
+
+
+def _apply_override(tree: _Tree, text: str) -> _Tree:
+    where = f"override {text!r}"
+    key, eq, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not eq or not all(parts):
+        raise ConfigError(f"{where}: malformed override, expected key=value (e.g. router.alpha=0.2)")
+    try:
+        value = yaml.load(raw, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: value is not valid YAML: {_one_line(getattr(e, 'problem', None) or e)}") from None
+    # Build {a: {b: value}} and merge it like one more inherited layer, so an override of a mapping merges too.
+    leaf = _Entry(_plain_to_tree(value, where) if isinstance(value, dict) else value, where)
+    for part in reversed(parts[1:]):
+        leaf = _Entry({part: leaf}, where)
+    return _merge(tree, {parts[0]: leaf})
+
+
+# ---- building typed objects ---------------------------------------------------------------------------------
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "mapping"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Builder:
+    """Turns a located tree into dataclasses; keeps the root so validate() errors can be traced to a source."""
+
+    def __init__(self, root: _Tree, top_file: str) -> None:
+        self.root, self.top_file = root, top_file
+
+    def where_of(self, dotted: str) -> str:
+        """Where a dotted key was set; the top file when it was left at its default."""
+        node, where = self.root, self.top_file
+        for part in re.sub(r"\[\d+\]$", "", dotted).split("."):
+            if not isinstance(node, dict) or part not in node:
+                return self.top_file
+            node, where = node[part].value, node[part].where
+        return where
+
+    def build(self, cls: type, tree: _Tree, prefix: str, where: str) -> Any:
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        kwargs: dict[str, Any] = {}
+        for key, entry in tree.items():
+            if key not in fields:
+                raise ConfigError(f"{entry.where}: {prefix}{key}: unknown key{_suggest(key, list(fields))}")
+            kwargs[key] = self.convert(hints[key], entry.value, f"{prefix}{key}", entry.where)
+        for name, f in fields.items():
+            if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}: {prefix}{name}: missing required key")
+        obj = cls(**kwargs)
+        validate = getattr(obj, "validate", None)
+        if callable(validate):
+            try:
+                validate()
+            except ConfigError as e:
+                # validate() names the offending key first ("key: message"); point at where that key was set.
+                msg = str(e)
+                m = re.match(r"([A-Za-z_][\w.]*(?:\[\d+\])?):\s*(.*)", msg, re.S)
+                if m is None:
+                    raise ConfigError(f"{where}: {_one_line(msg)}") from None
+                key = prefix + m.group(1)
+                raise ConfigError(f"{self.where_of(key)}: {key}: {_one_line(m.group(2))}") from None
+        return obj
+
+    def convert(self, tp: Any, value: Any, key: str, where: str) -> Any:
+        def bad() -> ConfigError:
+            return ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {_describe(value)}")
+
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            if not isinstance(value, dict):
+                raise bad()
+            return self.build(tp, value, f"{key}.", where)
+        if origin in (Union, types.UnionType):
+            if value is None and type(None) in args:
+                return None
+            options = [a for a in args if a is not type(None)]
+            if len(options) != 1:
+                raise TypeError(f"{key}: unsupported annotation {tp} (only Optional[X] unions)")
+            return self.convert(options[0], value, key, where)
+        if origin is Literal:
+            # type() check too: True == 1 must not satisfy Literal[1], nor 1 satisfy Literal[True].
+            if any(value == a and type(value) is type(a) for a in args):
+                return value
+            close = difflib.get_close_matches(value, [str(a) for a in args], n=1) if isinstance(value, str) else []
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {_describe(value)}{hint}")
+        if origin is list:
+            if not isinstance(value, list):
+                raise bad()
+            # Lists are leaves of the tree, so mappings inside them are plain dicts: give them the list's location.
+            return [self.convert(args[0], _plain_to_tree(v, where) if isinstance(v, dict) else v, f"{key}[{i}]",
+                                 where) for i, v in enumerate(value)]
+        # Scalars. bool is a subclass of int in Python, but `n_layers: true` is a mistake, not 1.
+        if tp is bool:
+            ok = isinstance(value, bool)
+        elif tp is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif tp is float:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return float(value)
+            ok = isinstance(value, float)
+        elif tp is str:
+            ok = isinstance(value, str)
+        else:  # a schema bug, not a user mistake: fail loudly rather than let a value through unchecked
+            raise TypeError(f"{key}: unsupported annotation {tp}")
+        if not ok:
+            raise bad()
+        return value
+
+
+# ---- public API ---------------------------------------------------------------------------------------------
+def load_config(path_or_name: str | os.PathLike[str], overrides: Sequence[str] = (), schema: type = ModelConfig,
+                section: str | None = None) -> Any:
+    """Load a YAML file or preset name, apply ``key=value`` overrides, and return a validated ``schema``.
+
+    With ``section``, a top-level mapping under that key (e.g. ``model:`` in a run config) is used when present;
+    override keys are then relative to it. Raises ConfigError with a one-line, located message.
+    """
+    if isinstance(overrides, str):  # a lone "k=v" would otherwise be split into characters
+        overrides = [overrides]
+    path = _resolve(path_or_name)
+    tree = _load_file(path)
+    if section is not None and section in tree:
+        entry = tree[section]
+        if not isinstance(entry.value, dict):
+            raise ConfigError(f"{entry.where}: {section}: expected mapping, got {_describe(entry.value)}")
+        tree = entry.value
+    for text in overrides:
+        tree = _apply_override(tree, text)
+    top = _display(path.resolve())
+    return _Builder(tree, top).build(schema, tree, "", top)
+
+
+def config_to_dict(obj: Any) -> Any:
+    """Plain nested dicts/lists/scalars of a config dataclass (only constructor fields, so it loads back)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: config_to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+    if isinstance(obj, (list, tuple)):
+        return [config_to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: config_to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def dump_yaml(obj: Any) -> str:
+    # Field order kept; short lists inline (capacities: [1.0, 0.5]).
+    return yaml.safe_dump(config_to_dict(obj), sort_keys=False, default_flow_style=None)
+
+
+@contextlib.contextmanager
+def cli_errors() -> Iterator[None]:
+    """For entry points (``with cli_errors():`` or ``@cli_errors()``): a ConfigError becomes
+    ``error: <message>`` on stderr and exit status 2, the usual status for a usage error, without a traceback."""
+    try:
+        yield
+    except ConfigError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def split_cli(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split command-line words into (overrides, others).
+
+    An override is a word containing ``=`` that is not an option (does not start with ``-``). Malformed ones such
+    as ``=3`` are still returned as overrides so that load_config reports them rather than silently dropping them.
+    """
+    is_override = [("=" in w and not w.startswith("-")) for w in argv]
+    return [w for w, o in zip(argv, is_override) if o], [w for w, o in zip(argv, is_override) if not o]

@@ -1,0 +1,5 @@
+"""Mixture-of-Recursions model: config, megatron-core layers, sharing, routers, assembly, FLOPs."""
+import warnings
+
+# megatron-core warns at import when the optional Transformer Engine / Apex kernels are absent; we use neither.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")

@@ -1,0 +1,56 @@
+"""Causal attention kernels: PyTorch SDPA everywhere, flash-attn on GPU when it is installed.
+
+All entry points take batch-first tensors q (B, S, H, D) and k, v (B, S, Hkv, D) and are always causal. An
+optional ``key_active`` mask (B, S) removes inactive tokens from the keys; token-choice routing uses it for the
+recursion steps where only part of the sequence is still running.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+try:  # flash-attn is optional and GPU-only
+    from flash_attn import flash_attn_func as _flash_attn_func
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    _flash_attn_func = None
+
+
+def flash_available() -> bool:
+    return _flash_attn_func is not None and torch.cuda.is_available()
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """Pick the kernel for ``requested`` in {auto, sdpa, flash} on ``device``."""
+    if requested == "flash":
+        if not flash_available():
+            raise RuntimeError("attention_backend=flash needs flash-attn and a CUDA device; use sdpa or auto")
+        return "flash"
+    if requested == "auto" and device.type == "cuda" and flash_available():
+        return "flash"
+    return "sdpa"
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "sdpa",
+                     key_active: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal attention over (B, S, H, D) inputs, returning (B, S, H, D)."""
+    if backend == "flash" and key_active is None and q.dtype in (torch.float16, torch.bfloat16):
+        return _flash_attn_func(q, k, v, causal=True)  # native GQA and BSHD layout
+    h, hkv = q.shape[2], k.shape[2]
+    if h != hkv:
+        # Expanding the shared kv heads keeps every SDPA backend (cuDNN included) available.
+        k = k.repeat_interleave(h // hkv, dim=2)
+        v = v.repeat_interleave(h // hkv, dim=2)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if key_active is None:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+    else:
+        s = q.shape[1]
+        causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+        # A query always sees itself, so no row is fully masked (a fully masked row gives NaN in softmax, and
+        # its NaN would leak into the key/value gradients even though the row's output is discarded).
+        diag = torch.eye(s, dtype=torch.bool, device=q.device)
+        mask = causal & (key_active[:, None, None, :] | diag)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
+    return out.transpose(1, 2)

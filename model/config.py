@@ -1,0 +1,156 @@
+"""Typed model configuration for vanilla, recursive and Mixture-of-Recursions transformers.
+
+Names follow Bae et al., "Mixture-of-Recursions" (arXiv 2507.10524): a *recursion* is one pass of the shared
+block, ``num_recursions`` (Nr) passes in all; *capacity* c_r is the fraction of a sequence's tokens that
+expert-choice routing keeps at step r; *middle-cycle* keeps a unique first and last layer around the cycled block.
+
+``n_layers`` is always the unrolled depth: the number of layer applications a token that runs every recursion
+goes through. The number of unique layers follows from it and the sharing strategy (see ``unique_layers``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+Sharing = Literal["none", "cycle", "sequence", "middle_cycle", "middle_sequence"]
+Routing = Literal["none", "expert_choice", "token_choice"]
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config: the message is one line naming the key (and file, when known)."""
+
+
+@dataclass
+class RouterConfig:
+    # Gate scale α. Default depends on routing: 0.1 for expert-choice (the reference runs), 1.0 for token-choice.
+    alpha: Optional[float] = None
+    # Per-step capacities c_r (expert-choice). Default (Nr - r + 1) / Nr, e.g. 1, 2/3, 1/3 for Nr = 3.
+    capacities: Optional[list[float]] = None
+    # How a kept token's state is updated at a recursion step (expert-choice):
+    #   weighted: h <- h + g * block(h)        (reference code; block output includes its own residuals)
+    #   residual: h <- h + g * (block(h) - h)  (only the block's update is gated)
+    gating: Literal["weighted", "residual"] = "weighted"
+    arch: Literal["linear", "mlp"] = "linear"
+    # The router's input is divided by this (the reference's "temperature"); 1.0 leaves it as is.
+    temperature: float = 1.0
+    # Expert-choice: BCE auxiliary loss on router logits (target 1 for kept tokens), summed over steps.
+    aux_loss_coef: float = 0.001
+    # Expert-choice: a separate router per step trained on detached inputs, used for causal inference.
+    aux_router: bool = False
+    # Router z-loss coefficient. Default depends on routing: 0 for expert-choice, 1e-5 for token-choice.
+    z_loss_coef: Optional[float] = None
+    # Token-choice load balancing: Switch-style loss, or a bias on the depth choice nudged towards balance.
+    balance: Literal["loss", "loss_free"] = "loss"
+    balance_coef: float = 0.1
+    bias_update_rate: float = 0.001
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom"
+    vocab_size: int = 49152
+    d_model: int = 960
+    n_layers: int = 32
+    n_heads: int = 15
+    n_kv_heads: int = 5
+    ffn_hidden: int = 2560
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    sharing: Sharing = "none"
+    num_recursions: int = 1
+    routing: Routing = "none"
+    router: RouterConfig = field(default_factory=RouterConfig)
+    # Recursive KV sharing at inference: later recursions reuse the first recursion's keys and values.
+    kv_sharing: bool = False
+    # Attention kernel: auto picks flash-attn on GPU when installed, else PyTorch SDPA.
+    attention_backend: Literal["auto", "sdpa", "flash"] = "auto"
+
+    # ---- derived quantities -------------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def middle(self) -> bool:
+        return self.sharing in ("middle_cycle", "middle_sequence")
+
+    @property
+    def layers_per_recursion(self) -> int:
+        """Unrolled layers in one recursion step (the block that routing gates)."""
+        if self.sharing == "none":
+            return self.n_layers
+        return (self.n_layers - 2 * self.middle) // self.num_recursions
+
+    @property
+    def unique_layers(self) -> int:
+        if self.sharing == "none":
+            return self.n_layers
+        return self.layers_per_recursion + 2 * self.middle
+
+    @property
+    def alpha(self) -> float:
+        if self.router.alpha is not None:
+            return self.router.alpha
+        return 1.0 if self.routing == "token_choice" else 0.1
+
+    @property
+    def z_loss_coef(self) -> float:
+        if self.router.z_loss_coef is not None:
+            return self.router.z_loss_coef
+        return 1e-5 if self.routing == "token_choice" else 0.0
+
+    @property
+    def capacities(self) -> list[float]:
+        if self.router.capacities is not None:
+            return list(self.router.capacities)
+        nr = self.num_recursions
+        return [(nr - r + 1) / nr for r in range(1, nr + 1)]
+
+    def capacity_tokens(self, seq_len: int) -> list[int]:
+        """k_r = max(1, floor(c_r * T)): tokens kept per sequence at each step (static, known before forward)."""
+        # The small epsilon keeps e.g. (2/3) * 3 from flooring to 1 through rounding error.
+        return [max(1, int(c * seq_len + 1e-6)) for c in self.capacities]
+
+    # ---- validation -----------------------------------------------------------------------------------------
+    def validate(self) -> "ModelConfig":
+        """Raise ConfigError (one line, naming the key) for an impossible combination."""
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"{key}: {msg}")
+
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len",
+                    "num_recursions"):
+            need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        need(self.d_model % self.n_heads == 0, "d_model",
+             f"{self.d_model} is not divisible by n_heads={self.n_heads}")
+        need(self.head_dim % 2 == 0, "d_model", f"head dimension {self.head_dim} must be even for RoPE")
+        need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
+             f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        need(self.init_std > 0, "init_std", "must be > 0")
+        need(self.router.temperature > 0, "router.temperature", "must be > 0")
+        if self.sharing == "none":
+            need(self.num_recursions == 1, "num_recursions",
+                 f"sharing=none (vanilla) needs num_recursions=1, got {self.num_recursions}; "
+                 "pick a sharing strategy to recurse")
+            need(self.routing == "none", "routing", "routing needs a sharing strategy (sharing=none is vanilla)")
+        else:
+            nr = self.num_recursions
+            body = self.n_layers - 2 * self.middle
+            need(body >= nr and body % nr == 0, "n_layers",
+                 f"{self.n_layers} layers do not fit sharing={self.sharing} with num_recursions={nr}: "
+                 f"need {'2 + ' if self.middle else ''}a positive multiple of {nr}")
+        if self.routing != "none":
+            need(self.num_recursions >= 2, "num_recursions", "routing needs at least 2 recursions")
+        if self.router.capacities is not None:
+            caps = self.router.capacities
+            need(len(caps) == self.num_recursions, "router.capacities",
+                 f"has {len(caps)} entries, num_recursions={self.num_recursions}")
+            need(all(0 < c <= 1 for c in caps), "router.capacities", "each capacity must be in (0, 1]")
+            need(all(a >= b for a, b in zip(caps, caps[1:])), "router.capacities",
+                 "must be non-increasing (kept sets are nested)")
+        if self.kv_sharing:
+            need(self.sharing != "none", "kv_sharing", "recursive KV sharing needs a sharing strategy")
+        return self

@@ -1,0 +1,146 @@
+"""Llama-style decoder layer on megatron-core tensor-parallel linears.
+
+Activations are batch-first (B, S, D). The QKV projection is one column-parallel matmul laid out by kv-head
+group — [q heads of group 0, k_0, v_0, q heads of group 1, k_1, v_1, ...] — so that splitting its output
+contiguously over tensor-parallel ranks hands each rank whole groups. Likewise the SwiGLU input projection is
+[gate; up] per rank. RoPE is applied at each token's *original* position, which is what lets a recursion step
+run on a compacted subsequence of the tokens.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig, parallel_state
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+from model.attention import causal_attention
+from model.config import ModelConfig
+
+
+def normal_init(std: float) -> Callable[[torch.Tensor], None]:
+    def init(weight: torch.Tensor) -> None:
+        nn.init.normal_(weight, mean=0.0, std=std)
+    return init
+
+
+def tp_world_size() -> int:
+    if parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_tensor_model_parallel_world_size()
+    return 1
+
+
+def tp_group():
+    """The tensor-parallel group, passed explicitly (megatron-core deprecates the implicit default)."""
+    return parallel_state.get_tensor_model_parallel_group() if parallel_state.model_parallel_is_initialized() else None
+
+
+def make_parallel_config(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
+                         use_cpu_initialization: Optional[bool] = None) -> ModelParallelConfig:
+    """megatron-core settings for the model's layers. Fusions are off: they need CUDA kernels we do not use."""
+    if use_cpu_initialization is None:
+        use_cpu_initialization = not torch.cuda.is_available()
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp_world_size(),
+        params_dtype=params_dtype,
+        use_cpu_initialization=use_cpu_initialization,
+        perform_initialization=True,
+        gradient_accumulation_fusion=False,
+        sequence_parallel=False,
+    )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the autocast dtype; the variance of a bf16 sum is too coarse.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding evaluated at arbitrary (per-token) positions."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, S) integer -> cos, sin of shape (B, S, 1, head_dim/2), fp32."""
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq
+        return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, out_std: float):
+        super().__init__()
+        tp = mp.tensor_model_parallel_size
+        self.head_dim = cfg.head_dim
+        self.kv_local = cfg.n_kv_heads // tp
+        self.q_per_kv = cfg.n_heads // cfg.n_kv_heads
+        self.backend = cfg.attention_backend
+        qkv_out = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+        self.qkv = ColumnParallelLinear(cfg.d_model, qkv_out, config=mp, init_method=normal_init(cfg.init_std),
+                                        bias=False, gather_output=False, tp_group=tp_group())
+        self.proj = RowParallelLinear(cfg.n_heads * cfg.head_dim, cfg.d_model, config=mp,
+                                      init_method=normal_init(out_std), bias=False, input_is_parallel=True,
+                                      skip_bias_add=False, tp_group=tp_group())
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                key_active: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv, _ = self.qkv(x)
+        qkv = qkv.view(b, s, self.kv_local, self.q_per_kv + 2, self.head_dim)
+        q = qkv[:, :, :, : self.q_per_kv].reshape(b, s, self.kv_local * self.q_per_kv, self.head_dim)
+        k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = causal_attention(q, k, v, backend=self.backend, key_active=key_active)
+        out, _ = self.proj(out.reshape(b, s, -1))
+        return out
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, out_std: float):
+        super().__init__()
+        self.gate_up = ColumnParallelLinear(cfg.d_model, 2 * cfg.ffn_hidden, config=mp,
+                                            init_method=normal_init(cfg.init_std), bias=False, gather_output=False, tp_group=tp_group())
+        self.down = RowParallelLinear(cfg.ffn_hidden, cfg.d_model, config=mp, init_method=normal_init(out_std),
+                                      bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up(x)
+        gate, up = gate_up.chunk(2, dim=-1)
+        out, _ = self.down(F.silu(gate) * up)
+        return out
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm decoder layer. Its output includes both residual connections."""
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+        super().__init__()
+        # Megatron-style scaled init for the projections that write into the residual stream.
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, mp, out_std)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg, mp, out_std)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                key_active: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = x + self.attn(self.attn_norm(x), rope, key_active)
+        return h + self.mlp(self.mlp_norm(h))
