@@ -18,13 +18,15 @@ import torch
 from conf import cli_errors, load_config
 from model.attention import flash_available
 from model.flops import param_counts, training_flops
+from model.layers import make_parallel_config
 from model.mor import MoRModel
 from pretrain.parallel import init_single_process
 
 
-def bench_one(cfg, *, batch: int, seq_len: int, steps: int, warmup: int, compile_model: bool, peak_tflops: float):
+def bench_one(cfg, *, batch: int, seq_len: int, steps: int, warmup: int, compile_model: bool, peak_tflops: float,
+              profile: bool = False):
     device = torch.device("cuda")
-    model = MoRModel(cfg).to(device)
+    model = MoRModel(cfg, make_parallel_config(cfg, use_cpu_initialization=False)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     step_fn = torch.compile(model) if compile_model else model
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=device)
@@ -41,6 +43,12 @@ def bench_one(cfg, *, batch: int, seq_len: int, steps: int, warmup: int, compile
     for _ in range(warmup):
         out = step()
     torch.cuda.synchronize()
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
     start = time.perf_counter()
     for _ in range(steps):
         out = step()
@@ -66,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every config")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -79,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     for cfg in cfgs:
         try:
             r = bench_one(cfg, batch=args.batch, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
-                          compile_model=args.compile, peak_tflops=args.peak_tflops)
+                          compile_model=args.compile, peak_tflops=args.peak_tflops,
+                          profile=args.profile)
         except torch.OutOfMemoryError:
             r = {"config": cfg.name, "tokens_per_s": None, "error": "out of memory"}
             gc.collect()

@@ -39,10 +39,12 @@ def tp_group():
 
 
 def make_parallel_config(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
-                         use_cpu_initialization: Optional[bool] = None) -> ModelParallelConfig:
-    """megatron-core settings for the model's layers. Fusions are off: they need CUDA kernels we do not use."""
-    if use_cpu_initialization is None:
-        use_cpu_initialization = not torch.cuda.is_available()
+                         use_cpu_initialization: bool = True) -> ModelParallelConfig:
+    """megatron-core settings for the model's layers. Fusions are off: they need CUDA kernels we do not use.
+
+    Weights are created on the CPU by default (then moved with ``.to``); ``use_cpu_initialization=False`` creates
+    them on the current GPU, which is much faster for large models.
+    """
     return ModelParallelConfig(
         tensor_model_parallel_size=tp_world_size(),
         params_dtype=params_dtype,

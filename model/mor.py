@@ -20,11 +20,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from megatron.core import ModelParallelConfig
-from megatron.core.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
-                                           vocab_parallel_cross_entropy)
+from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
 
 from model.config import ModelConfig
 from model.layers import RMSNorm, Rotary, TransformerLayer, make_parallel_config, normal_init, tp_group
+from model.loss import lm_cross_entropy
 from model.routers import ExpertChoiceRouter, TokenChoiceRouter
 from model.sharing import build_plan
 
@@ -145,9 +145,7 @@ class MoRModel(nn.Module):
         aux_loss = torch.stack(aux).sum() if aux else logits.new_zeros((), dtype=torch.float32)
         if labels is None:
             return MoROutput(None, None, aux_loss, logits, stats)
-        # megatron's cross-entropy writes into its input: hand it a private fp32 copy (one copy, not two).
-        logits32 = logits.float()
-        per_token = vocab_parallel_cross_entropy(logits32 if logits32 is not logits else logits.clone(), labels)
+        per_token = lm_cross_entropy(logits, labels)
         if loss_mask is None:
             lm_loss = per_token.mean()
         else:

@@ -230,3 +230,15 @@ def test_loss_mask_and_lm_loss():
     mask[:, :5] = 1
     assert torch.allclose(model(tokens, labels, mask).lm_loss, ce[:, :5].mean(), atol=1e-5)
     assert torch.allclose(out.loss, out.lm_loss + out.aux_loss)
+
+
+def test_fast_single_rank_cross_entropy_equals_megatron_vocab_parallel():
+    from model.loss import lm_cross_entropy
+    logits = torch.randn(2, 7, 50, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 7))
+    fast = lm_cross_entropy(logits, labels)
+    ref = lm_cross_entropy(logits, labels, force_vocab_parallel=True)
+    assert torch.allclose(fast, ref, atol=1e-6)
+    g_fast, = torch.autograd.grad(fast.sum(), logits)
+    g_ref, = torch.autograd.grad(ref.sum(), logits)
+    assert torch.allclose(g_fast, g_ref, atol=1e-6)
