@@ -59,9 +59,6 @@ def bench_one(cfg, *, batch: int, seq_len: int, steps: int, warmup: int, compile
     result = {"config": cfg.name, "unique_params": param_counts(cfg)["unique"], "tokens_per_s": round(tok_s),
               "tflops": round(tok_s * flops_tok / 1e12, 1), "mfu": round(tok_s * flops_tok / (peak_tflops * 1e12), 3),
               "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1), "loss": round(out.lm_loss.item(), 3)}
-    del model, opt, step_fn, out
-    gc.collect()
-    torch.cuda.empty_cache()
     return result
 
 
@@ -92,8 +89,8 @@ def main(argv: list[str] | None = None) -> None:
                           profile=args.profile)
         except torch.OutOfMemoryError:
             r = {"config": cfg.name, "tokens_per_s": None, "error": "out of memory"}
-            gc.collect()
-            torch.cuda.empty_cache()
+        gc.collect()  # free this config's model and optimizer before the next one
+        torch.cuda.empty_cache()
         if results and results[0].get("tokens_per_s") and r.get("tokens_per_s"):
             r["speed_vs_first"] = round(r["tokens_per_s"] / results[0]["tokens_per_s"], 3)
         results.append(r)

@@ -119,7 +119,8 @@ class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, out_std: float):
         super().__init__()
         self.gate_up = ColumnParallelLinear(cfg.d_model, 2 * cfg.ffn_hidden, config=mp,
-                                            init_method=normal_init(cfg.init_std), bias=False, gather_output=False, tp_group=tp_group())
+                                            init_method=normal_init(cfg.init_std), bias=False, gather_output=False,
+                                            tp_group=tp_group())
         self.down = RowParallelLinear(cfg.ffn_hidden, cfg.d_model, config=mp, init_method=normal_init(out_std),
                                       bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group())
 

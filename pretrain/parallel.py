@@ -5,6 +5,7 @@ This first version covers a single process (world size 1), which is what model t
 """
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 
@@ -19,6 +20,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_single_process(seed: int = 0) -> None:
     """Make a world of one (gloo on CPU, NCCL on GPU) and megatron's groups with TP = PP = 1. Idempotent."""
     if not dist.is_initialized():
@@ -27,6 +33,7 @@ def init_single_process(seed: int = 0) -> None:
         # With a GPU, NCCL serves CUDA tensors and gloo still serves CPU ones (tests mix both).
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, rank=0, world_size=1)
+        atexit.register(_shutdown)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     torch.manual_seed(seed)

@@ -18,7 +18,9 @@ def test_hand_count_expert_choice_middle_cycle():
     assert lin == 2 * 9216
     ks = [12, 8, 4]
     layers = lin * (2 * T + 2 * sum(ks))                   # prelude + coda on T, two block layers per step
-    attn = lambda n: 4 * 32 * n * (n + 1) / 2              # 4 * H * hd * causal pairs
+
+    def attn(n):
+        return 4 * 32 * n * (n + 1) / 2                    # 4 * H * hd * causal pairs
     attention = 2 * attn(T) + 2 * sum(attn(k) for k in ks)
     routers = 2 * 32 * (T + 12 + 8)                        # step r scores the candidates kept at r - 1
     head = 2 * T * 32 * 128

@@ -89,7 +89,9 @@ def test_expert_choice_losses_match_hand_values():
     assert step.sel.tolist() == [[0, 3]]
     assert torch.allclose(step.gate, 0.1 * torch.sigmoid(torch.tensor([[2.0, 3.0]])))
     terms = router.losses(0, h, step)
-    sp = lambda x: torch.log1p(torch.exp(torch.tensor(x)))  # softplus: BCE(logit, 1) = sp(-x), BCE(logit, 0) = sp(x)
+
+    def sp(x):  # softplus: BCE(logit, 1) = sp(-x), BCE(logit, 0) = sp(x)
+        return torch.log1p(torch.exp(torch.tensor(x)))
     bce = (sp(-2.0) + sp(-1.0) + sp(0.5) + sp(-3.0)) / 4
     assert torch.allclose(terms["bce"], 0.001 * bce)
     assert torch.allclose(terms["z"], 0.01 * torch.tensor((4 + 1 + 0.25 + 9) / 4))
