@@ -309,6 +309,12 @@ def load_config(path_or_name: str | os.PathLike[str], overrides: Sequence[str] =
     return _Builder(tree, top).build(schema, tree, "", top)
 
 
+def build_dataclass(schema: type, values: dict[str, Any], where: str = "<dict>") -> Any:
+    """A validated ``schema`` from a plain nested dict (e.g. one saved with ``config_to_dict``)."""
+    tree = _plain_to_tree(values, where)
+    return _Builder(tree, where).build(schema, tree, "", where)
+
+
 def config_to_dict(obj: Any) -> Any:
     """Plain nested dicts/lists/scalars of a config dataclass (only constructor fields, so it loads back)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

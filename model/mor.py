@@ -153,6 +153,10 @@ class MoRModel(nn.Module):
             lm_loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
         return MoROutput(lm_loss + aux_loss, lm_loss, aux_loss, None, stats)
 
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """(module, parameter) pairs where a module uses a parameter it does not own: the tied head."""
+        return [(self.output_layer, self.embedding.weight)] if self.cfg.tie_embeddings else []
+
     # ---- introspection ----------------------------------------------------------------------------------------
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters of the layers that the recursion steps reuse."""

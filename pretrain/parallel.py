@@ -1,17 +1,99 @@
-"""Process-group and megatron-core parallel-state set-up.
+"""Process groups, megatron-core parallel state, seeding, and layout checks: the one place that sets them up.
 
-This first version covers a single process (world size 1), which is what model tests, the demo and
-``model.inspect`` need; tensor/pipeline/data-parallel layouts build on it.
+A run's world is tensor-parallel (TP) × pipeline-parallel (PP) × data-parallel (DP); DP is what remains of the
+world size. ``init_distributed`` reads the usual launcher environment (torchrun's RANK / WORLD_SIZE /
+LOCAL_RANK / MASTER_ADDR / MASTER_PORT, or Slurm's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID), starts NCCL on
+GPU or gloo on CPU, and builds megatron's groups. On CPU only, ``pretrain.cpu_compat`` redirects the few CUDA
+device arguments megatron-core hard-codes; on GPU megatron-core runs unmodified.
 """
 from __future__ import annotations
 
 import atexit
 import os
 import socket
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+
+from model.config import ConfigError, ModelConfig
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    sequence_parallel: bool = False
+    # DeepSpeed ZeRO stage over the data-parallel group: 0 (plain DP), 1 optimizer state, 2 + gradients, 3 + params.
+    zero_stage: int = 1
+    micro_batch_size: int = 1
+    # Sequences per optimizer step over all data-parallel ranks; None means micro_batch_size × DP (no accumulation).
+    global_batch_size: Optional[int] = None
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class Layout:
+    world: int
+    rank: int
+    local_rank: int
+    tp: int
+    pp: int
+    dp: int
+    device: torch.device
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+
+def grad_accumulation_steps(pcfg: ParallelConfig, dp: int) -> int:
+    gbs = pcfg.global_batch_size or pcfg.micro_batch_size * dp
+    return gbs // (pcfg.micro_batch_size * dp)
+
+
+def check_layout(pcfg: ParallelConfig, world: int, model: Optional[ModelConfig] = None) -> int:
+    """Raise ConfigError (one line) for a layout that cannot run; return the data-parallel size."""
+    tp, pp = pcfg.tensor_parallel, pcfg.pipeline_parallel
+    if tp < 1 or pp < 1:
+        raise ConfigError(f"parallel.tensor_parallel / pipeline_parallel must be >= 1, got {tp} / {pp}")
+    if world % (tp * pp):
+        raise ConfigError(f"parallel: world size {world} is not divisible by tensor_parallel × pipeline_parallel "
+                          f"= {tp} × {pp}; use a world size that is a multiple of {tp * pp}")
+    dp = world // (tp * pp)
+    if pcfg.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {pcfg.zero_stage}")
+    if pp > 1 and pcfg.zero_stage > 1:
+        raise ConfigError(f"parallel.zero_stage: ZeRO-{pcfg.zero_stage} cannot run with pipeline_parallel={pp} "
+                          "(DeepSpeed partitions gradients per backward, a pipeline runs several); use zero_stage<=1")
+    if pcfg.sequence_parallel and tp == 1:
+        raise ConfigError("parallel.sequence_parallel: needs tensor_parallel > 1")
+    if pcfg.micro_batch_size < 1:
+        raise ConfigError(f"parallel.micro_batch_size: must be >= 1, got {pcfg.micro_batch_size}")
+    gbs = pcfg.global_batch_size
+    if gbs is not None and (gbs < 1 or gbs % (pcfg.micro_batch_size * dp)):
+        raise ConfigError(f"parallel.global_batch_size: {gbs} is not a multiple of micro_batch_size × data-parallel "
+                          f"size = {pcfg.micro_batch_size} × {dp}")
+    if model is not None:
+        if model.n_heads % tp:
+            raise ConfigError(f"parallel.tensor_parallel: n_heads={model.n_heads} is not divisible by {tp}")
+        if model.n_kv_heads % tp:
+            raise ConfigError(f"parallel.tensor_parallel: n_kv_heads={model.n_kv_heads} is not divisible by {tp}")
+        if model.ffn_hidden % tp:
+            raise ConfigError(f"parallel.tensor_parallel: ffn_hidden={model.ffn_hidden} is not divisible by {tp}")
+        if pp > 1:
+            from model.pipeline import stage_units  # local import: only pipelines need the plan split
+            stage_units(model, pp)  # raises ConfigError when the layers cannot be split into pp stages
+    return dp
+
+
+def _env_int(*names: str, default: Optional[int] = None) -> Optional[int]:
+    for n in names:
+        if os.environ.get(n, "") != "":
+            return int(os.environ[n])
+    return default
 
 
 def _free_port() -> int:
@@ -25,19 +107,54 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
-def init_single_process(seed: int = 0) -> None:
-    """Make a world of one (gloo on CPU, NCCL on GPU) and megatron's groups with TP = PP = 1. Idempotent."""
+def init_distributed(pcfg: ParallelConfig, model: Optional[ModelConfig] = None, *,
+                     device: Optional[str] = None) -> Layout:
+    """Start (or join) the process group from the launcher's environment and build megatron's TP/PP/DP groups."""
+    return _init(pcfg, model, device=device, rank=_env_int("RANK", "SLURM_PROCID", default=0),
+                 world=_env_int("WORLD_SIZE", "SLURM_NTASKS", default=1),
+                 local_rank=_env_int("LOCAL_RANK", "SLURM_LOCALID", default=0))
+
+
+def _init(pcfg: ParallelConfig, model: Optional[ModelConfig], *, device: Optional[str], rank: int, world: int,
+          local_rank: int) -> Layout:
+    dp = check_layout(pcfg, world, model)
+    use_cuda = torch.cuda.is_available() if device is None else device == "cuda"
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if world == 1:
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         # With a GPU, NCCL serves CUDA tensors and gloo still serves CPU ones (tests mix both).
-        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, rank=0, world_size=1)
+        backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world)
         atexit.register(_shutdown)
+    if not use_cuda:
+        from pretrain.cpu_compat import patch_megatron_for_cpu
+        patch_megatron_for_cpu()
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=pcfg.tensor_parallel,
+                                                 pipeline_model_parallel_size=pcfg.pipeline_parallel)
+    seed_everything(pcfg.seed)
+    return Layout(world, rank, local_rank, pcfg.tensor_parallel, pcfg.pipeline_parallel, dp, dev)
+
+
+def seed_everything(seed: int) -> None:
+    """The same seed on every rank: replicated parameters start equal; megatron offsets the TP-sharded ones."""
     torch.manual_seed(seed)
     if torch.cuda.is_available():
-        # GPU-side weight init draws from megatron's CUDA RNG tracker, which needs seeding.
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
         model_parallel_cuda_manual_seed(seed)
+
+
+def init_single_process(seed: int = 0) -> Layout:
+    """A world of one (TP = PP = DP = 1): model tests, the demo, inspection and benchmarks."""
+    return _init(ParallelConfig(seed=seed), None, device=None, rank=0, world=1, local_rank=0)
+
+
+def destroy() -> None:
+    """Tear down megatron's groups and the process group (tests that build several layouts in one process)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    _shutdown()

@@ -1,0 +1,120 @@
+"""Multi-process test harness: a single-process reference run here, the same run under a layout in 2-4 gloo
+processes (tests/distributed/worker.py), and the comparison of their losses, kept tokens and final weights."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from model.config import ModelConfig
+from model.mor import MoRModel
+from pretrain.zero import param_groups
+from tests.model.helpers import tiny
+
+ROOT = Path(__file__).resolve().parents[2]
+SEQ, GLOBAL_BATCH, STEPS, LR, CLIP = 16, 4, 3, 1e-3, 1.0
+
+VARIANTS = {
+    "vanilla": lambda: tiny(sharing="none", n_layers=4),
+    "mor_ec": lambda: tiny(routing="expert_choice", sharing="middle_cycle"),
+    "mor_tc": lambda: tiny(routing="token_choice", sharing="middle_cycle"),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def reference(cfg: ModelConfig, *, dp: int, micro: int, seed: int = 0) -> dict:
+    """Plain single-process AdamW run: each step is dp × gas micro-batches, averaged, as the layout will see."""
+    torch.manual_seed(seed)
+    model = MoRModel(cfg)
+    state = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in model.state_dict().items()}
+    data = torch.randint(0, cfg.vocab_size, (STEPS, GLOBAL_BATCH, SEQ + 1))
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=LR, betas=(0.9, 0.95), eps=1e-8)
+    n_micro = GLOBAL_BATCH // micro
+    losses, kept = [], None
+    for step in range(STEPS):
+        total = 0.0
+        for i in range(n_micro):
+            batch = data[step, i * micro:(i + 1) * micro]
+            model.trace = [] if step == 0 else None
+            out = model(batch[:, :-1], batch[:, 1:])
+            if step == 0:
+                kept = (kept or []) + [_kept(model.trace)]
+            (out.loss / n_micro).backward()
+            total += out.loss.item() / n_micro
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+    model.trace = None
+    final = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {"state": state, "data": data, "losses": losses, "kept": kept, "final": final}
+
+
+def _kept(trace) -> list:
+    return [t["idx"] if "idx" in t else t["depth"] for t in trace] if trace else []
+
+
+def run_layout(tmp_path: Path, world: int, parallel: dict, variants: list[str], timeout: int = 300) -> dict:
+    """Reference runs here, then ``world`` worker processes; returns {variant: (reference, layout result)}."""
+    tp, pp = parallel.get("tensor_parallel", 1), parallel.get("pipeline_parallel", 1)
+    dp = world // (tp * pp)
+    micro = parallel["micro_batch_size"]
+    refs = {}
+    for v in variants:
+        refs[v] = reference(VARIANTS[v](), dp=dp, micro=micro)
+        torch.save(refs[v], tmp_path / f"{v}_ref.pt")
+    case = {"parallel": {**parallel, "global_batch_size": GLOBAL_BATCH}, "variants": variants,
+            "configs": {v: asdict(VARIANTS[v]()) for v in variants}, "dir": str(tmp_path),
+            "steps": STEPS, "lr": LR, "clip": CLIP}
+    (tmp_path / "case.json").write_text(json.dumps(case))
+    port = str(_free_port())
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+               "CUDA_VISIBLE_DEVICES": ""}
+        log = open(tmp_path / f"rank{rank}.log", "w")
+        procs.append((subprocess.Popen([sys.executable, "-m", "tests.distributed.worker", str(tmp_path / "case.json")],
+                                       cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    failed = []
+    for rank, (p, log) in enumerate(procs):
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q, _ in procs:
+                q.kill()
+            rc = "timeout"
+        log.close()
+        if rc != 0:
+            failed.append(f"rank {rank} exit {rc}:\n" + (tmp_path / f"rank{rank}.log").read_text()[-3000:])
+    if failed:
+        raise AssertionError("\n".join(failed))
+    return {v: (refs[v], torch.load(tmp_path / f"{v}_result.pt")) for v in variants}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||: the relative error of a whole tensor."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def assert_matches(ref: dict, got: dict, *, rtol: float = 1e-5) -> None:
+    """Losses per step and every final weight tensor within ``rtol`` relative; kept tokens identical."""
+    assert torch.allclose(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=rtol, atol=0), \
+        (got["losses"], ref["losses"])
+    for a, b in zip(ref["kept"], got["kept"], strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y), "kept tokens differ from the single-process run"
+    assert set(got["final"]) == set(ref["final"])
+    for name, w in ref["final"].items():
+        assert rel_err(got["final"][name], w) < rtol, f"{name}: relative error {rel_err(got['final'][name], w):.3g}"
