@@ -11,6 +11,9 @@ Token-choice: a router on the stream entering the first recursion gives each tok
 At step r the tokens with i_t >= r run the block (attending only to each other); a token continuing past r takes
 the block output ungated, and at its last step leaves as ``H1 + g * block(h)``, H1 being the stream before any
 recursion.
+
+The forward pass runs the flat op program of model/program.py. A pipeline stage (``pp_size`` > 1) builds only
+the layers its slice of the program uses, and receives / returns the packed state at its edges.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmb
 from model.config import ModelConfig
 from model.layers import RMSNorm, Rotary, TransformerLayer, make_parallel_config, normal_init, tp_group
 from model.loss import lm_cross_entropy
+from model.program import Op, build_program, pack, packed_rows, stage_ranges, state_spec, unpack
 from model.routers import ExpertChoiceRouter, TokenChoiceRouter
 from model.sharing import build_plan
 
@@ -39,30 +43,44 @@ class MoROutput:
 
 
 class MoRModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, mp: Optional[ModelParallelConfig] = None):
+    def __init__(self, cfg: ModelConfig, mp: Optional[ModelParallelConfig] = None, *, pp_rank: int = 0,
+                 pp_size: int = 1):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         mp = mp or make_parallel_config(cfg)
         self.plan = build_plan(cfg)
-        self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, init_method=normal_init(cfg.init_std),
-                                                config=mp, tp_group=tp_group())
-        # Each unique layer exists once; the plan refers to it by index wherever it is reused, so sharing is
-        # parameter identity, norms included.
-        self.layers = nn.ModuleList(TransformerLayer(cfg, mp) for _ in range(cfg.unique_layers))
+        self.program = build_program(cfg)
+        self.pp_rank, self.pp_size = pp_rank, pp_size
+        self.op_range = stage_ranges(cfg, pp_size)[pp_rank]
+        self.is_first, self.is_last = pp_rank == 0, pp_rank == pp_size - 1
+        my_ops = self.program[self.op_range[0]:self.op_range[1]]
+        if self.is_first or (self.is_last and cfg.tie_embeddings):
+            # The last stage of a tied model keeps a replica of the embedding for its head (kept in sync by
+            # summing the replicas' gradients, as for shared layers).
+            self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model,
+                                                    init_method=normal_init(cfg.init_std), config=mp,
+                                                    tp_group=tp_group())
+        # Each unique layer exists once per stage; the program refers to it by index wherever it is reused, so
+        # sharing is parameter identity, norms included. Keys are the unique layer indices.
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, mp)
+                                     for i in sorted({op.layer for op in my_ops if op.kind == "layer"})})
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
-        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        # Tied: the head borrows the embedding matrix at call time (skip_weight_param_allocation).
-        self.output_layer = ColumnParallelLinear(cfg.d_model, cfg.vocab_size, config=mp,
-                                                 init_method=normal_init(cfg.init_std), bias=False,
-                                                 gather_output=False,
-                                                 skip_weight_param_allocation=cfg.tie_embeddings,
-                                                 tp_group=tp_group())
+        if self.is_last:
+            self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            # Tied: the head borrows the embedding matrix at call time (skip_weight_param_allocation).
+            self.output_layer = ColumnParallelLinear(cfg.d_model, cfg.vocab_size, config=mp,
+                                                     init_method=normal_init(cfg.init_std), bias=False,
+                                                     gather_output=False,
+                                                     skip_weight_param_allocation=cfg.tie_embeddings,
+                                                     tp_group=tp_group())
         self.router: Optional[nn.Module] = None
         if cfg.routing == "expert_choice":
             self.router = ExpertChoiceRouter(cfg)
         elif cfg.routing == "token_choice":
             self.router = TokenChoiceRouter(cfg)
+        self.input_tensor: Optional[torch.Tensor] = None  # set by the pipeline schedule on non-first stages
+        self.pipeline_dtype = torch.float32
         # Tests and debugging set this to a list to record each recursion step's state (see _record).
         self.trace: Optional[list[dict[str, torch.Tensor]]] = None
 
@@ -70,79 +88,101 @@ class MoRModel(nn.Module):
         if self.trace is not None:
             self.trace.append({k: v.detach().clone() for k, v in state.items()})
 
-    # ---- pieces -----------------------------------------------------------------------------------------------
     def _run(self, layer_ids: tuple[int, ...], h: torch.Tensor, positions: torch.Tensor,
              key_active: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run unique layers ``layer_ids`` in order (tests and references use this directly)."""
         rope = self.rotary(positions)
         for i in layer_ids:
-            h = self.layers[i](h, rope, key_active)
+            h = self.layers[str(i)](h, rope, key_active)
         return h
 
-    def _expert_choice(self, h: torch.Tensor, positions: torch.Tensor, stats: dict, aux: list) -> torch.Tensor:
-        b, t, d = h.shape
-        cand = positions  # (B, n) original positions of this step's candidates
-        caps = self.cfg.capacity_tokens(t)
-        for r, layer_ids in enumerate(self.plan.steps):
-            h_cand = h if r == 0 else torch.gather(h, 1, cand[..., None].expand(-1, -1, d))
-            step = self.router.select(r, h_cand, caps[r])
-            idx = torch.gather(cand, 1, step.sel)                       # (B, k) original positions
-            idx_d = idx[..., None].expand(-1, -1, d)
-            x = torch.gather(h, 1, idx_d)
-            y = self._run(layer_ids, x, idx)
-            g = step.gate[..., None].to(y.dtype)
-            update = g * y if self.cfg.router.gating == "weighted" else g * (y - x)
-            h = h.scatter_add(1, idx_d, update.to(h.dtype))
-            terms = self.router.losses(r, h_cand, step)
-            aux.extend(terms.values())
-            stats[f"r{r + 1}/kept_frac"] = torch.tensor(caps[r] / t)
-            stats[f"r{r + 1}/gate_mean"] = step.gate.detach().mean()
-            for name, v in terms.items():
-                stats[f"r{r + 1}/{name}"] = v.detach()
-            self._record(idx=idx, h=h, gate=step.gate, logits=step.logits)
-            cand = idx
-        return h
-
-    def _token_choice(self, h: torch.Tensor, positions: torch.Tensor, stats: dict, aux: list) -> torch.Tensor:
-        h1 = h
-        route = self.router.route(h)
-        depth, g = route.depth, route.gate[..., None]
-        for r, layer_ids in enumerate(self.plan.steps, start=1):
-            # Step 1 runs every token, so it needs no key mask (and keeps the fast causal kernel).
-            active = None if r == 1 else depth >= r
-            y = self._run(layer_ids, h, positions, active)
-            leaving = h1 + g.to(y.dtype) * y
-            h = torch.where((depth > r)[..., None], y, torch.where((depth == r)[..., None], leaving, h))
+    # ---- the op interpreter -----------------------------------------------------------------------------------
+    def _op(self, op: Op, s: dict, stats: dict) -> None:
+        """Apply one op to the state ``s`` in place. Keys with a leading "_" are local caches."""
+        cfg, d = self.cfg, self.cfg.d_model
+        b, t = s["h"].shape[:2]
+        if op.kind == "layer":
+            if "x" in s:  # inside an expert-choice step: the compacted kept tokens
+                if "_rope" not in s:
+                    s["_rope"] = self.rotary(s["idx"])
+                s["x"] = self.layers[str(op.layer)](s["x"], s["_rope"])
+                return
+            if "_pos_rope" not in s:
+                s["_pos_rope"] = self.rotary(torch.arange(t, device=s["h"].device).expand(b, t))
+            key = "y" if "y" in s else "h"
+            active = s["depth"] > op.step if ("y" in s and op.step > 0) else None
+            s[key] = self.layers[str(op.layer)](s[key], s["_pos_rope"], active)
+        elif op.kind == "ec_route":
+            k = cfg.capacity_tokens(t)[op.step]
+            cand = s.pop("cand", None)
+            h_cand = s["h"] if cand is None else torch.gather(s["h"], 1, cand[..., None].expand(-1, -1, d))
+            step = self.router.select(op.step, h_cand, k)
+            idx = step.sel if cand is None else torch.gather(cand, 1, step.sel)  # original positions, sorted
+            s.update(idx=idx, gate=step.gate, x=torch.gather(s["h"], 1, idx[..., None].expand(-1, -1, d)))
+            s.pop("_rope", None)
+            if cfg.router.gating == "residual":
+                s["x0"] = s["x"]
+            terms = self.router.losses(op.step, h_cand, step)
+            s["aux"] = s["aux"] + sum(terms.values())
+            s["_logits"] = step.logits
+            stats[f"r{op.step + 1}/kept_frac"] = torch.tensor(k / t)
+            stats[f"r{op.step + 1}/gate_mean"] = step.gate.detach().mean()
+            stats.update({f"r{op.step + 1}/{n}": v.detach() for n, v in terms.items()})
+        elif op.kind == "ec_merge":
+            x, idx, gate = s.pop("x"), s.pop("idx"), s.pop("gate")
+            g = gate[..., None].to(x.dtype)
+            update = g * x if cfg.router.gating == "weighted" else g * (x - s.pop("x0"))
+            s["h"] = s["h"].scatter_add(1, idx[..., None].expand(-1, -1, d), update.to(s["h"].dtype))
+            if op.step < cfg.num_recursions - 1:
+                s["cand"] = idx
+            self._record(idx=idx, h=s["h"], gate=gate, logits=s.pop("_logits", torch.empty(0)))
+            s.pop("_rope", None)
+        elif op.kind == "tc_route":
+            route = self.router.route(s["h"])
+            s.update(h1=s["h"], depth=route.depth, gate=route.gate)
+            terms = self.router.losses(route)
+            s["aux"] = s["aux"] + sum(terms.values())
+            stats["gate_mean"] = route.gate.detach().mean()
+            stats.update({n: v.detach() for n, v in terms.items()})
+        elif op.kind == "tc_begin":
+            s["y"] = s["h"]
+        elif op.kind == "tc_end":
+            r, depth, y = op.step + 1, s["depth"], s.pop("y")
+            leaving = s["h1"] + s["gate"][..., None].to(y.dtype) * y
+            s["h"] = torch.where((depth > r)[..., None], y, torch.where((depth == r)[..., None], leaving, s["h"]))
             stats[f"r{r}/kept_frac"] = (depth >= r).float().mean().detach()
-            self._record(depth=depth, h=h)
-        terms = self.router.losses(route)
-        aux.extend(terms.values())
-        stats["gate_mean"] = route.gate.detach().mean()
-        for name, v in terms.items():
-            stats[name] = v.detach()
-        return h
+            self._record(depth=depth, h=s["h"])
+            if op.step == cfg.num_recursions - 1:
+                for key in ("h1", "depth", "gate"):
+                    s.pop(key)
 
     # ---- forward ----------------------------------------------------------------------------------------------
+    def set_input_tensor(self, tensor) -> None:
+        """megatron's pipeline schedule hands a non-first stage its received activations here."""
+        self.input_tensor = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
+
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                loss_mask: Optional[torch.Tensor] = None) -> MoROutput:
-        """tokens, labels, loss_mask: (B, T). Returns the mean next-token loss over loss_mask when labels given."""
+                loss_mask: Optional[torch.Tensor] = None):
+        """tokens, labels, loss_mask: (B, T). Returns the mean next-token loss over loss_mask when labels given.
+
+        On a pipeline stage other than the last, returns the packed state tensor for the next stage instead.
+        """
         b, t = tokens.shape
-        positions = torch.arange(t, device=tokens.device).expand(b, t)
-        h = self.embedding(tokens)
-        h = self._run(self.plan.prelude, h, positions)
-        stats: dict[str, torch.Tensor] = {}
-        aux: list[torch.Tensor] = []
-        if self.cfg.routing == "expert_choice":
-            h = self._expert_choice(h, positions, stats, aux)
-        elif self.cfg.routing == "token_choice":
-            h = self._token_choice(h, positions, stats, aux)
+        start, end = self.op_range
+        if self.is_first:
+            s = {"h": self.embedding(tokens), "aux": torch.zeros((), device=tokens.device)}
         else:
-            for layer_ids in self.plan.steps:
-                h = self._run(layer_ids, h, positions)
-        h = self._run(self.plan.coda, h, positions)
-        h = self.final_norm(h)
+            s = unpack(self.input_tensor, state_spec(self.cfg, start, b, t), torch.float32)
+        stats: dict[str, torch.Tensor] = {}
+        for op in self.program[start:end]:
+            self._op(op, s, stats)
+        if not self.is_last:
+            rows = packed_rows(self.cfg, self.pp_size, b, t)
+            return pack(s, state_spec(self.cfg, end, b, t), rows, self.pipeline_dtype)
+        h = self.final_norm(s["h"])
         weight = self.embedding.weight if self.cfg.tie_embeddings else None
         logits, _ = self.output_layer(h, weight=weight)
-        aux_loss = torch.stack(aux).sum() if aux else logits.new_zeros((), dtype=torch.float32)
+        aux_loss = s["aux"]
         if labels is None:
             return MoROutput(None, None, aux_loss, logits, stats)
         per_token = lm_cross_entropy(logits, labels)
@@ -153,12 +193,14 @@ class MoRModel(nn.Module):
             lm_loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
         return MoROutput(lm_loss + aux_loss, lm_loss, aux_loss, None, stats)
 
+    # ---- introspection ----------------------------------------------------------------------------------------
     def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
         """(module, parameter) pairs where a module uses a parameter it does not own: the tied head."""
-        return [(self.output_layer, self.embedding.weight)] if self.cfg.tie_embeddings else []
+        if self.is_last and self.cfg.tie_embeddings:
+            return [(self.output_layer, self.embedding.weight)]
+        return []
 
-    # ---- introspection ----------------------------------------------------------------------------------------
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters of the layers that the recursion steps reuse."""
         ids = sorted(set(sum(self.plan.steps, ())))
-        return [p for i in ids for p in self.layers[i].parameters()]
+        return [p for i in ids if str(i) in self.layers for p in self.layers[str(i)].parameters()]

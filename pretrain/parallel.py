@@ -84,8 +84,8 @@ def check_layout(pcfg: ParallelConfig, world: int, model: Optional[ModelConfig] 
         if model.ffn_hidden % tp:
             raise ConfigError(f"parallel.tensor_parallel: ffn_hidden={model.ffn_hidden} is not divisible by {tp}")
         if pp > 1:
-            from model.pipeline import stage_units  # local import: only pipelines need the plan split
-            stage_units(model, pp)  # raises ConfigError when the layers cannot be split into pp stages
+            from model.program import stage_ranges
+            stage_ranges(model, pp)  # raises ConfigError when the layers cannot be split into pp stages
     return dp
 
 

@@ -41,7 +41,7 @@ def reference(cfg: ModelConfig, *, dp: int, micro: int, seed: int = 0) -> dict:
     data = torch.randint(0, cfg.vocab_size, (STEPS, GLOBAL_BATCH, SEQ + 1))
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=LR, betas=(0.9, 0.95), eps=1e-8)
     n_micro = GLOBAL_BATCH // micro
-    losses, kept = [], None
+    losses, kept, norms = [], [], []
     for step in range(STEPS):
         total = 0.0
         for i in range(n_micro):
@@ -49,16 +49,16 @@ def reference(cfg: ModelConfig, *, dp: int, micro: int, seed: int = 0) -> dict:
             model.trace = [] if step == 0 else None
             out = model(batch[:, :-1], batch[:, 1:])
             if step == 0:
-                kept = (kept or []) + [_kept(model.trace)]
+                kept += [_kept(model.trace)]
             (out.loss / n_micro).backward()
             total += out.loss.item() / n_micro
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item())
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(total)
     model.trace = None
     final = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return {"state": state, "data": data, "losses": losses, "kept": kept, "final": final}
+    return {"state": state, "data": data, "losses": losses, "kept": kept, "final": final, "norms": norms}
 
 
 def _kept(trace) -> list:
@@ -115,6 +115,7 @@ def assert_matches(ref: dict, got: dict, *, rtol: float = 1e-5) -> None:
     for a, b in zip(ref["kept"], got["kept"], strict=True):
         for x, y in zip(a, b, strict=True):
             assert torch.equal(x, y), "kept tokens differ from the single-process run"
+    assert got.get("replicas_identical", True), "pipeline replicas of a shared parameter diverged"
     assert set(got["final"]) == set(ref["final"])
     for name, w in ref["final"].items():
         assert rel_err(got["final"][name], w) < rtol, f"{name}: relative error {rel_err(got['final'][name], w):.3g}"

@@ -14,7 +14,16 @@ ALL = ["vanilla", "mor_ec", "mor_tc"]
     pytest.param(2, {"zero_stage": 2, "micro_batch_size": 1}, id="dp2-zero2"),
     pytest.param(2, {"zero_stage": 3, "micro_batch_size": 1}, id="dp2-zero3"),
     pytest.param(4, {"tensor_parallel": 2, "zero_stage": 2, "micro_batch_size": 1}, id="tp2-dp2-zero2"),
+    pytest.param(2, {"pipeline_parallel": 2, "zero_stage": 0, "micro_batch_size": 1}, id="pp2"),
+    pytest.param(4, {"pipeline_parallel": 4, "zero_stage": 0, "micro_batch_size": 2}, id="pp4"),
+    pytest.param(4, {"tensor_parallel": 2, "pipeline_parallel": 2, "zero_stage": 1, "micro_batch_size": 1},
+                 id="tp2-pp2-zero1"),
 ])
 def test_layout_matches_single_process(tmp_path, world, parallel):
-    for variant, (ref, got) in run_layout(tmp_path, world, parallel, ALL).items():
+    results = run_layout(tmp_path, world, parallel, ALL)
+    for variant, (ref, got) in results.items():
+        assert max(ref["norms"]) > 1.0, "the runs must exercise gradient clipping"
         assert_matches(ref, got), variant
+    if parallel.get("pipeline_parallel", 1) > 1:
+        # the shared block's layers sit on several stages: they are replicas, and stayed identical
+        assert any(name.startswith("layers.") for name in results["mor_ec"][1]["replicated"])

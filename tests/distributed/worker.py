@@ -1,7 +1,8 @@
 """One rank of a distributed test run (started by tests/distributed/harness.py, never by pytest itself).
 
 Builds each variant under the case's layout, loads its shard of the reference weights, trains the reference's
-steps on this rank's share of the data, and on global rank 0 saves losses, kept tokens and full final weights.
+steps on this rank's share of the data, and on global rank 0 saves losses, kept tokens, full final weights and
+whether pipeline replicas stayed bit-identical.
 """
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ import torch.distributed as dist
 warnings.filterwarnings("ignore")
 
 
+def gather(obj, group, size):
+    out = [None] * size
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 def main(case_path: str) -> None:
     from megatron.core import parallel_state as ps
 
@@ -24,6 +31,7 @@ def main(case_path: str) -> None:
     from model.mor import MoRModel
     from model.tp_shard import shard_state_dict, unshard_tensor
     from pretrain.parallel import ParallelConfig, grad_accumulation_steps, init_distributed
+    from pretrain.pipeline import build_stage, pipeline_train_step, replica_layout, sync_replicas
     from pretrain.zero import build_engine, full_parameters, param_groups
 
     case = json.loads(Path(case_path).read_text())
@@ -31,40 +39,60 @@ def main(case_path: str) -> None:
     cfgs = {v: build_dataclass(ModelConfig, c) for v, c in case["configs"].items()}
     layout = init_distributed(pcfg, next(iter(cfgs.values())))
     tp_rank, dp_rank = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
+    tp_group, pp_group, dp_group = (ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),
+                                    ps.get_data_parallel_group())
     gas = grad_accumulation_steps(pcfg, layout.dp)
     micro = pcfg.micro_batch_size
     for variant in case["variants"]:
+        cfg = cfgs[variant]
         ref = torch.load(Path(case["dir"]) / f"{variant}_ref.pt")
-        model = MoRModel(cfgs[variant])
-        model.load_state_dict(shard_state_dict(ref["state"], tp_rank, layout.tp), strict=True)
+        model = build_stage(cfg) if layout.pp > 1 else MoRModel(cfg)
+        full = shard_state_dict(ref["state"], tp_rank, layout.tp)
+        model.load_state_dict({k: full[k] for k in model.state_dict()}, strict=True)
+        replicas = replica_layout(cfg) if layout.pp > 1 else []
+        sync_replicas(model, replicas)
         opt = torch.optim.AdamW(param_groups(model, 0.1), lr=case["lr"], betas=(0.9, 0.95), eps=1e-8)
         engine = build_engine(model, opt, pcfg, layout, grad_clip=case["clip"])
         losses, kept = [], []
         per_rank = micro * gas
         for step in range(case["steps"]):
             mine = ref["data"][step, dp_rank * per_rank:(dp_rank + 1) * per_rank]
-            total = torch.zeros(())
-            for i in range(gas):
-                batch = mine[i * micro:(i + 1) * micro]
-                model.trace = [] if step == 0 else None
-                out = engine(batch[:, :-1], batch[:, 1:])
-                if step == 0:
-                    kept.append([t["idx"] if "idx" in t else t["depth"] for t in model.trace])
-                engine.backward(out.loss)
-                engine.step()
-                total += out.loss.detach() / gas
-            dist.all_reduce(total, group=ps.get_data_parallel_group())
+            batches = [(mine[i * micro:(i + 1) * micro, :-1], mine[i * micro:(i + 1) * micro, 1:])
+                       for i in range(gas)]
+            model.trace = [] if step == 0 else None
+            if layout.pp > 1:
+                loss, _ = pipeline_train_step(engine, model, replicas, batches, max_grad_norm=case["clip"])
+                total = loss.detach().clone()
+                dist.all_reduce(total, group=pp_group)  # only the last stage holds the loss
+            else:
+                total = torch.zeros(())
+                for tokens, labels in batches:
+                    out = engine(tokens, labels)
+                    engine.backward(out.loss)
+                    engine.step()
+                    total += out.loss.detach() / gas
+            if step == 0:
+                kept = [t["idx"] if "idx" in t else t["depth"] for t in model.trace]
+            dist.all_reduce(total, group=dp_group)
             losses.append(total.item() / layout.dp)
         model.trace = None
-        all_kept = [None] * layout.dp
-        dist.all_gather_object(all_kept, kept, group=ps.get_data_parallel_group())
+        # kept tokens: per micro-batch, in recursion order (stages in order, each holding a run of steps)
+        per_stage = gather(kept, pp_group, layout.pp)
+        per_micro = [sum((s[len(s) // gas * i:len(s) // gas * (i + 1)] for s in per_stage), []) for i in range(gas)]
+        all_kept = [k for r in gather(per_micro, dp_group, layout.dp) for k in r]
         local = full_parameters(engine)
-        shards = [None] * layout.tp
-        dist.all_gather_object(shards, local, group=ps.get_tensor_model_parallel_group())
+        tp_whole = {n: unshard_tensor(n, [s[n] for s in gather(local, tp_group, layout.tp)]) for n in local}
+        stages = gather(tp_whole, pp_group, layout.pp)
+        final, identical = {}, True
+        for st in stages:
+            for n, w in st.items():
+                if n in final:
+                    identical &= torch.equal(final[n], w)
+                else:
+                    final[n] = w
         if dist.get_rank() == 0:
-            final = {n: unshard_tensor(n, [s[n] for s in shards]) for n in local}
-            torch.save({"losses": losses, "kept": [k for r in all_kept for k in r], "final": final},
-                       Path(case["dir"]) / f"{variant}_result.pt")
+            torch.save({"losses": losses, "kept": all_kept, "final": final, "replicas_identical": identical,
+                        "replicated": [r[0] for r in replicas]}, Path(case["dir"]) / f"{variant}_result.pt")
         dist.barrier()
 
 

@@ -35,7 +35,7 @@ def test_recursion_steps_reuse_the_same_parameter_objects(sharing):
     model = MoRModel(tiny(sharing=sharing))
     plan = model.plan
     # Unique layers own disjoint parameters; reuse happens only through the plan's indices.
-    params_by_layer = [{id(p) for p in layer.parameters()} for layer in model.layers]
+    params_by_layer = [{id(p) for p in layer.parameters()} for layer in model.layers.values()]
     for a in range(len(params_by_layer)):
         for b in range(a + 1, len(params_by_layer)):
             assert params_by_layer[a].isdisjoint(params_by_layer[b])
@@ -43,8 +43,8 @@ def test_recursion_steps_reuse_the_same_parameter_objects(sharing):
         # the block (norms included) is literally identical across recursion steps
         first, second = plan.steps[0], plan.steps[1]
         for i, j in zip(first, second):
-            assert model.layers[i] is model.layers[j]
-            assert model.layers[i].attn_norm.weight is model.layers[j].attn_norm.weight
+            assert model.layers[str(i)] is model.layers[str(j)]
+            assert model.layers[str(i)].attn_norm.weight is model.layers[str(j)].attn_norm.weight
     assert len(model.layers) == model.cfg.unique_layers
 
 

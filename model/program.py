@@ -1,0 +1,151 @@
+"""The model's forward pass as a flat program of ops, and the state that flows between them.
+
+Writing the unrolled model as a list of ops — layer applications plus the routing ops around each recursion
+step — lets one interpreter run the whole model in one process and any contiguous slice of it on a pipeline
+stage. A slice's inputs and outputs are the *state* alive at its edges (the residual stream, and mid-recursion
+the compacted tokens, their original positions and gates, the router losses so far), which ``pack`` turns into
+the single tensor megatron's pipeline schedule sends between stages and ``unpack`` turns back.
+
+    expert-choice   prelude layers | ec_route r, block layers, ec_merge r  (r = 1..Nr) | coda layers
+    token-choice    prelude layers | tc_route | tc_begin r, block layers, tc_end r      | coda layers
+    none            every layer in unrolled order
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from model.config import ConfigError, ModelConfig
+from model.flops import step_tokens
+from model.sharing import build_plan
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: str        # layer | ec_route | ec_merge | tc_route | tc_begin | tc_end
+    step: int = -1   # recursion step (0-based); -1 outside the recursions
+    layer: int = -1  # unique layer index, for "layer" ops
+
+
+def build_program(cfg: ModelConfig) -> list[Op]:
+    plan = build_plan(cfg)
+    ops = [Op("layer", -1, i) for i in plan.prelude]
+    if cfg.routing == "token_choice":
+        ops.append(Op("tc_route"))
+    for r, ids in enumerate(plan.steps):
+        if cfg.routing == "expert_choice":
+            ops += [Op("ec_route", r)] + [Op("layer", r, i) for i in ids] + [Op("ec_merge", r)]
+        elif cfg.routing == "token_choice":
+            ops += [Op("tc_begin", r)] + [Op("layer", r, i) for i in ids] + [Op("tc_end", r)]
+        else:
+            ops += [Op("layer", r, i) for i in ids]
+    return ops + [Op("layer", -1, i) for i in plan.coda]
+
+
+# ---- pipeline stages --------------------------------------------------------------------------------------------
+def stage_ranges(cfg: ModelConfig, pp: int, seq_len: Optional[int] = None) -> list[tuple[int, int]]:
+    """Split the program into ``pp`` contiguous op ranges of about equal work (tokens × layers).
+
+    A stage boundary always falls between two layer ops: routing ops travel with the block layers they open
+    (route, begin) or close (merge, end). Raises ConfigError when there are fewer layer ops than stages.
+    """
+    ops = build_program(cfg)
+    layer_pos = [i for i, op in enumerate(ops) if op.kind == "layer"]
+    if pp > len(layer_pos):
+        raise ConfigError(f"parallel.pipeline_parallel: {pp} stages but the model unrolls to only {len(layer_pos)} "
+                          "layers; use at most that many stages")
+    t = seq_len or cfg.max_seq_len
+    per_step = step_tokens(cfg, t)
+    cost = [per_step[ops[i].step] if ops[i].step >= 0 else float(t) for i in layer_pos]
+    total, cuts, acc = sum(cost), [], 0.0
+    for j, c in enumerate(cost[:-1]):
+        acc += c
+        # cut after layer j once this stage holds its share, keeping enough layers for the stages still to come
+        if len(cuts) < pp - 1 and (acc >= total * (len(cuts) + 1) / pp or len(cost) - 1 - j == pp - 1 - len(cuts)):
+            cuts.append(j)
+    starts = [0]
+    for j in cuts:
+        end = layer_pos[j] + 1
+        while end < len(ops) and ops[end].kind in ("ec_merge", "tc_end"):
+            end += 1
+        starts.append(end)
+    return [(a, b) for a, b in zip(starts, starts[1:] + [len(ops)])]
+
+
+# ---- state between ops --------------------------------------------------------------------------------------
+# key -> (shape as a function of (B, T), is_integer). Keys starting with "_" are local caches, never sent.
+def state_spec(cfg: ModelConfig, upto: int, batch: int, seq_len: int) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """The state alive after the first ``upto`` ops of the program (before op ``upto``)."""
+    d, nr = cfg.d_model, cfg.num_recursions
+    ks = cfg.capacity_tokens(seq_len)
+    spec: dict[str, tuple[tuple[int, ...], bool]] = {"h": ((batch, seq_len, d), False), "aux": ((), False)}
+    for op in build_program(cfg)[:upto]:
+        if op.kind == "ec_route":
+            k = ks[op.step]
+            spec.pop("cand", None)
+            spec.update(x=((batch, k, d), False), idx=((batch, k), True), gate=((batch, k), False))
+            if cfg.router.gating == "residual":
+                spec["x0"] = ((batch, k, d), False)
+        elif op.kind == "ec_merge":
+            for key in ("x", "x0", "idx", "gate"):
+                spec.pop(key, None)
+            if op.step < nr - 1:
+                spec["cand"] = ((batch, ks[op.step]), True)
+        elif op.kind == "tc_route":
+            spec.update(h1=((batch, seq_len, d), False), depth=((batch, seq_len), True),
+                        gate=((batch, seq_len), False))
+        elif op.kind == "tc_begin":
+            spec["y"] = ((batch, seq_len, d), False)
+        elif op.kind == "tc_end":
+            spec.pop("y")
+            if op.step == nr - 1:
+                for key in ("h1", "depth", "gate"):
+                    spec.pop(key)
+    return spec
+
+
+_INT_BASE = 256  # integers travel as two floats < 256, exact even in bf16
+
+
+def _numel(shape: tuple[int, ...], is_int: bool) -> int:
+    return math.prod(shape) * (2 if is_int else 1)
+
+
+def packed_rows(cfg: ModelConfig, pp: int, batch: int, seq_len: int) -> int:
+    """Rows R of the (R, B, d_model) tensor that carries the state across every stage boundary of this layout."""
+    most = 0
+    for _, end in stage_ranges(cfg, pp, seq_len)[:-1]:
+        most = max(most, sum(_numel(s, i) for s, i in state_spec(cfg, end, batch, seq_len).values()))
+    return max(1, math.ceil(most / (batch * cfg.d_model)))
+
+
+def pack(state: dict[str, torch.Tensor], spec: dict, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    parts = []
+    for key in sorted(spec):
+        v = state[key]
+        if spec[key][1]:
+            parts += [(v // _INT_BASE).to(dtype).reshape(-1), (v % _INT_BASE).to(dtype).reshape(-1)]
+        else:
+            parts.append(v.to(dtype).reshape(-1))
+    flat = torch.cat(parts)
+    batch, d = spec["h"][0][0], spec["h"][0][2]
+    flat = torch.nn.functional.pad(flat, (0, rows * batch * d - flat.numel()))
+    return flat.view(rows, batch, d)
+
+
+def unpack(packed: torch.Tensor, spec: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    flat, state, at = packed.reshape(-1), {}, 0
+    for key in sorted(spec):
+        shape, is_int = spec[key]
+        n = math.prod(shape)
+        if is_int:
+            hi, lo = flat[at:at + n], flat[at + n:at + 2 * n]
+            state[key] = (hi.detach().round().long() * _INT_BASE + lo.detach().round().long()).view(shape)
+            at += 2 * n
+        else:
+            state[key] = flat[at:at + n].view(shape).to(dtype)
+            at += n
+    return state
