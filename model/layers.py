@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig, parallel_state
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
+                                           copy_to_tensor_model_parallel_region)
 
 from model.attention import causal_attention
 from model.config import ModelConfig
@@ -39,7 +40,7 @@ def tp_group():
 
 
 def make_parallel_config(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
-                         use_cpu_initialization: bool = True) -> ModelParallelConfig:
+                         use_cpu_initialization: bool = True, sequence_parallel: bool = False) -> ModelParallelConfig:
     """megatron-core settings for the model's layers. Fusions are off: they need CUDA kernels we do not use.
 
     Weights are created on the CPU by default (then moved with ``.to``); ``use_cpu_initialization=False`` creates
@@ -51,19 +52,24 @@ def make_parallel_config(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.
         use_cpu_initialization=use_cpu_initialization,
         perform_initialization=True,
         gradient_accumulation_fusion=False,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel,
     )
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, sequence_parallel: bool = False):
         super().__init__()
         self.eps = eps
+        self.sequence_parallel = sequence_parallel
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if self.sequence_parallel:
+            # Each rank normalises only its slice of the sequence: sum the weight's gradient over the TP group.
+            weight = copy_to_tensor_model_parallel_region(weight, group=tp_group())
         # Normalise in fp32 whatever the autocast dtype; the variance of a bf16 sum is too coarse.
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), self.eps).to(x.dtype)
 
 
 class Rotary(nn.Module):
@@ -71,12 +77,13 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (B, S) integer -> cos, sin of shape (B, S, 1, head_dim/2), fp32."""
-        angles = positions.to(torch.float32)[..., None] * self.inv_freq
+        # Frequencies are computed here, not kept in a buffer, so casting the model to bf16 cannot round them.
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=positions.device) / self.head_dim
+        angles = positions.to(torch.float32)[..., None] * self.theta ** -exponent
         return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
 
 
@@ -84,6 +91,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].float(), x[..., half:].float()
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def seq_parallel_linear(linear: nn.Module, x: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """Apply a megatron linear to batch-first ``x``. With sequence parallelism megatron gathers / scatters along
+    dim 0, which must then be the sequence: transpose around the call."""
+    if not sequence_parallel:
+        return linear(x)[0]
+    return linear(x.transpose(0, 1).contiguous())[0].transpose(0, 1)
 
 
 class Attention(nn.Module):
@@ -94,6 +109,7 @@ class Attention(nn.Module):
         self.kv_local = cfg.n_kv_heads // tp
         self.q_per_kv = cfg.n_heads // cfg.n_kv_heads
         self.backend = cfg.attention_backend
+        self.sp = mp.sequence_parallel
         qkv_out = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
         self.qkv = ColumnParallelLinear(cfg.d_model, qkv_out, config=mp, init_method=normal_init(cfg.init_std),
                                         bias=False, gather_output=False, tp_group=tp_group())
@@ -103,16 +119,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 key_active: Optional[torch.Tensor] = None) -> torch.Tensor:
-        b, s, _ = x.shape
-        qkv, _ = self.qkv(x)
+        qkv = seq_parallel_linear(self.qkv, x, self.sp)  # with SP: (B, S/TP, D) in, (B, S, ...) out
+        b, s, _ = qkv.shape
         qkv = qkv.view(b, s, self.kv_local, self.q_per_kv + 2, self.head_dim)
         q = qkv[:, :, :, : self.q_per_kv].reshape(b, s, self.kv_local * self.q_per_kv, self.head_dim)
         k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = causal_attention(q, k, v, backend=self.backend, key_active=key_active)
-        out, _ = self.proj(out.reshape(b, s, -1))
-        return out
+        return seq_parallel_linear(self.proj, out.reshape(b, s, -1), self.sp)
 
 
 class SwiGLU(nn.Module):
@@ -121,14 +136,13 @@ class SwiGLU(nn.Module):
         self.gate_up = ColumnParallelLinear(cfg.d_model, 2 * cfg.ffn_hidden, config=mp,
                                             init_method=normal_init(cfg.init_std), bias=False, gather_output=False,
                                             tp_group=tp_group())
+        self.sp = mp.sequence_parallel
         self.down = RowParallelLinear(cfg.ffn_hidden, cfg.d_model, config=mp, init_method=normal_init(out_std),
                                       bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up, _ = self.gate_up(x)
-        gate, up = gate_up.chunk(2, dim=-1)
-        out, _ = self.down(F.silu(gate) * up)
-        return out
+        gate, up = seq_parallel_linear(self.gate_up, x, self.sp).chunk(2, dim=-1)
+        return seq_parallel_linear(self.down, F.silu(gate) * up, self.sp)
 
 
 class TransformerLayer(nn.Module):
@@ -138,9 +152,9 @@ class TransformerLayer(nn.Module):
         super().__init__()
         # Megatron-style scaled init for the projections that write into the residual stream.
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, mp.sequence_parallel)
         self.attn = Attention(cfg, mp, out_std)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, mp.sequence_parallel)
         self.mlp = SwiGLU(cfg, mp, out_std)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],

@@ -17,16 +17,20 @@ the layers its slice of the program uses, and receives / returns the packed stat
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
-from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
+                                           gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region)
 
 from model.config import ModelConfig
-from model.layers import RMSNorm, Rotary, TransformerLayer, make_parallel_config, normal_init, tp_group
+from model.layers import (RMSNorm, Rotary, TransformerLayer, make_parallel_config, normal_init, tp_group,
+                          tp_world_size)
 from model.loss import lm_cross_entropy
 from model.program import Op, build_program, pack, packed_rows, stage_ranges, state_spec, unpack
 from model.routers import ExpertChoiceRouter, TokenChoiceRouter
@@ -49,6 +53,7 @@ class MoRModel(nn.Module):
         cfg.validate()
         self.cfg = cfg
         mp = mp or make_parallel_config(cfg)
+        self.sequence_parallel = mp.sequence_parallel
         self.plan = build_plan(cfg)
         self.program = build_program(cfg)
         self.pp_rank, self.pp_size = pp_rank, pp_size
@@ -68,8 +73,10 @@ class MoRModel(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
         if self.is_last:
             self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-            # Tied: the head borrows the embedding matrix at call time (skip_weight_param_allocation).
-            self.output_layer = ColumnParallelLinear(cfg.d_model, cfg.vocab_size, config=mp,
+            # Tied: the head borrows the embedding matrix at call time (skip_weight_param_allocation). It sees
+            # the whole sequence (sequence parallelism ends before the final norm), so no SP gather here.
+            self.output_layer = ColumnParallelLinear(cfg.d_model, cfg.vocab_size,
+                                                     config=dataclasses.replace(mp, sequence_parallel=False),
                                                      init_method=normal_init(cfg.init_std), bias=False,
                                                      gather_output=False,
                                                      skip_weight_param_allocation=cfg.tie_embeddings,
@@ -101,6 +108,10 @@ class MoRModel(nn.Module):
         """Apply one op to the state ``s`` in place. Keys with a leading "_" are local caches."""
         cfg, d = self.cfg, self.cfg.d_model
         b, t = s["h"].shape[:2]
+        if op.kind == "layer" and self.sequence_parallel:
+            self._sp_layer(op, s)
+            return
+        self._sp_gather(s)  # routing ops and plain layers see whole sequences
         if op.kind == "layer":
             if "x" in s:  # inside an expert-choice step: the compacted kept tokens
                 if "_rope" not in s:
@@ -156,6 +167,40 @@ class MoRModel(nn.Module):
                 for key in ("h1", "depth", "gate"):
                     s.pop(key)
 
+    # ---- sequence parallelism ---------------------------------------------------------------------------------
+    # Between routing ops the stream a layer runs on (h, the compacted x, or token-choice's y) is split along the
+    # sequence over the TP group, padded to a multiple of TP at the end (causal attention keeps the padding from
+    # touching real tokens). Routing ops gather it back whole, so routers see exactly what a TP = 1 run sees and
+    # keep the same tokens under any layout.
+    def _sp_layer(self, op: Op, s: dict) -> None:
+        key = "x" if "x" in s else ("y" if "y" in s else "h")
+        if s.get("_sp_key") != key:
+            self._sp_gather(s)
+            full = s[key]
+            b, n = full.shape[:2]
+            pad = (-n) % tp_world_size()
+            positions = s["idx"] if key == "x" else torch.arange(n, device=full.device).expand(b, n)
+            active = s["depth"] > op.step if (key == "y" and op.step > 0) else None
+            if pad:
+                full = F.pad(full, (0, 0, 0, pad))
+                positions = F.pad(positions, (0, pad))
+                active = F.pad(active, (0, pad)) if active is not None else None
+            local = scatter_to_sequence_parallel_region(full.transpose(0, 1).contiguous(), group=tp_group())
+            s.update(_sp_key=key, _sp_x=local.transpose(0, 1), _sp_len=n, _sp_rope=self.rotary(positions),
+                     _sp_active=active)
+        s["_sp_x"] = self.layers[str(op.layer)](s["_sp_x"], s["_sp_rope"], s["_sp_active"])
+
+    def _sp_gather(self, s: dict) -> None:
+        key = s.pop("_sp_key", None)
+        if key is None:
+            return
+        local, n = s.pop("_sp_x"), s.pop("_sp_len")
+        s.pop("_sp_rope"), s.pop("_sp_active")
+        # Everything after this point is computed identically on every TP rank: backward splits the gradient.
+        full = gather_from_sequence_parallel_region(local.transpose(0, 1).contiguous(),
+                                                    tensor_parallel_output_grad=False, group=tp_group())
+        s[key] = full.transpose(0, 1)[:, :n]
+
     # ---- forward ----------------------------------------------------------------------------------------------
     def set_input_tensor(self, tensor) -> None:
         """megatron's pipeline schedule hands a non-first stage its received activations here."""
@@ -176,6 +221,7 @@ class MoRModel(nn.Module):
         stats: dict[str, torch.Tensor] = {}
         for op in self.program[start:end]:
             self._op(op, s, stats)
+        self._sp_gather(s)
         if not self.is_last:
             rows = packed_rows(self.cfg, self.pp_size, b, t)
             return pack(s, state_spec(self.cfg, end, b, t), rows, self.pipeline_dtype)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from megatron.core import parallel_state
 
 from model.config import ModelConfig
 
@@ -33,8 +34,15 @@ class RouterHead(nn.Module):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
 
     def forward(self, h: torch.Tensor, temperature: float) -> torch.Tensor:
+        # fp32 even when the model's parameters are bf16 (DeepSpeed's bf16 mode) or autocast is on.
         with torch.autocast(device_type=h.device.type, enabled=False):
-            return self.net(h.float() / temperature)
+            x = h.float() / temperature
+            for m in self.net.modules() if isinstance(self.net, nn.Sequential) else [self.net]:
+                if isinstance(m, nn.Linear):
+                    x = F.linear(x, m.weight.float())
+                elif isinstance(m, nn.GELU):
+                    x = F.gelu(x)
+            return x
 
 
 @dataclass
@@ -96,15 +104,16 @@ class TokenChoiceRouter(nn.Module):
         self.balance, self.balance_coef, self.z_coef = rc.balance, rc.balance_coef, cfg.z_loss_coef
         self.bias_update_rate = rc.bias_update_rate
         self.router = RouterHead(cfg.d_model, self.nr, rc.arch)
-        # Loss-free balancing bias: shifts only the choice of depth, never the gate. A buffer, not a parameter.
-        self.register_buffer("depth_bias", torch.zeros(self.nr))
-        # Depth loads of the last forward pass (fraction of tokens per depth), read by update_bias().
-        self.register_buffer("last_load", torch.full((self.nr,), 1.0 / self.nr), persistent=False)
+        # Loss-free balancing bias: shifts only the choice of depth, never the gate. Every update moves it by
+        # exactly ±u or 0, so it is stored as an integer count of steps: exact, and immune to a bf16 cast.
+        self.register_buffer("bias_steps", torch.zeros(self.nr, dtype=torch.long))
+        # Depth loads of the last training forward pass (fraction of tokens per depth), read by update_bias().
+        self.last_load = torch.full((self.nr,), 1.0 / self.nr)
 
     def route(self, h: torch.Tensor) -> TokenChoice:
         logits = self.router(h, self.temperature)
         probs = torch.softmax(logits, dim=-1)
-        choice = probs + self.depth_bias if self.balance == "loss_free" else probs
+        choice = probs + self.depth_bias.to(probs.device) if self.balance == "loss_free" else probs
         idx = choice.argmax(dim=-1, keepdim=True)
         gate = self.alpha * torch.gather(probs, -1, idx).squeeze(-1)
         return TokenChoice(idx.squeeze(-1) + 1, gate, logits, probs)
@@ -112,7 +121,7 @@ class TokenChoiceRouter(nn.Module):
     def losses(self, out: TokenChoice) -> dict[str, torch.Tensor]:
         load = F.one_hot(out.depth - 1, self.nr).float().mean(dim=(0, 1))  # f_i, no gradient
         if self.training:
-            self.last_load.copy_(load.detach())
+            self.last_load = load.detach()
         terms: dict[str, torch.Tensor] = {}
         if self.balance == "loss":
             importance = out.probs.mean(dim=(0, 1))  # P_i
@@ -127,5 +136,13 @@ class TokenChoiceRouter(nn.Module):
         """Loss-free balancing, once per optimizer step: b_i += u * sign(mean load - load_i)."""
         if self.balance != "loss_free":
             return
-        load = self.last_load if load is None else load
-        self.depth_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
+        load = (self.last_load if load is None else load).float().clone()
+        if parallel_state.model_parallel_is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
+            # Every data-parallel replica must move its bias the same way: balance the global load.
+            torch.distributed.all_reduce(load, group=parallel_state.get_data_parallel_group())
+            load /= parallel_state.get_data_parallel_world_size()
+        self.bias_steps.add_(torch.sign(load.mean() - load).long().to(self.bias_steps.device))
+
+    @property
+    def depth_bias(self) -> torch.Tensor:
+        return self.bias_update_rate * self.bias_steps.float()

@@ -20,6 +20,7 @@ _MODULES = (
     "megatron.core.tensor_parallel.mappings",
     "megatron.core.tensor_parallel.layers",
     "megatron.core.tensor_parallel.utils",
+    "megatron.core.utils",  # the global memory buffer used by sequence-parallel gathers
 )
 
 

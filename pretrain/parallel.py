@@ -123,6 +123,9 @@ def _init(pcfg: ParallelConfig, model: Optional[ModelConfig], *, device: Optiona
     if use_cuda:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
+        if world > 1 and not os.environ.get("MASTER_PORT"):
+            raise ConfigError(f"MASTER_PORT is not set for a world of {world} processes: launch with torchrun, or "
+                              "set MASTER_ADDR and MASTER_PORT (the slurm/ launchers do)")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if world == 1:
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -130,6 +133,9 @@ def _init(pcfg: ParallelConfig, model: Optional[ModelConfig], *, device: Optiona
         backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world)
         atexit.register(_shutdown)
+    # DeepSpeed reads these from the environment whatever launched us (torchrun, srun, or a single process).
+    for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local_rank)):
+        os.environ.setdefault(name, str(value))
     if not use_cuda:
         from pretrain.cpu_compat import patch_megatron_for_cpu
         patch_megatron_for_cpu()

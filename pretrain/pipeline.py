@@ -27,11 +27,14 @@ from model.mor import MoRModel
 from model.program import packed_rows
 
 
-def build_stage(cfg: ModelConfig, *, use_cpu_initialization: bool = True) -> MoRModel:
-    """This rank's pipeline stage of the model, with the TransformerConfig megatron's schedules read."""
+def build_stage(cfg: ModelConfig, *, sequence_parallel: bool = False,
+                use_cpu_initialization: bool = True) -> MoRModel:
+    """This rank's part of the model under the current layout (the whole model when PP = 1), with the
+    TransformerConfig that megatron's schedules read."""
     pp_rank, pp_size = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
-    model = MoRModel(cfg, make_parallel_config(cfg, use_cpu_initialization=use_cpu_initialization),
-                     pp_rank=pp_rank, pp_size=pp_size)
+    mp = make_parallel_config(cfg, use_cpu_initialization=use_cpu_initialization,
+                              sequence_parallel=sequence_parallel)
+    model = MoRModel(cfg, mp, pp_rank=pp_rank, pp_size=pp_size)
     model.config = schedule_config(cfg)
     model.model_type = ModelType.encoder_or_decoder
     return model
@@ -73,7 +76,7 @@ def replica_layout(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...], list[in
 
 def _flat_allreduce_over_stages(model: MoRModel, layout, pick) -> None:
     """One all-reduce over the pipeline group: each stage contributes ``pick(param, holders)`` (zeros where it
-    holds no such parameter) and receives the sum, written back into ``pick``'s target."""
+    holds no such parameter) and receives the sum, written back into ``pick.target(param)``."""
     if not layout:
         return
     params = dict(model.named_parameters())
@@ -89,8 +92,8 @@ def _flat_allreduce_over_stages(model: MoRModel, layout, pick) -> None:
         n = c.numel()
         p = params.get(name)
         if p is not None:
-            yield_to = pick.target(p)
-            yield_to.copy_(flat[at:at + n].view(shape).to(yield_to.dtype))
+            target = pick.target(p)
+            target.copy_(flat[at:at + n].view(shape).to(target.dtype))
         at += n
 
 

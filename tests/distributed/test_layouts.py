@@ -10,6 +10,8 @@ ALL = ["vanilla", "mor_ec", "mor_tc"]
 
 @pytest.mark.parametrize("world,parallel", [
     pytest.param(2, {"tensor_parallel": 2, "zero_stage": 0, "micro_batch_size": 2}, id="tp2"),
+    pytest.param(2, {"tensor_parallel": 2, "sequence_parallel": True, "zero_stage": 0, "micro_batch_size": 2},
+                 id="tp2-sp"),
     pytest.param(2, {"zero_stage": 1, "micro_batch_size": 1}, id="dp2-zero1"),
     pytest.param(2, {"zero_stage": 2, "micro_batch_size": 1}, id="dp2-zero2"),
     pytest.param(2, {"zero_stage": 3, "micro_batch_size": 1}, id="dp2-zero3"),

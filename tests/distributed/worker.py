@@ -28,7 +28,6 @@ def main(case_path: str) -> None:
 
     from conf import build_dataclass
     from model.config import ModelConfig
-    from model.mor import MoRModel
     from model.tp_shard import shard_state_dict, unshard_tensor
     from pretrain.parallel import ParallelConfig, grad_accumulation_steps, init_distributed
     from pretrain.pipeline import build_stage, pipeline_train_step, replica_layout, sync_replicas
@@ -46,7 +45,7 @@ def main(case_path: str) -> None:
     for variant in case["variants"]:
         cfg = cfgs[variant]
         ref = torch.load(Path(case["dir"]) / f"{variant}_ref.pt")
-        model = build_stage(cfg) if layout.pp > 1 else MoRModel(cfg)
+        model = build_stage(cfg, sequence_parallel=pcfg.sequence_parallel)
         full = shard_state_dict(ref["state"], tp_rank, layout.tp)
         model.load_state_dict({k: full[k] for k in model.state_dict()}, strict=True)
         replicas = replica_layout(cfg) if layout.pp > 1 else []
