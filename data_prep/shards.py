@@ -1,0 +1,139 @@
+"""The on-disk format of tokenized training data: WebDataset tar shards plus a JSON manifest.
+
+    OUT/manifest.json             what is there and how it was made (see Manifest)
+    OUT/train-000000.tar …        shards of the training split
+    OUT/val-000000.tar …          shards of the validation split
+
+Each shard is a plain tar (readable by ``webdataset`` and by ``tar``) of samples; a sample is one packed training
+sequence of ``seq_len + 1`` token ids (inputs and next-token labels overlap by one), stored as the member
+``<key>.tokens``: raw little-endian ``uint16`` when the vocabulary fits, else ``uint32`` (the manifest's ``dtype``).
+Keys are ``<split>-<shard>-<sample>`` with zero-padded numbers, so tar order is sample order.
+
+A shard file appears only when complete: it is written under a temporary name in the same folder, flushed,
+fsynced and renamed. The manifest is written the same way.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+FORMAT = "mor-shards/1"
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+SUFFIX = "tokens"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def sample_key(split: str, shard: int, sample: int) -> str:
+    return f"{split}-{shard:06d}-{sample:06d}"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard(path: Path, split: str, index: int, samples: list[np.ndarray]) -> dict[str, Any]:
+    """Write one complete shard atomically; returns its manifest entry. Output is byte-identical for equal input
+    (fixed member metadata: no times, owners or modes from the machine)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, sample in enumerate(samples):
+            data = np.ascontiguousarray(sample).tobytes()
+            info = tarfile.TarInfo(f"{sample_key(split, index, i)}.{SUFFIX}")
+            info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    n_tokens = int(sum(len(s) for s in samples))
+    return {"name": path.name, "samples": len(samples), "tokens": n_tokens, "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@dataclass
+class Manifest:
+    """manifest.json. ``splits[split]`` lists shard entries {name, samples, tokens, bytes, sha256} in order."""
+    seq_len: int
+    dtype: str                                   # "uint16" or "uint32"
+    vocab_size: int
+    tokenizer: dict[str, Any]                    # path, sha256, bos_id, eos_id, pad_id, unk_id
+    splits: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {s: [] for s in SPLITS})
+    settings: dict[str, Any] = field(default_factory=dict)
+    inputs: list[dict[str, Any]] = field(default_factory=list)   # path, bytes, sha256
+    counts: dict[str, int] = field(default_factory=dict)         # documents, skipped, replaced chars, ...
+    complete: bool = False                                       # all inputs consumed, every shard written
+    format: str = FORMAT
+
+    def samples(self, split: str) -> int:
+        return sum(s["samples"] for s in self.splits.get(split, []))
+
+    def tokens(self, split: str) -> int:
+        return sum(s["tokens"] for s in self.splits.get(split, []))
+
+    def save(self, folder: Path) -> None:
+        atomic_write_bytes(Path(folder) / MANIFEST, (json.dumps(asdict(self), indent=1) + "\n").encode())
+
+    @classmethod
+    def load(cls, folder: Path) -> "Manifest":
+        path = Path(folder) / MANIFEST
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no manifest here; run data_prep/tokenize.py to make shards")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); rerun data_prep/tokenize.py") from None
+        if raw.get("format") != FORMAT:
+            raise ValueError(f"{path}: format {raw.get('format')!r}, expected {FORMAT!r}")
+        return cls(**raw)
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype("<u2") if self.dtype == "uint16" else np.dtype("<u4")
+
+
+def read_shard(path: Path, dtype: np.dtype, expected: Optional[dict[str, Any]] = None) -> list[np.ndarray]:
+    """All samples of one shard, in order. Raises ValueError naming the shard if it is missing, truncated or
+    does not match its manifest entry."""
+    if not path.exists():
+        raise ValueError(f"{path}: shard listed in the manifest is missing")
+    out = []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                f = tar.extractfile(member)
+                out.append(np.frombuffer(f.read(), dtype=dtype))
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ValueError(f"{path}: corrupt or truncated shard ({e}); re-create it with data_prep/tokenize.py") from None
+    if expected is not None and len(out) != expected["samples"]:
+        raise ValueError(f"{path}: holds {len(out)} samples, the manifest says {expected['samples']} "
+                         "(truncated?); re-create it with data_prep/tokenize.py")
+    return out
