@@ -128,7 +128,11 @@ def test_unbounded_order_depends_only_on_seed_and_epoch(even: Path):
     assert a == b                                            # same seed: same order, whatever the global RNGs
     e0, e1 = a[:n], a[n:2 * n]
     assert sorted(e0) == sorted(e1) == every(EVEN)           # each epoch is a full pass
-    assert e0 != e1                                          # ... in another order
+    shard_runs = [[k for k, _ in itertools.groupby(i for i, _ in e)] for e in (e0, e1)]
+    assert all(sorted(r) == list(range(len(EVEN))) for r in shard_runs)   # one reader reads shard after shard
+    assert shard_runs[0] != shard_runs[1]                    # another shard order in epoch 1 ...
+    within = [[[j for i, j in e if i == s] for s in range(len(EVEN))] for e in (e0, e1)]
+    assert all(w0 != w1 for w0, w1 in zip(*within))          # ... and another sample order in every shard
     assert loader.epoch == 2
     c, _ = stream(8)
     assert c[:n] != e0 and sorted(c[:n]) == every(EVEN)

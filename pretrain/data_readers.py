@@ -1,0 +1,223 @@
+"""The reading side of ``pretrain.data.TokenLoader``: which reader gets which shards in which epoch (``Layout``),
+the order in which DataLoader hands out its workers' batches (``RoundRobin``), and the per-worker webdataset
+pipeline (``Readers``: plan of shards -> tar samples -> decoded, counted -> shuffled -> batches). The design is
+described in ``pretrain/data.py``."""
+from __future__ import annotations
+
+import itertools
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from data_prep.shards import SUFFIX, sha256_file
+
+_ORDER, _SAMPLES = 0x5EED0, 0x5EED1          # stream ids for the numpy SeedSequence
+
+
+class ShardError(ValueError):
+    """A shard is missing, truncated, corrupt or does not match the manifest; the message names the file."""
+
+
+class Layout:
+    """Everything derived from the manifest and the loader's settings, shared by the loader and its workers."""
+
+    def __init__(self, folder: Path, entries: list[dict[str, Any]], *, seq_len: int, dtype: np.dtype, seed: int,
+                 dp_rank: int, dp_size: int, workers: int, batch: int, shuffle: bool, shuffle_buffer: int,
+                 epochs: Optional[int], verify_sha256: bool):
+        self.folder, self.entries = folder, entries
+        self.counts = np.array([e["samples"] for e in entries], dtype=np.int64)
+        self.seq_len, self.dtype, self.seed = seq_len, dtype, seed
+        self.dp_rank, self.dp_size, self.workers, self.batch = dp_rank, dp_size, workers, batch
+        self.shuffle, self.shuffle_buffer, self.epochs, self.verify_sha256 = shuffle, shuffle_buffer, epochs, verify_sha256
+        self.readers = dp_size * workers
+        self._totals: list[np.ndarray] = []      # per epoch: samples of each reader
+
+    def reader(self, worker: int) -> int:
+        return worker * self.dp_size + self.dp_rank
+
+    def order(self, epoch: int) -> np.ndarray:
+        n = len(self.entries)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch, _ORDER]).permutation(n)
+
+    def shards(self, epoch: int, reader: int) -> np.ndarray:
+        """Indices (into ``entries``) of the shards ``reader`` reads in ``epoch``, in reading order."""
+        first = (reader - epoch * len(self.entries)) % self.readers
+        return self.order(epoch)[first::self.readers]
+
+    def total(self, epoch: int, reader: int) -> int:
+        while len(self._totals) <= epoch:
+            e, n = len(self._totals), len(self.entries)
+            owner = (e * n + np.arange(n)) % self.readers
+            self._totals.append(np.bincount(owner, weights=self.counts[self.order(e)],
+                                            minlength=self.readers).astype(np.int64))
+        return int(self._totals[epoch][reader])
+
+    def locate(self, reader: int, sample: int) -> tuple[int, int]:
+        """(epoch, offset in that epoch) of sample number ``sample`` of the reader's stream; (epochs, 0) past the end."""
+        epoch = 0
+        while self.epochs is None or epoch < self.epochs:
+            t = self.total(epoch, reader)
+            if sample < t:
+                return epoch, sample
+            sample, epoch = sample - t, epoch + 1
+        return epoch, 0
+
+    def reader_batches(self, worker: int) -> Optional[int]:
+        """Batches a worker yields in a bounded pass; None when unbounded."""
+        if self.epochs is None:
+            return None
+        n = sum(self.total(e, self.reader(worker)) for e in range(self.epochs))
+        return -(-n // self.batch)
+
+
+class RoundRobin:
+    """The order in which DataLoader hands out its workers' batches: in turn, skipping workers that are done."""
+
+    def __init__(self, totals: list[Optional[int]]):
+        self.totals, self.done, self.turn = totals, [0] * len(totals), 0
+
+    def _left(self, w: int) -> float:
+        t = self.totals[w]
+        return float("inf") if t is None else t - self.done[w]
+
+    def next(self) -> Optional[int]:
+        for _ in range(len(self.totals)):
+            w, self.turn = self.turn, (self.turn + 1) % len(self.totals)
+            if self._left(w) > 0:
+                self.done[w] += 1
+                return w
+        return None
+
+    def advance(self, n: int) -> None:
+        """Hand out ``n`` batches; whole rounds at once."""
+        while n > 0:
+            active = [w for w in range(len(self.totals)) if self._left(w) > 0]
+            if not active:
+                raise ValueError("resume state points past the end of the pass")
+            rounds = min(min(self._left(w) for w in active), n // len(active)) if self.turn == 0 else 0
+            if rounds > 0:
+                for w in active:
+                    self.done[w] += int(rounds)
+                n -= int(rounds) * len(active)
+            else:
+                n -= self.next() is not None
+
+
+def _shard_handler(path: Path):
+    def handler(exn: Exception) -> bool:
+        if isinstance(exn, ShardError):
+            raise exn
+        if isinstance(exn, FileNotFoundError):
+            raise ShardError(f"{path}: shard listed in the manifest is missing") from None
+        detail = str(exn.args[0]) if exn.args else ""
+        raise ShardError(f"{path}: corrupt or truncated shard ({type(exn).__name__}: {detail}); "
+                         "re-create it with data_prep/tokenize.py") from None
+    return handler
+
+
+class Readers(IterableDataset):
+    """The per-worker part: a webdataset pipeline (plan of shards -> tar samples -> shuffled -> batches)."""
+
+    def __init__(self, layout: Layout, done: list[int], turn: int):
+        super().__init__()
+        self.layout, self.done, self.turn = layout, done, turn
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        info = get_worker_info()
+        worker = ((info.id if info is not None else 0) + self.turn) % self.layout.workers
+        reader = self.layout.reader(worker)
+        start = self.done[worker] * self.layout.batch
+        pipeline = wds.DataPipeline(partial(self._plan, reader, start), self._samples, self._batches)
+        for tokens, labels in pipeline:
+            yield tokens, labels, worker
+
+    def _plan(self, reader: int, start: int) -> Iterator[dict[str, Any]]:
+        """The reader's shards from sample ``start`` on, whole shards before it skipped by their counts."""
+        lay = self.layout
+        epoch, skip = lay.locate(reader, start)
+        while lay.epochs is None or epoch < lay.epochs:
+            for i in lay.shards(epoch, reader):
+                n = int(lay.counts[i])
+                if skip >= n:
+                    skip -= n
+                    continue
+                yield dict(url=str(lay.folder / lay.entries[i]["name"]), epoch=epoch, shard=int(i), skip=skip)
+                skip = 0
+            epoch += 1
+
+    def _samples(self, plan: Iterator[dict[str, Any]]) -> Iterator[np.ndarray]:
+        lay = self.layout
+        for item in plan:
+            path, entry = Path(item["url"]), lay.entries[item["shard"]]
+            if lay.verify_sha256:
+                if not path.exists():
+                    raise ShardError(f"{path}: shard listed in the manifest is missing")
+                if sha256_file(path) != entry["sha256"]:
+                    raise ShardError(f"{path}: sha256 differs from the manifest; re-create it with data_prep/tokenize.py")
+            source = dict(url=str(path))             # url_opener stores the open stream here; closed below
+            try:
+                tar = wds.tarfile_to_samples(handler=_shard_handler(path))([source])
+                decoded = self._decode(tar, path, entry["samples"])
+                rng = np.random.default_rng([lay.seed, item["epoch"], item["shard"], _SAMPLES])
+                ordered = self._shuffle(decoded, entry["samples"], rng) if lay.shuffle else decoded
+                yield from itertools.islice(ordered, item["skip"], None)
+            finally:
+                if source.get("stream") is not None:
+                    source["stream"].close()
+
+    def _decode(self, tar: Iterator[dict[str, Any]], path: Path, expected: int) -> Iterator[np.ndarray]:
+        width, count = self.layout.seq_len + 1, 0
+        for sample in tar:
+            data = sample.get(SUFFIX)
+            if data is None or len(data) != width * self.layout.dtype.itemsize:
+                got = f"no .{SUFFIX} member" if data is None else f"{len(data)} bytes"
+                raise ShardError(f"{path}: sample {sample.get('__key__')} has {got}, expected {width} tokens "
+                                 f"of {self.layout.dtype.itemsize} bytes; re-create it with data_prep/tokenize.py")
+            tokens = np.frombuffer(data, dtype=self.layout.dtype)
+            count += 1
+            if count > expected:
+                raise ShardError(f"{path}: holds more than the {expected} samples its manifest entry lists")
+            yield tokens
+        if count != expected:
+            raise ShardError(f"{path}: holds {count} samples, the manifest says {expected} (truncated?); "
+                             "re-create it with data_prep/tokenize.py")
+
+    def _shuffle(self, samples: Iterator[np.ndarray], n: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+        size, buf = self.layout.shuffle_buffer, []
+        picks = rng.random(n)                        # drawn up front: one uniform per sample of the shard
+        for i, s in enumerate(samples):
+            if len(buf) < size:
+                buf.append(s)
+                continue
+            j = int(picks[i] * size)
+            yield buf[j]
+            buf[j] = s
+        for j in rng.permutation(len(buf)):
+            yield buf[j]
+
+    def _batches(self, samples: Iterator[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        b, rows = self.layout.batch, []
+        for s in samples:
+            rows.append(s)
+            if len(rows) == b:
+                yield _collate(rows)
+                rows = []
+        if rows:                                     # bounded mode only: the reader's short last batch
+            yield _collate(rows)
+
+
+def _collate(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, labels), contiguous int64 halves of one buffer (one shared-memory block between processes)."""
+    arr = np.stack(rows)
+    out = np.empty((2, arr.shape[0], arr.shape[1] - 1), dtype=np.int64)
+    out[0] = arr[:, :-1]
+    out[1] = arr[:, 1:]
+    t = torch.from_numpy(out)
+    return t[0], t[1]
