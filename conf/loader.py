@@ -153,6 +153,28 @@ def _resolve(path_or_name: str | os.PathLike[str]) -> Path:
     return path
 
 
+def _expand_presets(tree: _Tree, schema: type, base: Path) -> _Tree:
+    """A dataclass-typed key given as a string names a config to load there: ``model: 360m_mor_ec`` (a preset)
+    or ``model: ../model/my.yaml`` (a file, relative to the including file)."""
+    hints = typing.get_type_hints(schema)
+    out = dict(tree)
+    for key, entry in tree.items():
+        tp = hints.get(key)
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            continue
+        if isinstance(entry.value, str):
+            text = entry.value
+            looks_like_path = "/" in text or text.endswith((".yaml", ".yml"))
+            target = (base / text) if looks_like_path and not Path(text).is_absolute() else text
+            try:
+                out[key] = _Entry(_expand_presets(_load_file(_resolve(target)), tp, base), entry.where)
+            except ConfigError as e:
+                raise ConfigError(f"{entry.where}: {key}: {_one_line(str(e))}") from None
+        elif isinstance(entry.value, dict):
+            out[key] = _Entry(_expand_presets(entry.value, tp, base), entry.where)
+    return out
+
+
 # ---- overrides ----------------------------------------------------------------------------------------------
 def _plain_to_tree(value: dict[Any, Any], where: str) -> _Tree:
     return {str(k): _Entry(_plain_to_tree(v, where) if isinstance(v, dict) else v, where) for k, v in value.items()}
@@ -303,8 +325,11 @@ def load_config(path_or_name: str | os.PathLike[str], overrides: Sequence[str] =
         if not isinstance(entry.value, dict):
             raise ConfigError(f"{entry.where}: {section}: expected mapping, got {_describe(entry.value)}")
         tree = entry.value
+    base = path.resolve().parent
+    tree = _expand_presets(tree, schema, base)
     for text in overrides:
         tree = _apply_override(tree, text)
+        tree = _expand_presets(tree, schema, base)  # an override may name a preset: model=360m_vanilla
     top = _display(path.resolve())
     return _Builder(tree, top).build(schema, tree, "", top)
 

@@ -185,10 +185,10 @@ def _loss_func(out, loss: torch.Tensor):
     return loss, {"loss": loss.detach().clone(), "lm_loss": out.lm_loss.detach().clone()}
 
 
-def pipeline_train_step(engine, model: MoRModel, layout, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                        *, max_grad_norm: float) -> torch.Tensor:
-    """Forward + backward over ``micro_batches`` with 1F1B, then the optimizer step. Returns the mean loss on the
-    last stage (zero elsewhere) and the gradient norm."""
+def pipeline_forward_backward(model: MoRModel, layout, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                              *, max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward + backward over ``micro_batches`` with 1F1B, replica grads summed, DP-averaged and clipped.
+    Returns the mean loss (on the last stage; zero elsewhere) and the global gradient norm before clipping."""
     tokens = micro_batches[0][0]
     b, t = tokens.shape
     fb = get_forward_backward_func()
@@ -198,7 +198,19 @@ def pipeline_train_step(engine, model: MoRModel, layout, micro_batches: Sequence
     reduce_replica_grads(model, layout)
     average_data_parallel_grads(model)
     norm = clip_grad_norm(model, layout, max_grad_norm)
+    loss = torch.stack([r["loss"] for r in results]).mean() if results else torch.zeros(())
+    return loss, norm
+
+
+def finish_pipeline_step(engine) -> None:
+    """The optimizer step after ``pipeline_forward_backward``."""
     engine.allreduce_gradients()  # hands the (already averaged) grads to ZeRO-1's partitions; a no-op in value
     engine.step()
-    loss = torch.stack([r["loss"] for r in results]).mean() if results else torch.zeros(())
+
+
+def pipeline_train_step(engine, model: MoRModel, layout, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                        *, max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step through the pipeline: returns (mean loss on the last stage, gradient norm)."""
+    loss, norm = pipeline_forward_backward(model, layout, micro_batches, max_grad_norm=max_grad_norm)
+    finish_pipeline_step(engine)
     return loss, norm

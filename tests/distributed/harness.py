@@ -33,6 +33,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_ranks(world: int, argv: list[str], log_dir: Path, *, env: dict | None = None, timeout: int = 300,
+                check: bool = True, prefix: str = "rank") -> list[int]:
+    """Start ``world`` processes of ``python argv`` with torchrun's environment; wait; return exit codes.
+    With ``check``, any non-zero exit raises with the tail of that rank's log."""
+    port = str(_free_port())
+    procs = []
+    for rank in range(world):
+        full_env = {**os.environ, **(env or {}), "RANK": str(rank), "WORLD_SIZE": str(world),
+                    "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                    "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "",
+                    # bit-for-bit comparisons between processes: MKL must not vary its threads or code path
+                    # with the machine's load or buffer alignment
+                    "MKL_NUM_THREADS": "1", "MKL_DYNAMIC": "FALSE", "MKL_CBWR": "AVX2",
+                    "WANDB_MODE": "disabled"}
+        log = open(log_dir / f"{prefix}{rank}.log", "w")
+        procs.append((subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=full_env, stdout=log,
+                                       stderr=subprocess.STDOUT), log))
+    codes, failed = [], []
+    for rank, (p, log) in enumerate(procs):
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q, _ in procs:
+                q.kill()
+            rc = -999
+        log.close()
+        codes.append(rc)
+        if rc != 0:
+            failed.append(f"rank {rank} exit {rc}:\n" + (log_dir / f"{prefix}{rank}.log").read_text()[-3000:])
+    if check and failed:
+        raise AssertionError("\n".join(failed))
+    return codes
+
+
 def reference(cfg: ModelConfig, *, dp: int, micro: int, seed: int = 0) -> dict:
     """Plain single-process AdamW run: each step is dp × gas micro-batches, averaged, as the layout will see."""
     torch.manual_seed(seed)
@@ -78,28 +112,7 @@ def run_layout(tmp_path: Path, world: int, parallel: dict, variants: list[str], 
             "configs": {v: asdict(VARIANTS[v]()) for v in variants}, "dir": str(tmp_path),
             "steps": STEPS, "lr": LR, "clip": CLIP}
     (tmp_path / "case.json").write_text(json.dumps(case))
-    port = str(_free_port())
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-               "CUDA_VISIBLE_DEVICES": ""}
-        log = open(tmp_path / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, "-m", "tests.distributed.worker", str(tmp_path / "case.json")],
-                                       cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    failed = []
-    for rank, (p, log) in enumerate(procs):
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q, _ in procs:
-                q.kill()
-            rc = "timeout"
-        log.close()
-        if rc != 0:
-            failed.append(f"rank {rank} exit {rc}:\n" + (tmp_path / f"rank{rank}.log").read_text()[-3000:])
-    if failed:
-        raise AssertionError("\n".join(failed))
+    spawn_ranks(world, ["-m", "tests.distributed.worker", str(tmp_path / "case.json")], tmp_path, timeout=timeout)
     return {v: (refs[v], torch.load(tmp_path / f"{v}_result.pt")) for v in variants}
 
 

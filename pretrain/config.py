@@ -1,0 +1,94 @@
+"""Typed configuration of a training run: model, layout, optimizer, schedule, data, checkpoints, logging.
+
+Run files live in conf/run/; ``model:`` may name a model preset (``model: 360m_mor_ec``) and every key can be
+overridden on the command line (``train.steps=100 model.num_recursions=4 parallel.zero_stage=2``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from model.config import ConfigError, ModelConfig
+from pretrain.parallel import ParallelConfig
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1      # matrices only: never on norms, biases or other 1-D parameters
+    grad_clip: float = 1.0         # global norm; 0 disables
+
+
+@dataclass
+class ScheduleConfig:
+    # wsd: linear warm-up, constant, linear decay (the paper's trapezoid); cosine: warm-up then cosine decay.
+    kind: Literal["wsd", "cosine", "constant"] = "wsd"
+    warmup_frac: float = 0.05
+    decay_frac: float = 0.2        # wsd: the last fraction of steps decays linearly to min_lr_ratio × lr
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/sample"      # folder made by data_prep/tokenize.py (manifest.json + shards)
+    num_workers: int = 2
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
+    compile: bool = False
+    activation_checkpointing: bool = False
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500               # steps; 0 saves only at the end and on signals
+    keep: int = 3                  # most recent complete checkpoints kept
+    resume: str = "auto"           # auto (latest complete one, if any) | none | a checkpoint folder
+
+
+@dataclass
+class LoggingConfig:
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "mor-pretrain"
+    spike_factor: float = 3.0      # a loss above this × its running mean is logged as a spike
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"          # the run lives in out_dir/name: checkpoints/, metrics.jsonl, plots
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    on_nonfinite: Literal["skip", "stop"] = "skip"   # a NaN/inf loss or gradient norm: skip the step, or stop
+
+    def validate(self) -> "RunConfig":
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"{key}: {msg}")
+
+        need(self.train.steps >= 1, "train.steps", "must be >= 1")
+        need(self.optim.lr > 0, "optim.lr", "must be > 0")
+        need(len(self.optim.betas) == 2 and all(0 <= b < 1 for b in self.optim.betas), "optim.betas",
+             "needs two values in [0, 1)")
+        need(0 <= self.schedule.warmup_frac < 1, "schedule.warmup_frac", "must be in [0, 1)")
+        need(0 <= self.schedule.decay_frac <= 1, "schedule.decay_frac", "must be in [0, 1]")
+        need(self.schedule.warmup_frac + (self.schedule.decay_frac if self.schedule.kind == "wsd" else 0) <= 1,
+             "schedule.decay_frac", "warm-up plus decay exceed the run")
+        need(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+        need(self.train.log_every >= 1, "train.log_every", "must be >= 1")
+        return self

@@ -1,0 +1,48 @@
+"""Validation loss and perplexity on the manifest's validation split."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from model.program import packed_rows
+from pretrain.pipeline import _forward_step
+
+
+@torch.no_grad()
+def validation_loss(trainer, max_batches: int) -> float:
+    """Mean next-token loss (without router losses) over the first ``max_batches`` micro-batches of each DP
+    rank's share of the validation split, averaged over DP ranks; identical on every rank."""
+    from pretrain.data import TokenLoader
+    cfg = trainer.cfg
+    loader = TokenLoader(cfg.data.path, split="val", micro_batch_size=cfg.parallel.micro_batch_size, seed=0,
+                         dp_rank=ps.get_data_parallel_rank(), dp_size=trainer.layout.dp, num_workers=0,
+                         shuffle=False, epochs=1)
+    model = trainer.model
+    model.eval()
+    total = torch.zeros(2, device=trainer.device)  # sum of losses, count
+    batches = []
+    for i, (tokens, labels) in enumerate(loader):
+        if i >= max_batches:
+            break
+        batches.append((tokens.to(trainer.device), labels.to(trainer.device)))
+    if trainer.layout.pp > 1:
+        # the pipeline's p2p buffers have one shape: a short last batch of the pass is left out
+        batches = [bt for bt in batches if bt[0].shape[0] == cfg.parallel.micro_batch_size]
+    if trainer.layout.pp > 1 and batches:
+        b, t = batches[0][0].shape
+        results = get_forward_backward_func()(
+            forward_step_func=_forward_step, data_iterator=iter(batches), model=[model],
+            num_microbatches=len(batches), seq_length=packed_rows(model.cfg, model.pp_size, b, t),
+            micro_batch_size=b, forward_only=True)
+        for r in results:
+            total += torch.stack([r["lm_loss"].float().to(trainer.device), torch.ones((), device=trainer.device)])
+        dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+    else:
+        for tokens, labels in batches:
+            out = trainer.engine(tokens, labels)
+            total += torch.stack([out.lm_loss.detach().float(), torch.ones((), device=trainer.device)])
+    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    model.train()
+    return (total[0] / total[1].clamp(min=1)).item()

@@ -1,0 +1,26 @@
+"""Fault injection for tests of the training loop's recovery paths (never set in real runs).
+
+    MOR_FAULT_KILL_AT_STEP=N      the process SIGKILLs itself when step N begins (crash without cleanup)
+    MOR_FAULT_SIGNAL_AT_STEP=N    the process sends itself SIGUSR1 when step N begins (a scheduler's warning)
+    MOR_FAULT_SIGNAL_RANK=R       ... only on global rank R (default: every rank)
+    MOR_FAULT_NAN_AT_STEP=N       the loss of step N is made NaN
+"""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Optional
+
+
+def _env(name: str) -> Optional[int]:
+    value = os.environ.get(name, "")
+    return int(value) if value else None
+
+
+def before_step(step: int, rank: int) -> bool:
+    """Called at the start of each step; returns True when this step's loss must be made NaN."""
+    if _env("MOR_FAULT_KILL_AT_STEP") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if _env("MOR_FAULT_SIGNAL_AT_STEP") == step and _env("MOR_FAULT_SIGNAL_RANK") in (None, rank):
+        os.kill(os.getpid(), signal.SIGUSR1)
+    return _env("MOR_FAULT_NAN_AT_STEP") == step

@@ -1,0 +1,79 @@
+"""Run metrics: a JSONL file always, a readable log line per interval, wandb (offline by default), MFU.
+
+MFU = tokens/s × training FLOPs per token (model/flops.py, which follows the routing) ÷ (peak FLOP/s × GPUs).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+# Dense bf16 peaks per device (FLOP/s); CPU runs report no MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def device_peak_flops() -> Optional[float]:
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: Optional[float], devices: int) -> Optional[float]:
+    if not peak_flops:
+        return None
+    return tokens_per_s * flops_per_token / (peak_flops * devices)
+
+
+class MetricsLog:
+    """Rank 0 writes; other ranks get a no-op object from ``MetricsLog.for_rank``."""
+
+    def __init__(self, run_dir: Path, *, wandb_mode: str, project: str, name: str, config: dict[str, Any]):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / "metrics.jsonl"
+        self._file = open(self.path, "a", buffering=1)
+        self._wandb = None
+        if wandb_mode != "disabled":
+            os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb
+            # The run id lives in the run folder, so a restarted job resumes the same wandb run.
+            id_file = run_dir / "wandb_id"
+            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            id_file.write_text(run_id)
+            self._wandb = wandb.init(project=project, name=name, id=run_id, resume="allow", mode=wandb_mode,
+                                     dir=str(run_dir), config=config)
+
+    def log(self, record: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+class NullLog:
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def format_line(r: dict[str, Any]) -> str:
+    parts = [f"step {r['step']:>6d}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}", f"gnorm {r['grad_norm']:.3f}",
+             f"{r['tokens_per_s']:,.0f} tok/s"]
+    if r.get("mfu") is not None:
+        parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    if r.get("mem_gb") is not None:
+        parts.append(f"mem {r['mem_gb']:.1f}GB")
+    kept = [f"{k.split('/')[0]}:{v:.2f}" for k, v in r.items() if k.endswith("kept_frac")]
+    if kept:
+        parts.append("kept " + " ".join(kept))
+    return "  ".join(parts)
