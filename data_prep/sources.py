@@ -1,0 +1,520 @@
+"""Reading raw text inputs as a stream of bounded document pieces.
+
+Inputs are files, folders (searched recursively) or globs of ``.txt``, ``.txt.gz``, ``.jsonl``, ``.jsonl.gz`` and
+``.parquet``; they are read in sorted path order. What a document is (``doc_per``):
+
+    auto    .txt: the whole file; .jsonl / .parquet: one record (the default)
+    file    the whole file (records of a .jsonl / .parquet file joined with "\\n")
+    line    one line of a .txt file (a trailing "\\r" is dropped); a .jsonl line is a record anyway
+    record  one record of a .jsonl / .parquet file; for .txt the same as ``line``
+
+Memory stays bounded whatever the input: text is read in ``CHUNK_BYTES`` chunks and a document longer than
+``PIECE_CHARS`` characters is handed on in pieces cut at whitespace (a .jsonl record or a parquet value is loaded
+whole, then cut the same way). Each piece carries whether it starts and ends its document (for BOS/EOS) and the
+document's split.
+
+Split: a document goes to ``val`` when the first 8 bytes of blake2b(its first piece, UTF-8), read as a
+little-endian integer, are below ``val_fraction * 2**64``. The first piece is the whole text for every document up
+to ``PIECE_CHARS`` characters, so the split depends on the text only, never on order or worker count.
+
+Clean-up, counted per input: invalid UTF-8 is replaced with U+FFFD, NUL characters are removed, whitespace-only
+documents are skipped. A bad .jsonl line (not JSON, not an object, text field missing or not a string) or a null
+parquet value stops the run with ``path:line`` unless ``skip_bad_records`` is set; then it is skipped and counted.
+"""
+from __future__ import annotations
+
+import codecs
+import glob
+import gzip
+import hashlib
+import json
+import os
+import unicodedata
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+CHUNK_BYTES = 1 << 20          # read size for .txt inputs
+PIECE_CHARS = 1 << 18          # longest piece of a document handed to a worker
+MAX_WARNINGS_PER_KIND = 5      # per input file; the rest are counted, not printed
+
+EXTENSIONS = {".txt": "txt", ".txt.gz": "txt", ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".parquet": "parquet"}
+DOC_PER = ("auto", "file", "line", "record")
+
+# Names of the per-input counters (all ints).
+COUNT_KEYS = ("documents", "documents_val", "empty_skipped", "invalid_utf8_replaced", "nul_removed",
+              "bad_records_skipped", "long_documents_split", "pieces", "text_chars")
+
+
+class UserError(Exception):
+    """A problem with the user's inputs or options: reported as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finding inputs
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str          # absolute
+    kind: str          # txt | jsonl | parquet
+    gz: bool
+    size: int
+
+
+def input_kind(path: str) -> Optional[tuple[str, bool]]:
+    name = os.path.basename(path).lower()
+    for ext in sorted(EXTENSIONS, key=len, reverse=True):
+        if name.endswith(ext):
+            return EXTENSIONS[ext], ext.endswith(".gz")
+    return None
+
+
+def _check_file(path: str, shown: str) -> InputFile:
+    kind = input_kind(path)
+    if kind is None:
+        raise UserError(f"{shown}: unsupported input type (expected {', '.join(EXTENSIONS)})")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UserError(f"{shown}: cannot read (broken symbolic link)")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UserError(f"{shown}: cannot read ({e.strerror})") from None
+    if not os.access(path, os.R_OK):
+        raise UserError(f"{shown}: cannot read (permission denied)")
+    return InputFile(os.path.abspath(path), kind[0], kind[1], st.st_size)
+
+
+def find_inputs(specs: list[str]) -> list[InputFile]:
+    """Expand files, folders and globs into a sorted list of distinct inputs. Raises UserError naming the spec."""
+    found: dict[str, InputFile] = {}
+    if not specs:
+        raise UserError("no inputs given")
+    for spec in specs:
+        if os.path.isdir(spec):
+            candidates = []
+            for root, dirs, files in os.walk(spec):
+                dirs.sort()
+                candidates += [os.path.join(root, f) for f in files if input_kind(f)]
+            if not candidates:
+                raise UserError(f"{spec}: no {', '.join(EXTENSIONS)} files in this folder")
+        elif any(c in spec for c in "*?["):
+            candidates = []
+            for p in glob.glob(spec, recursive=True):
+                if os.path.isdir(p):
+                    continue
+                if input_kind(p):
+                    candidates.append(p)
+            if not candidates:
+                raise UserError(f"{spec}: the pattern matches no {', '.join(EXTENSIONS)} files")
+        elif os.path.lexists(spec):
+            candidates = [spec]
+        else:
+            raise UserError(f"{spec}: no such file or folder")
+        for c in candidates:
+            f = _check_file(c, c)
+            found.setdefault(os.path.realpath(f.path), f)
+    return sorted(found.values(), key=lambda f: f.path)
+
+
+def sha256_files(inputs: list[InputFile], threads: int) -> list[str]:
+    """sha256 of every input's bytes on disk, in parallel threads (hashlib and file reads release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(f: InputFile) -> str:
+        h = hashlib.sha256()
+        try:
+            with open(f.path, "rb") as fh:
+                while block := fh.read(1 << 22):
+                    h.update(block)
+        except OSError as e:
+            raise UserError(f"{f.path}: cannot read ({e.strerror or e})") from None
+        return h.hexdigest()
+
+    if threads <= 1 or len(inputs) <= 1:
+        return [one(f) for f in inputs]
+    with ThreadPoolExecutor(max_workers=min(threads, len(inputs))) as ex:
+        return list(ex.map(one, inputs))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cutting text
+
+def is_safe_space(text: str, k: int) -> bool:
+    """True when ``text[k]`` is a single ASCII space between two non-space characters (the next one not a
+    combining mark). For a SentencePiece model that splits at whitespace, cutting the text there (and letting the
+    model's dummy prefix stand for the space) leaves the token ids unchanged."""
+    if k <= 0 or k + 1 >= len(text) or text[k] != " ":
+        return False
+    nxt = text[k + 1]
+    return not text[k - 1].isspace() and not nxt.isspace() and not unicodedata.combining(nxt)
+
+
+def find_cut(text: str, limit: int, drop_space: bool, lo: Optional[int] = None) -> tuple[int, int]:
+    """Where to cut ``text`` (longer than ``limit``) at or before ``limit``: returns (end of this piece, start of
+    the next). Prefers the last safe single space in [lo, limit) (dropped when ``drop_space``, the model's dummy
+    prefix restoring it), then the last whitespace character (kept in this piece), then a hard cut."""
+    lo = limit // 2 if lo is None else lo
+    k = text.rfind(" ", lo, limit)
+    while k >= lo:
+        if is_safe_space(text, k):
+            return (k, k + 1) if drop_space else (k, k)
+        k = text.rfind(" ", lo, k)
+    for k in range(limit - 1, lo - 1, -1):
+        if text[k].isspace():
+            return k + 1, k + 1
+    return limit, limit
+
+
+def segment(text: str, limit: int, drop_space: bool) -> list[str]:
+    """Cut ``text`` into parts of about ``limit`` characters at safe single spaces only (see is_safe_space), so
+    that encoding the parts one by one gives the same ids as encoding the whole (for a whitespace-splitting model).
+    A stretch with no safe space is left whole."""
+    n = len(text)
+    if n <= limit:
+        return [text]
+    out, i, half = [], 0, limit // 2
+    while n - i > limit:
+        j = i + limit
+        k = text.rfind(" ", i + half, j)
+        while k >= i + half and not is_safe_space(text, k):
+            k = text.rfind(" ", i + half, k)
+        if k < i + half:                      # none in the window: look further on
+            k = text.find(" ", j)
+            while k != -1 and not is_safe_space(text, k):
+                k = text.find(" ", k + 1)
+            if k == -1:
+                break
+        out.append(text[i:k])
+        i = k + 1 if drop_space else k
+    out.append(text[i:])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pieces
+
+# A piece: (index within its input, text, first piece of its document, last piece, split: 0 train / 1 val)
+Piece = tuple[int, str, bool, bool, int]
+
+
+class _Assembler:
+    """Turns the text of documents, given in parts, into pieces of at most PIECE_CHARS characters."""
+
+    def __init__(self, reader: "Reader", counts: Counter):
+        self.r, self.counts = reader, counts
+        self.buf, self.first, self.split = "", True, 0
+        self.index = 0                        # next piece index within the input
+        self.out: list[Piece] = []
+
+    def add(self, text: str) -> None:
+        self.buf = self.buf + text if self.buf else text
+        limit = self.r.piece_chars
+        while len(self.buf) > limit:
+            end, nxt = find_cut(self.buf, limit, self.r.drop_space)
+            self._emit(self.buf[:end], last=False)
+            self.buf = self.buf[nxt:]
+
+    def end(self) -> None:
+        text, self.buf = self.buf, ""
+        self._emit(text, last=True)
+        self.first = True
+
+    def _emit(self, text: str, last: bool) -> None:
+        c = self.counts
+        if self.first:
+            if text.isspace() or not text:
+                if last:
+                    c["empty_skipped"] += 1
+                return                        # leading whitespace of a long document is dropped
+            self.split = self.r.split_of(text)
+            c["documents"] += 1
+            c["documents_val"] += self.split
+            if not last:
+                c["long_documents_split"] += 1
+        c["pieces"] += 1
+        c["text_chars"] += len(text)
+        self.out.append((self.index, text, self.first, last, self.split))
+        self.index += 1
+        self.first = False
+
+
+_REPLACED = [0]
+
+
+def _count_replace(exc: UnicodeDecodeError):
+    _REPLACED[0] += 1
+    return "\ufffd", exc.end
+
+
+codecs.register_error("data_prep.count_replace", _count_replace)
+
+
+class Reader:
+    """Reads inputs as pieces. ``warn(msg)`` prints one warning line; per-input counts go to ``counts``."""
+
+    def __init__(self, doc_per: str = "auto", text_field: str = "text", val_fraction: float = 0.0,
+                 skip_bad_records: bool = False, drop_space: bool = True,
+                 warn: Callable[[str], None] = lambda m: None, piece_chars: int = PIECE_CHARS):
+        if doc_per not in DOC_PER:
+            raise UserError(f"--doc-per {doc_per!r}: expected one of {', '.join(DOC_PER)}")
+        if not 0.0 <= val_fraction <= 1.0:
+            raise UserError(f"--val-fraction {val_fraction}: expected a number in [0, 1]")
+        self.doc_per, self.text_field, self.val_fraction = doc_per, text_field, val_fraction
+        self.skip_bad, self.drop_space, self.warn, self.piece_chars = skip_bad_records, drop_space, warn, piece_chars
+        self._threshold = min(int(val_fraction * 2**64), 2**64)
+        self.position = 0                     # bytes of the current input consumed (for progress)
+
+    def split_of(self, text: str) -> int:
+        if self._threshold == 0:
+            return 0
+        h = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+        return 1 if int.from_bytes(h, "little") < self._threshold else 0
+
+    def mode(self, f: InputFile) -> str:
+        if self.doc_per == "auto":
+            return "file" if f.kind == "txt" else "record"
+        if self.doc_per == "record" and f.kind == "txt":
+            return "line"
+        if self.doc_per == "line" and f.kind != "txt":
+            return "record"
+        return self.doc_per
+
+    def pieces(self, f: InputFile, counts: Counter) -> Iterator[list[Piece]]:
+        """Yields lists of consecutive pieces of one input (possibly empty lists), bounded in size."""
+        self.position = 0
+        asm = _Assembler(self, counts)
+        self._issues: dict[str, list] = {}
+        if f.kind == "txt":
+            gen = self._txt(f, asm, counts)
+        elif f.kind == "jsonl":
+            gen = self._jsonl(f, asm, counts)
+        else:
+            gen = self._parquet(f, asm, counts)
+        for _ in gen:
+            if asm.out:
+                out, asm.out = asm.out, []
+                yield out
+        if asm.out:
+            yield asm.out
+        self.position = f.size
+        for kind, (n, where) in self._issues.items():
+            if kind == "utf8":
+                self.warn(f"{f.path}: {n} invalid UTF-8 sequence(s) replaced with U+FFFD (first at {where})")
+            elif kind == "nul":
+                self.warn(f"{f.path}: {n} NUL character(s) removed (first at {where})")
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+
+    def _note(self, kind: str, n: int, where: str) -> None:
+        if kind in self._issues:
+            self._issues[kind][0] += n
+        else:
+            self._issues[kind] = [n, where]
+
+    def _clean(self, text: str, counts: Counter, where: Callable[[str, int], str]) -> str:
+        if "\x00" in text:
+            n = text.count("\x00")
+            self._note("nul", n, where(text, text.index("\x00")))
+            counts["nul_removed"] += n
+            text = text.replace("\x00", "")
+        return text
+
+    def _open(self, f: InputFile):
+        try:
+            raw = open(f.path, "rb")
+        except OSError as e:
+            raise UserError(f"{f.path}: cannot read ({e.strerror or e})") from None
+        return raw, (gzip.GzipFile(fileobj=raw, mode="rb") if f.gz else raw)
+
+    @staticmethod
+    def _read_error(f: InputFile, e: BaseException) -> UserError:
+        if isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile)):
+            return UserError(f"{f.path}: truncated or corrupt gzip file ({e})")
+        return UserError(f"{f.path}: read error ({getattr(e, 'strerror', None) or e})")
+
+    def _bad(self, f: InputFile, where: str, msg: str, counts: Counter) -> None:
+        if not self.skip_bad:
+            raise UserError(f"{f.path}:{where}: {msg}; fix it or pass --skip-bad-records")
+        counts["bad_records_skipped"] += 1
+        if counts["bad_records_skipped"] <= MAX_WARNINGS_PER_KIND:
+            self.warn(f"{f.path}:{where}: {msg}; record skipped")
+        elif counts["bad_records_skipped"] == MAX_WARNINGS_PER_KIND + 1:
+            self.warn(f"{f.path}: more bad records skipped; see the count in the summary")
+
+    # -- formats ------------------------------------------------------------------------------------------------
+
+    def _txt(self, f: InputFile, asm: _Assembler, counts: Counter) -> Iterator[None]:
+        raw, fh = self._open(f)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="data_prep.count_replace")
+        by_line = self.mode(f) == "line"
+        lines_before = 0                      # line mode: the unfinished line so far is in asm.buf
+        with raw, fh:
+            while True:
+                try:
+                    block = fh.read(CHUNK_BYTES)
+                except (EOFError, OSError, zlib.error) as e:
+                    raise self._read_error(f, e) from None
+                final = not block
+                _REPLACED[0] = 0
+                text = decoder.decode(block, final)
+                if _REPLACED[0]:
+                    k = text.find("\ufffd")
+                    self._note("utf8", _REPLACED[0], f"line {lines_before + text.count(chr(10), 0, max(k, 0)) + 1}")
+                    counts["invalid_utf8_replaced"] += _REPLACED[0]
+                text = self._clean(text, counts,
+                                   lambda t, k: f"line {lines_before + t.count(chr(10), 0, k) + 1}")
+                if by_line:
+                    parts = text.split("\n")
+                    for part in parts[:-1]:
+                        asm.add(part)
+                        if asm.buf.endswith("\r"):
+                            asm.buf = asm.buf[:-1]
+                        asm.end()
+                    if parts[-1]:
+                        asm.add(parts[-1])
+                    lines_before += len(parts) - 1
+                else:
+                    lines_before += text.count("\n")
+                    if text:
+                        asm.add(text)
+                self.position = raw.tell()
+                yield
+                if final:
+                    break
+            if not by_line or asm.buf or not asm.first:
+                if by_line and asm.buf.endswith("\r"):
+                    asm.buf = asm.buf[:-1]
+                asm.end()
+            yield
+
+    def _record_text(self, f: InputFile, where: str, obj, counts: Counter) -> Optional[str]:
+        field = self.text_field
+        if not isinstance(obj, dict):
+            self._bad(f, where, f"not a JSON object but {type(obj).__name__}", counts)
+            return None
+        if field not in obj:
+            keys = ", ".join(map(str, list(obj)[:8])) or "none"
+            self._bad(f, where, f"no field {field!r} (fields: {keys}; choose one with --text-field)", counts)
+            return None
+        text = obj[field]
+        if not isinstance(text, str):
+            self._bad(f, where, f"field {field!r} is {type(text).__name__ if text is not None else 'null'}, "
+                                "not a string", counts)
+            return None
+        return text
+
+    def _fix_surrogates(self, text: str, counts: Counter, where: str) -> str:
+        try:
+            text.encode("utf-8")
+            return text
+        except UnicodeEncodeError:
+            _REPLACED[0] = 0
+            text = text.encode("utf-8", "surrogatepass").decode("utf-8", "data_prep.count_replace")
+            self._note("utf8", _REPLACED[0], where)
+            counts["invalid_utf8_replaced"] += _REPLACED[0]
+            return text
+
+    def _add_record(self, asm: _Assembler, text: str, mode: str, first_record: bool) -> None:
+        if mode == "file":
+            if not first_record:
+                asm.add("\n")
+            asm.add(text)
+        else:
+            asm.add(text)
+            asm.end()
+
+    def _jsonl(self, f: InputFile, asm: _Assembler, counts: Counter) -> Iterator[None]:
+        raw, fh = self._open(f)
+        mode = self.mode(f)
+        first = True
+        with raw, fh:
+            lineno = 0
+            it = iter(fh)
+            while True:
+                try:
+                    line = next(it, None)
+                except (EOFError, OSError, zlib.error) as e:
+                    raise self._read_error(f, e) from None
+                if line is None:
+                    break
+                lineno += 1
+                if not line.strip():
+                    continue
+                where = str(lineno)
+                _REPLACED[0] = 0
+                s = line.decode("utf-8", "data_prep.count_replace")
+                if _REPLACED[0]:
+                    self._note("utf8", _REPLACED[0], f"line {lineno}")
+                    counts["invalid_utf8_replaced"] += _REPLACED[0]
+                try:
+                    obj = json.loads(s)
+                except json.JSONDecodeError as e:
+                    self._bad(f, where, f"bad JSON ({e.msg} at column {e.colno})", counts)
+                    continue
+                text = self._record_text(f, where, obj, counts)
+                if text is None:
+                    continue
+                text = self._fix_surrogates(text, counts, f"line {lineno}")
+                text = self._clean(text, counts, lambda t, k: f"line {lineno}")
+                self._add_record(asm, text, mode, first)
+                first = False
+                if lineno % 64 == 0:
+                    self.position = raw.tell()
+                    yield
+            if mode == "file" and not first:
+                asm.end()
+            yield
+
+    def _parquet(self, f: InputFile, asm: _Assembler, counts: Counter) -> Iterator[None]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        try:
+            pf = pq.ParquetFile(f.path)
+        except Exception as e:  # pyarrow raises several types for a bad file
+            raise UserError(f"{f.path}: not a readable parquet file ({e})") from None
+        schema = pf.schema_arrow
+        field = self.text_field
+        if field not in schema.names:
+            raise UserError(f"{f.path}: no column {field!r} (columns: {', '.join(schema.names)}; "
+                            "choose one with --text-field)")
+        typ = schema.field(field).type
+        if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+            raise UserError(f"{f.path}: column {field!r} holds {typ}, not strings")
+        mode = self.mode(f)
+        total = max(pf.metadata.num_rows, 1)
+        row, first = 0, True
+        try:
+            for batch in pf.iter_batches(batch_size=256, columns=[field]):
+                for text in batch.column(0).to_pylist():
+                    row += 1
+                    where = f"row {row}"
+                    if text is None:
+                        self._bad(f, where, f"column {field!r} is null", counts)
+                        continue
+                    text = self._fix_surrogates(text, counts, where)
+                    text = self._clean(text, counts, lambda t, k: where)
+                    self._add_record(asm, text, mode, first)
+                    first = False
+                self.position = f.size * row // total
+                yield
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"{f.path}: cannot read parquet data near row {row} ({e})") from None
+        if mode == "file" and not first:
+            asm.end()
+        yield
+
+
+def iter_documents(inputs: list[InputFile], reader: Reader) -> Iterator[tuple[list[str], int]]:
+    """Documents in order as (their pieces' texts, split): for tools and tests; the pipeline works on pieces."""
+    for f in inputs:
+        parts: list[str] = []
+        for pieces in reader.pieces(f, Counter()):
+            for _, text, first, last, split in pieces:
+                if first:
+                    parts = []
+                parts.append(text)
+                if last:
+                    yield parts, split

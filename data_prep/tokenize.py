@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Tokenize text into WebDataset shards of packed sequences (see data_prep/README.md).
+
+    python data_prep/tokenize.py INPUTS... --out DIR --tokenizer tok.model
+    python data_prep/tokenize.py INPUTS... --train-tokenizer tok.model --vocab-size 32000 [--out DIR]
+    python -m data_prep.tokenize ...
+"""
+# Guard first: `python data_prep/tokenize.py` puts data_prep/ at the front of sys.path, where this file would
+# shadow the standard library's `tokenize` (used by linecache, inspect, traceback, ...). Drop that folder from
+# sys.path and make the repository root importable before anything else is imported.
+import os as _os
+import sys as _sys
+
+_HERE = _os.path.dirname(_os.path.realpath(__file__))
+_sys.path[:] = [p for p in _sys.path if _os.path.realpath(p or _os.getcwd()) != _HERE]
+if _sys.modules.get("tokenize") is not None and \
+        _os.path.realpath(getattr(_sys.modules["tokenize"], "__file__", "") or "") == _os.path.realpath(__file__):
+    del _sys.modules["tokenize"]
+if _os.path.dirname(_HERE) not in _sys.path:
+    _sys.path.insert(0, _os.path.dirname(_HERE))
+
+import argparse  # noqa: E402
+import signal  # noqa: E402
+
+EPILOG = """\
+documents (--doc-per):
+  auto (default)  a .txt file is one document; a .jsonl line / parquet row is one document
+  file            a whole file is one document (records of .jsonl/.parquet joined with newlines)
+  line / record   a .txt line is one document (a .jsonl line / parquet row is one anyway)
+
+packing: documents are joined as [BOS] text EOS (BOS only with --bos) into one stream per split and cut into
+samples of seq_len+1 tokens, consecutive samples overlapping by one token. The last partial sample of each split
+is padded with the pad id (EOS if the model has none) with --last pad (default; 'partial' means the same), or
+dropped with --last drop. Split: a document goes to val when a blake2b hash of its text falls below
+--val-fraction, independent of order and worker count. Documents longer than 262,144 characters are cut at
+whitespace into pieces; with a whitespace-splitting model (as trained here, or Llama-style) the ids do not change.
+
+resuming: an interrupted run (Ctrl-C, kill, crash) keeps its finished shards; rerun the same command to continue.
+A complete output folder is never overwritten without --overwrite.
+
+exit status: 0 done, 2 bad input or options (one line on stderr), 130 interrupted.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 2
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="data_prep/tokenize.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Tokenize .txt, .txt.gz, .jsonl, .jsonl.gz and .parquet inputs (files, folders, globs) with a "
+                    "SentencePiece model into WebDataset shards train-NNNNNN.tar / val-NNNNNN.tar + manifest.json.")
+    p.add_argument("inputs", nargs="+", help="files, folders (searched recursively) or glob patterns")
+    p.add_argument("--out", help="output folder for shards and manifest.json")
+    g = p.add_argument_group("tokenizer (one of)")
+    g.add_argument("--tokenizer", metavar="MODEL", help="an existing SentencePiece .model file")
+    g.add_argument("--train-tokenizer", metavar="MODEL",
+                   help="train a BPE model (byte fallback) on the inputs and write it here; without --out only "
+                        "train. Reused when already trained from the same inputs and settings.")
+    g.add_argument("--vocab-size", type=int, default=32000, help="for --train-tokenizer (default 32000)")
+    g.add_argument("--tokenizer-sentences", type=int, default=1_000_000, metavar="N",
+                   help="for --train-tokenizer: sample at most N sentences (lines) (default 1,000,000)")
+    g.add_argument("--tokenizer-seed", type=int, default=0, help="for --train-tokenizer (default 0)")
+    g.add_argument("--tokenizer-threads", type=int, default=4,
+                   help="for --train-tokenizer: SentencePiece threads; part of the result, so fixed (default 4)")
+    d = p.add_argument_group("documents")
+    d.add_argument("--doc-per", default="auto", choices=("auto", "file", "line", "record"))
+    d.add_argument("--text-field", default="text", help="JSON field / parquet column with the text (default text)")
+    d.add_argument("--skip-bad-records", action="store_true",
+                   help="skip (and count) bad .jsonl lines / null parquet values instead of stopping")
+    s = p.add_argument_group("samples and shards")
+    s.add_argument("--seq-len", type=int, default=2048, help="tokens per training sequence (default 2048)")
+    s.add_argument("--val-fraction", type=float, default=0.01, help="share of documents in val (default 0.01)")
+    s.add_argument("--bos", action="store_true", help="start each document with BOS (default: EOS only)")
+    s.add_argument("--last", default="pad", choices=("pad", "partial", "drop"),
+                   help="final partial sample of each split: pad it (default) or drop it")
+    s.add_argument("--shard-size-mb", type=float, default=128.0, help="target shard size (default 128)")
+    s.add_argument("--samples-per-shard", type=int, help="samples per shard (overrides --shard-size-mb)")
+    r = p.add_argument_group("run")
+    r.add_argument("--workers", type=int, default=0, help="encoding processes (default: all cores)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing output (and trained tokenizer)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _fmt(n: float) -> str:
+    return f"{n:,.0f}"
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from data_prep import pack, sources
+    from data_prep import tokenizer as T
+    from data_prep.sources import UserError
+
+    def log(msg: str) -> None:
+        print(msg, file=_sys.stderr, flush=True)
+
+    try:
+        if args.tokenizer and args.train_tokenizer:
+            raise UserError("give --tokenizer or --train-tokenizer, not both")
+        if not args.tokenizer and not args.train_tokenizer:
+            raise UserError("give --tokenizer MODEL (an existing SentencePiece model) or --train-tokenizer MODEL")
+        if not args.train_tokenizer and not args.out:
+            raise UserError("--out is required (the output folder)")
+        model = args.tokenizer
+        if args.train_tokenizer:
+            model = args.train_tokenizer
+            files = sources.find_inputs(args.inputs)
+            sha = sources.sha256_files(files, pack.default_workers())
+            reader = sources.Reader(args.doc_per, args.text_field, 0.0, args.skip_bad_records, drop_space=True,
+                                    warn=lambda m: log(f"warning: {m}"))
+            key = {"inputs": [{"path": f.path, "bytes": f.size, "sha256": h} for f, h in zip(files, sha)],
+                   "doc_per": args.doc_per, "text_field": args.text_field}
+            texts = (t for parts, _ in sources.iter_documents(files, reader) for t in parts)
+            t0 = __import__("time").time()
+            trained = T.train(texts, model, vocab_size=args.vocab_size, sentences=args.tokenizer_sentences,
+                              seed=args.tokenizer_seed, threads=args.tokenizer_threads, settings_key=key,
+                              overwrite=args.overwrite, log=log)
+            if trained:
+                _, info, _ = T.load(model)
+                print(f"tokenizer: trained {model} ({info.vocab_size} pieces, sha256 {info.sha256[:16]}…) in "
+                      f"{__import__('time').time() - t0:.1f} s", flush=True)
+            if not args.out:
+                return 0
+        opt = pack.Options(inputs=args.inputs, out=args.out, tokenizer=model, seq_len=args.seq_len,
+                           val_fraction=args.val_fraction, doc_per=args.doc_per, text_field=args.text_field,
+                           bos=args.bos, last=args.last, shard_size_mb=args.shard_size_mb,
+                           samples_per_shard=args.samples_per_shard, workers=args.workers,
+                           skip_bad_records=args.skip_bad_records, overwrite=args.overwrite,
+                           progress=False if args.no_progress else None, log=log)
+        res = pack.run(opt)
+    except UserError as e:
+        print(f"error: {e}", file=_sys.stderr, flush=True)
+        return 2
+    except pack.Interrupted as e:
+        print(str(e), file=_sys.stderr, flush=True)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted", file=_sys.stderr, flush=True)
+        return 130
+    if res["already_complete"]:
+        return 0
+    m = res["manifest"]
+    c = m.counts
+    el = res["tokenize_seconds"]
+    ntok = c["tokens_train"] + c["tokens_val"]
+    print(f"done: {_fmt(c['documents'])} documents ({_fmt(c['documents_val'])} val) from {c['input_files']} "
+          f"file(s), {_fmt(ntok)} tokens in {el:.1f} s ({_fmt(ntok / max(el, 1e-9))} tokens/s, "
+          f"{res['workers']} workers){' (resumed)' if res['resumed'] else ''}")
+    for split in ("train", "val"):
+        print(f"  {split}: {_fmt(m.samples(split))} samples of {m.seq_len}+1 tokens in {len(m.splits[split])} "
+              f"shard(s), {_fmt(c[f'tokens_{split}'])} tokens")
+    notes = [f"{_fmt(c[k])} {label}" for k, label in (
+        ("empty_skipped", "empty documents skipped"), ("bad_records_skipped", "bad records skipped"),
+        ("invalid_utf8_replaced", "invalid UTF-8 sequences replaced"), ("nul_removed", "NUL characters removed"),
+        ("long_documents_split", "long documents cut into pieces"), ("pad_tokens", "padding tokens"),
+        ("dropped_tokens", "tokens dropped (--last drop)")) if c.get(k)]
+    if notes:
+        print("  " + "; ".join(notes))
+    print(f"  manifest: {_os.path.join(args.out, 'manifest.json')}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL) if hasattr(signal, "SIGPIPE") else None
+    _sys.exit(main())
