@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,7 +42,7 @@ class MetricsLog:
             import wandb
             # The run id lives in the run folder, so a restarted job resumes the same wandb run.
             id_file = run_dir / "wandb_id"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
             id_file.write_text(run_id)
             self._wandb = wandb.init(project=project, name=name, id=run_id, resume="allow", mode=wandb_mode,
                                      dir=str(run_dir), config=config)

@@ -182,7 +182,8 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def fit(self, *, nan_at_step: Optional[int] = None) -> int:
-        """Train to cfg.train.steps; returns the process exit code (0, REQUEUE_EXIT_CODE, NONFINITE_EXIT_CODE)."""
+        """Train to cfg.train.steps; returns the process exit code (0, REQUEUE_EXIT_CODE, NONFINITE_EXIT_CODE).
+        Call ``close()`` when done with the trainer."""
         cfg = self.cfg
         tokens_per_step = cfg.parallel.micro_batch_size * self.gas * self.layout.dp * self.seq_len
         window_start, window_steps = time.perf_counter(), 0
@@ -195,7 +196,6 @@ class Trainer:
                            f"({'skipping the update' if cfg.on_nonfinite == 'skip' else 'stopping'})")
                 if cfg.on_nonfinite == "stop" or not math.isfinite(rec["grad_norm"]) and rec["finite"]:
                     self.metrics.log({"step": self.step, "event": "nonfinite_stop", **rec})
-                    self.metrics.close()
                     return NONFINITE_EXIT_CODE
             self.step += 1
             self.tokens += tokens_per_step
@@ -221,12 +221,14 @@ class Trainer:
                 self.save()
             if stop:
                 self.print(f"preempted: saved step {self.step}; exiting for requeue")
-                self.metrics.close()
                 return REQUEUE_EXIT_CODE
         if not (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
             self.save()
-        self.metrics.close()
         return 0
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.preempt.uninstall()
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -243,7 +245,8 @@ class Trainer:
 
 def run(cfg: RunConfig) -> int:
     trainer = Trainer(cfg)
-    code = trainer.fit()
-    trainer.preempt.uninstall()
-    sys.stdout.flush()
-    return code
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+        sys.stdout.flush()

@@ -121,7 +121,7 @@ def test_nan_loss_is_skipped_without_moving_the_weights(tmp_path, data):
         rec = trainer.train_step()
         assert rec["finite"] and not all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
     finally:
-        trainer.preempt.uninstall()
+        trainer.close()
 
 
 def test_nan_loss_stops_the_run_when_configured(tmp_path, data):
@@ -133,7 +133,7 @@ def test_nan_loss_stops_the_run_when_configured(tmp_path, data):
         assert events[-1]["event"] == "nonfinite_stop" and events[-1]["step"] == 2
         assert not (t / "runs/inproc/checkpoints").exists()  # nothing after the last good checkpoint is saved
     finally:
-        trainer.preempt.uninstall()
+        trainer.close()
 
 
 def test_mfu_is_tokens_per_second_times_flops_per_token_over_peak():

@@ -1,0 +1,76 @@
+"""Draw a run's curves from its metrics.jsonl: ``python -m pretrain.plot RUN_DIR [--out FILE.png]``.
+
+Top: training loss (and validation loss where evaluated) against step. Bottom: each recursion step's kept
+fraction (expert-choice: its capacity; token-choice: the share of tokens still running) and mean gate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def load_records(path: Path) -> list[dict]:
+    """The records of metrics.jsonl, keeping the last one of each (step, kind) so a resumed run plots once."""
+    seen: dict[tuple[int, str], dict] = {}
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        kind = "val" if "val_loss" in rec else ("event" if "event" in rec else "train")
+        seen[(rec["step"], kind)] = rec
+    return [seen[k] for k in sorted(seen)]
+
+
+def plot(run_dir: Path, out: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = load_records(run_dir / "metrics.jsonl")
+    train = [r for r in records if "loss" in r and "event" not in r]
+    val = [r for r in records if "val_loss" in r]
+    router_keys = sorted({k for r in train for k in r if k.endswith(("kept_frac", "gate_mean"))})
+    fig, axes = plt.subplots(2 if router_keys else 1, 1, figsize=(8, 7 if router_keys else 4), squeeze=False)
+    ax = axes[0][0]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if router_keys:
+        ax = axes[1][0]
+        for k in router_keys:
+            pts = [(r["step"], r[k]) for r in train if k in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if k.endswith("gate_mean") else "-", label=k)
+        ax.set_xlabel("step")
+        ax.set_ylabel("router")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, help="a run folder holding metrics.jsonl (runs/NAME)")
+    parser.add_argument("--out", type=Path, default=None, help="PNG to write (default RUN_DIR/curves.png)")
+    args = parser.parse_args(argv)
+    if not (args.run_dir / "metrics.jsonl").exists():
+        print(f"error: {args.run_dir / 'metrics.jsonl'}: not found; give a run folder (runs/NAME)", file=sys.stderr)
+        return 2
+    print(plot(args.run_dir, args.out or args.run_dir / "curves.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
