@@ -29,6 +29,8 @@ import gzip
 import hashlib
 import json
 import os
+import queue
+import threading
 import unicodedata
 import zlib
 from collections import Counter
@@ -327,6 +329,48 @@ class Reader:
             raise UserError(f"{f.path}: cannot read ({e.strerror or e})") from None
         return raw, (gzip.GzipFile(fileobj=raw, mode="rb") if f.gz else raw)
 
+    def _blocks(self, f: InputFile) -> Iterator[tuple[bytes, int]]:
+        """(block, bytes of the file consumed) over the input's (decompressed) bytes, ending with an empty block.
+        A thread reads ahead (4 blocks at most), so gzip decompression, which releases the GIL, overlaps the
+        main process's other work."""
+        raw, fh = self._open(f)
+        q: queue.Queue = queue.Queue(maxsize=4)
+        stop = threading.Event()
+
+        def put(item) -> None:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    pass
+
+        def run() -> None:
+            try:
+                with raw, fh:
+                    while not stop.is_set():
+                        block = fh.read(CHUNK_BYTES)
+                        put((block, raw.tell()))
+                        if not block:
+                            return
+            except BaseException as e:  # noqa: BLE001 - handed to the reading thread
+                put((e, 0))
+
+        t = threading.Thread(target=run, name=f"read {os.path.basename(f.path)}", daemon=True)
+        t.start()
+        try:
+            while True:
+                block, pos = q.get()
+                if isinstance(block, BaseException):
+                    if isinstance(block, (EOFError, OSError, zlib.error)):
+                        raise self._read_error(f, block) from None
+                    raise block
+                yield block, pos
+                if not block:
+                    return
+        finally:
+            stop.set()
+
     @staticmethod
     def _read_error(f: InputFile, e: BaseException) -> UserError:
         if isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile)):
@@ -345,48 +389,40 @@ class Reader:
     # -- formats ------------------------------------------------------------------------------------------------
 
     def _txt(self, f: InputFile, asm: _Assembler, counts: Counter) -> Iterator[None]:
-        raw, fh = self._open(f)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="data_prep.count_replace")
         by_line = self.mode(f) == "line"
         lines_before = 0                      # line mode: the unfinished line so far is in asm.buf
-        with raw, fh:
-            while True:
-                try:
-                    block = fh.read(CHUNK_BYTES)
-                except (EOFError, OSError, zlib.error) as e:
-                    raise self._read_error(f, e) from None
-                final = not block
-                _REPLACED[0] = 0
-                text = decoder.decode(block, final)
-                if _REPLACED[0]:
-                    k = text.find("\ufffd")
-                    self._note("utf8", _REPLACED[0], f"line {lines_before + text.count(chr(10), 0, max(k, 0)) + 1}")
-                    counts["invalid_utf8_replaced"] += _REPLACED[0]
-                text = self._clean(text, counts,
-                                   lambda t, k: f"line {lines_before + t.count(chr(10), 0, k) + 1}")
-                if by_line:
-                    parts = text.split("\n")
-                    for part in parts[:-1]:
-                        asm.add(part)
-                        if asm.buf.endswith("\r"):
-                            asm.buf = asm.buf[:-1]
-                        asm.end()
-                    if parts[-1]:
-                        asm.add(parts[-1])
-                    lines_before += len(parts) - 1
-                else:
-                    lines_before += text.count("\n")
-                    if text:
-                        asm.add(text)
-                self.position = raw.tell()
-                yield
-                if final:
-                    break
-            if not by_line or asm.buf or not asm.first:
-                if by_line and asm.buf.endswith("\r"):
-                    asm.buf = asm.buf[:-1]
-                asm.end()
+        for block, pos in self._blocks(f):
+            final = not block
+            _REPLACED[0] = 0
+            text = decoder.decode(block, final)
+            if _REPLACED[0]:
+                k = text.find("\ufffd")
+                self._note("utf8", _REPLACED[0], f"line {lines_before + text.count(chr(10), 0, max(k, 0)) + 1}")
+                counts["invalid_utf8_replaced"] += _REPLACED[0]
+            text = self._clean(text, counts,
+                               lambda t, k: f"line {lines_before + t.count(chr(10), 0, k) + 1}")
+            if by_line:
+                parts = text.split("\n")
+                for part in parts[:-1]:
+                    asm.add(part)
+                    if asm.buf.endswith("\r"):
+                        asm.buf = asm.buf[:-1]
+                    asm.end()
+                if parts[-1]:
+                    asm.add(parts[-1])
+                lines_before += len(parts) - 1
+            else:
+                lines_before += text.count("\n")
+                if text:
+                    asm.add(text)
+            self.position = pos
             yield
+        if not by_line or asm.buf or not asm.first:
+            if by_line and asm.buf.endswith("\r"):
+                asm.buf = asm.buf[:-1]
+            asm.end()
+        yield
 
     def _record_text(self, f: InputFile, where: str, obj, counts: Counter) -> Optional[str]:
         field = self.text_field
@@ -424,47 +460,58 @@ class Reader:
             asm.add(text)
             asm.end()
 
+    @staticmethod
+    def _lines(blocks: Iterator[tuple[bytes, int]]) -> Iterator[tuple[bytes, int]]:
+        """(line without its newline, position) from blocks; a long line is gathered from parts."""
+        parts: list[bytes] = []
+        pos = 0
+        for block, pos in blocks:
+            start = 0
+            while (k := block.find(b"\n", start)) >= 0:
+                if parts:
+                    parts.append(block[start:k])
+                    yield b"".join(parts), pos
+                    parts = []
+                else:
+                    yield block[start:k], pos
+                start = k + 1
+            if start < len(block):
+                parts.append(block[start:])
+        if parts:
+            yield b"".join(parts), pos
+
     def _jsonl(self, f: InputFile, asm: _Assembler, counts: Counter) -> Iterator[None]:
-        raw, fh = self._open(f)
         mode = self.mode(f)
         first = True
-        with raw, fh:
-            lineno = 0
-            it = iter(fh)
-            while True:
-                try:
-                    line = next(it, None)
-                except (EOFError, OSError, zlib.error) as e:
-                    raise self._read_error(f, e) from None
-                if line is None:
-                    break
-                lineno += 1
-                if not line.strip():
-                    continue
-                where = str(lineno)
-                _REPLACED[0] = 0
-                s = line.decode("utf-8", "data_prep.count_replace")
-                if _REPLACED[0]:
-                    self._note("utf8", _REPLACED[0], f"line {lineno}")
-                    counts["invalid_utf8_replaced"] += _REPLACED[0]
-                try:
-                    obj = json.loads(s)
-                except json.JSONDecodeError as e:
-                    self._bad(f, where, f"bad JSON ({e.msg} at column {e.colno})", counts)
-                    continue
-                text = self._record_text(f, where, obj, counts)
-                if text is None:
-                    continue
-                text = self._fix_surrogates(text, counts, f"line {lineno}")
-                text = self._clean(text, counts, lambda t, k: f"line {lineno}")
-                self._add_record(asm, text, mode, first)
-                first = False
-                if lineno % 64 == 0:
-                    self.position = raw.tell()
-                    yield
-            if mode == "file" and not first:
-                asm.end()
-            yield
+        lineno = 0
+        for line, pos in self._lines(self._blocks(f)):
+            lineno += 1
+            if not line.strip():
+                continue
+            where = str(lineno)
+            _REPLACED[0] = 0
+            s = line.decode("utf-8", "data_prep.count_replace")
+            if _REPLACED[0]:
+                self._note("utf8", _REPLACED[0], f"line {lineno}")
+                counts["invalid_utf8_replaced"] += _REPLACED[0]
+            try:
+                obj = json.loads(s)
+            except json.JSONDecodeError as e:
+                self._bad(f, where, f"bad JSON ({e.msg} at column {e.colno})", counts)
+                continue
+            text = self._record_text(f, where, obj, counts)
+            if text is None:
+                continue
+            text = self._fix_surrogates(text, counts, f"line {lineno}")
+            text = self._clean(text, counts, lambda t, k: f"line {lineno}")
+            self._add_record(asm, text, mode, first)
+            first = False
+            if lineno % 64 == 0:
+                self.position = pos
+                yield
+        if mode == "file" and not first:
+            asm.end()
+        yield
 
     def _parquet(self, f: InputFile, asm: _Assembler, counts: Counter) -> Iterator[None]:
         import pyarrow as pa

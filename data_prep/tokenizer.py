@@ -59,7 +59,7 @@ def _fields(buf: bytes, wanted: set[int]) -> dict[int, Any]:
             v, i = buf[i:i + 8], i + 8
         elif wire == 2:
             ln, i = _varint(buf, i)
-            v, i = buf[i:i + ln], i + ln
+            v, i = (buf[i:i + ln] if num in wanted else None), i + ln
         elif wire == 5:
             v, i = buf[i:i + 4], i + 4
         else:

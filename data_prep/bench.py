@@ -1,0 +1,182 @@
+"""Throughput of the data pipeline, printed as Markdown tables.
+
+    python -m data_prep.bench [--tokenizer MODEL] [--inputs PATH ...] [--workers 1,2,4] [--repeat N]
+
+1. Raw SentencePiece: ``SentencePieceProcessor.encode(text)`` on every document, one thread, in this process —
+   the baseline.
+2. tokenize.py end to end (``data_prep.pack.run``: hashing the inputs, reading, encoding in N worker processes,
+   packing, writing shards) on the same documents, for each worker count: tokens/s in all, per worker, and per
+   worker against the raw baseline. The shards of every worker count are checked to be byte-identical.
+3. The training loader (``pretrain.data.TokenLoader``) over the shards just written: tokens/s for each number of
+   loader worker processes, in all and per process. Skipped with a message if it cannot be imported.
+
+Without ``--tokenizer`` a BPE model (``--vocab-size``, default 8000) is first trained on the inputs.
+``--repeat N`` repeats the inputs' documents N times (more text, steadier numbers).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from data_prep import pack, sources  # noqa: E402
+from data_prep import tokenizer as T  # noqa: E402
+
+CORPUS = ROOT / "data_prep" / "corpus"
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_prep.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", help="SentencePiece .model (default: train one on the inputs)")
+    p.add_argument("--vocab-size", type=int, default=8000, help="for the model trained without --tokenizer")
+    p.add_argument("--inputs", nargs="+", default=[str(CORPUS)], help="text inputs (default: the sample corpus)")
+    p.add_argument("--repeat", type=int, default=1, help="repeat the documents N times (default 1)")
+    p.add_argument("--workers", type=_ints, default=None,
+                   help="worker counts to time, e.g. 1,2,4,8 (default: 1, 2, 4, ... up to all cores)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--shard-size-mb", type=float, default=128.0, help="shard size for the timed runs")
+    p.add_argument("--loader-samples-per-shard", type=int, default=64,
+                   help="shards for the loader part are made this small, so several loader workers have shards")
+    p.add_argument("--loader-workers", type=_ints, default=[0, 1, 2], help="loader worker counts (default 0,1,2)")
+    p.add_argument("--loader-batches", type=int, default=200, help="timed loader batches (default 200)")
+    p.add_argument("--batch", type=int, default=8, help="loader micro-batch size (default 8)")
+    p.add_argument("--keep", metavar="DIR", help="keep the work folder here instead of a temporary one")
+    return p
+
+
+def _default_workers() -> list[int]:
+    n = pack.default_workers()
+    out, w = [], 1
+    while w < n:
+        out.append(w)
+        w *= 2
+    return out + [n]
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    workers = args.workers or _default_workers()
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="data_prep_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    quiet = lambda m: None  # noqa: E731
+    try:
+        files = sources.find_inputs(args.inputs)
+        reader = sources.Reader(drop_space=True)
+        texts = [t for parts, _ in sources.iter_documents(files, reader) for t in parts]
+        inputs = args.inputs
+        if args.repeat > 1:
+            path = work / "repeated.jsonl.gz"
+            with gzip.open(path, "wt", encoding="utf-8", compresslevel=1) as f:
+                for _ in range(args.repeat):
+                    for t in texts:
+                        f.write(json.dumps({"text": t}) + "\n")
+            texts = texts * args.repeat
+            inputs = [str(path)]
+        model = args.tokenizer
+        if model is None:
+            model = str(work / "bench.model")
+            t0 = time.perf_counter()
+            T.train(iter(texts), model, vocab_size=args.vocab_size, threads=4, log=quiet, overwrite=True)
+            print(f"trained a {args.vocab_size}-piece BPE model on the inputs in {time.perf_counter() - t0:.1f} s")
+        sp, info, _ = T.load(model)
+        n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+
+        # 1. raw SentencePiece
+        t0 = time.perf_counter()
+        n_tok = sum(len(sp.encode(t)) for t in texts)
+        raw_s = time.perf_counter() - t0
+        raw_tps = n_tok / raw_s
+        print(f"\ntext: {len(texts):,} documents, {n_bytes / 1e6:.1f} MB, {n_tok:,} tokens; tokenizer "
+              f"{os.path.basename(model)} ({info.vocab_size:,} pieces, sha256 {info.sha256[:12]}); "
+              f"{platform.processor() or platform.machine()}, {pack.default_workers()} cores, "
+              f"Python {platform.python_version()}\n")
+        print("| what | encoding processes | seconds | tokens/s | tokens/s per process | MB/s per process "
+              "| vs raw encode | main process CPU |")
+        print("|---|---|---|---|---|---|---|---|")
+        print(f"| raw `SentencePieceProcessor.encode` | 1 | {raw_s:.2f} | {raw_tps:,.0f} | {raw_tps:,.0f} | "
+              f"{n_bytes / raw_s / 1e6:.2f} | 1.00 | |")
+
+        # 2. the pipeline
+        reference = None
+        identical = True
+        out = None
+        for w in workers:
+            out = work / f"shards-w{w}"
+            opt = pack.Options(inputs=inputs, out=str(out), tokenizer=model, seq_len=args.seq_len,
+                               shard_size_mb=args.shard_size_mb, workers=w, overwrite=True, progress=False,
+                               log=quiet)
+            cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+            t0 = time.perf_counter()
+            pack.run(opt)
+            sec = time.perf_counter() - t0
+            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+            main_cpu = cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime
+            tps = n_tok / sec                       # the same text as the baseline (EOS tokens not counted)
+            print(f"| tokenize.py, {w} worker{'s' if w > 1 else ''} | {w} | {sec:.2f} | {tps:,.0f} | "
+                  f"{tps / w:,.0f} | {n_bytes / sec / w / 1e6:.2f} | {tps / w / raw_tps:.2f} | "
+                  f"{main_cpu / sec:.0%} |", flush=True)
+            shards = {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+            if reference is None:
+                reference = shards
+            elif shards != reference:
+                identical = False
+            if w != workers[-1]:
+                shutil.rmtree(out)
+        print(f"\nshards byte-identical for every worker count: {'yes' if identical else 'NO'}. 'main process CPU': "
+              "CPU time of the main process (reading, packing, writing; with 1 worker also encoding) over wall "
+              "time.")
+
+        # 3. the loader
+        try:
+            from pretrain.data import TokenLoader
+        except Exception as e:  # noqa: BLE001 - any import problem means: skip this part
+            print(f"\nloader: skipped (pretrain.data.TokenLoader not importable: {type(e).__name__}: {e})")
+            return 0 if identical else 1
+        print(f"\n| loader (`TokenLoader`, micro-batch {args.batch} x {args.seq_len}) | worker processes | "
+              "tokens/s | tokens/s per process |")
+        print("|---|---|---|---|")
+        out = work / "loader"
+        pack.run(pack.Options(inputs=inputs, out=str(out), tokenizer=model, seq_len=args.seq_len,
+                              samples_per_shard=args.loader_samples_per_shard, workers=workers[-1],
+                              overwrite=True, progress=False, log=quiet))
+        for nw in args.loader_workers:
+            try:
+                loader = TokenLoader(out, split="train", micro_batch_size=args.batch, seed=0, num_workers=nw,
+                                     shuffle=True, epochs=None)
+                it = iter(loader)
+                for _ in range(5):
+                    next(it)
+                t0 = time.perf_counter()
+                for _ in range(args.loader_batches):
+                    tokens, labels = next(it)
+                sec = time.perf_counter() - t0
+                tps = args.loader_batches * tokens.numel() / sec
+                print(f"| shuffled train split | {nw} | {tps:,.0f} | {tps / max(nw, 1):,.0f} |", flush=True)
+                del it, loader
+            except Exception as e:  # noqa: BLE001
+                print(f"| shuffled train split | {nw} | failed: {type(e).__name__}: {e} | |")
+        return 0 if identical else 1
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
