@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
                                            gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region)
@@ -88,6 +89,7 @@ class MoRModel(nn.Module):
             self.router = TokenChoiceRouter(cfg)
         self.input_tensor: Optional[torch.Tensor] = None  # set by the pipeline schedule on non-first stages
         self.pipeline_dtype = torch.float32
+        self.activation_checkpointing = False  # recompute each layer in backward (set by the trainer)
         # Tests and debugging set this to a list to record each recursion step's state (see _record).
         self.trace: Optional[list[dict[str, torch.Tensor]]] = None
 
@@ -103,6 +105,13 @@ class MoRModel(nn.Module):
             h = self.layers[str(i)](h, rope, key_active)
         return h
 
+    def _layer(self, i: int, x: torch.Tensor, rope, active) -> torch.Tensor:
+        layer = self.layers[str(i)]
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            # keep only the layer's input; recompute its activations in backward
+            return torch.utils.checkpoint.checkpoint(layer, x, rope, active, use_reentrant=False)
+        return layer(x, rope, active)
+
     # ---- the op interpreter -----------------------------------------------------------------------------------
     def _op(self, op: Op, s: dict, stats: dict) -> None:
         """Apply one op to the state ``s`` in place. Keys with a leading "_" are local caches."""
@@ -116,13 +125,13 @@ class MoRModel(nn.Module):
             if "x" in s:  # inside an expert-choice step: the compacted kept tokens
                 if "_rope" not in s:
                     s["_rope"] = self.rotary(s["idx"])
-                s["x"] = self.layers[str(op.layer)](s["x"], s["_rope"])
+                s["x"] = self._layer(op.layer, s["x"], s["_rope"], None)
                 return
             if "_pos_rope" not in s:
                 s["_pos_rope"] = self.rotary(torch.arange(t, device=s["h"].device).expand(b, t))
             key = "y" if "y" in s else "h"
             active = s["depth"] > op.step if ("y" in s and op.step > 0) else None
-            s[key] = self.layers[str(op.layer)](s[key], s["_pos_rope"], active)
+            s[key] = self._layer(op.layer, s[key], s["_pos_rope"], active)
         elif op.kind == "ec_route":
             k = cfg.capacity_tokens(t)[op.step]
             cand = s.pop("cand", None)
@@ -188,7 +197,7 @@ class MoRModel(nn.Module):
             local = scatter_to_sequence_parallel_region(full.transpose(0, 1).contiguous(), group=tp_group())
             s.update(_sp_key=key, _sp_x=local.transpose(0, 1), _sp_len=n, _sp_rope=self.rotary(positions),
                      _sp_active=active)
-        s["_sp_x"] = self.layers[str(op.layer)](s["_sp_x"], s["_sp_rope"], s["_sp_active"])
+        s["_sp_x"] = self._layer(op.layer, s["_sp_x"], s["_sp_rope"], s["_sp_active"])
 
     def _sp_gather(self, s: dict) -> None:
         key = s.pop("_sp_key", None)

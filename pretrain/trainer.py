@@ -78,12 +78,15 @@ class Trainer:
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         model = build_stage(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel,
                             use_cpu_initialization=self.device.type == "cpu").to(self.device)
+        model.activation_checkpointing = cfg.train.activation_checkpointing
         self.model = model
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                            betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                            fused=self.device.type == "cuda")
         self.engine = build_engine(model, self.optimizer, cfg.parallel, self.layout, grad_clip=cfg.optim.grad_clip,
                                    bf16=self.bf16)
+        if cfg.train.compile and self.device.type == "cuda":
+            self.engine.compile()
         self.replicas = replica_layout(cfg.model) if self.layout.pp > 1 else []
         sync_replicas(model, self.replicas)
         self.gas = grad_accumulation_steps(cfg.parallel, self.layout.dp)

@@ -244,3 +244,16 @@ def test_fast_single_rank_cross_entropy_equals_megatron_vocab_parallel():
     g_fast, = torch.autograd.grad(fast.sum(), logits)
     g_ref, = torch.autograd.grad(ref.sum(), logits)
     assert torch.allclose(g_fast, g_ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("routing", ["expert_choice", "token_choice"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(routing):
+    model = MoRModel(tiny(routing=routing))
+    tokens, labels = batch()
+    model(tokens, labels).loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.activation_checkpointing = True
+    model(tokens, labels).loss.backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, ref[n], atol=1e-6), n
