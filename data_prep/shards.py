@@ -15,7 +15,6 @@ fsynced and renamed. The manifest is written the same way.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tarfile

@@ -21,6 +21,7 @@ if _os.path.dirname(_HERE) not in _sys.path:
 
 import argparse  # noqa: E402
 import signal  # noqa: E402
+import time  # noqa: E402
 
 EPILOG = """\
 documents (--doc-per):
@@ -80,7 +81,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--samples-per-shard", type=int, help="samples per shard (overrides --shard-size-mb)")
     r = p.add_argument_group("run")
     r.add_argument("--workers", type=int, default=0, help="encoding processes (default: all cores)")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing output (and trained tokenizer)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (and a --train-tokenizer model made from other inputs/settings)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -115,14 +117,14 @@ def main(argv=None) -> int:
             key = {"inputs": [{"path": f.path, "bytes": f.size, "sha256": h} for f, h in zip(files, sha)],
                    "doc_per": args.doc_per, "text_field": args.text_field}
             texts = (t for parts, _ in sources.iter_documents(files, reader) for t in parts)
-            t0 = __import__("time").time()
+            t0 = time.time()
             trained = T.train(texts, model, vocab_size=args.vocab_size, sentences=args.tokenizer_sentences,
                               seed=args.tokenizer_seed, threads=args.tokenizer_threads, settings_key=key,
                               overwrite=args.overwrite, log=log)
             if trained:
                 _, info, _ = T.load(model)
                 print(f"tokenizer: trained {model} ({info.vocab_size} pieces, sha256 {info.sha256[:16]}…) in "
-                      f"{__import__('time').time() - t0:.1f} s", flush=True)
+                      f"{time.time() - t0:.1f} s", flush=True)
             if not args.out:
                 return 0
         opt = pack.Options(inputs=args.inputs, out=args.out, tokenizer=model, seq_len=args.seq_len,

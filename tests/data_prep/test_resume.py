@@ -45,7 +45,7 @@ def test_kill_then_resume_gives_identical_shards(tmp_path, tiny_model, reference
     killed = run_cli(folder, "--out", out, "--tokenizer", tiny_model, *ARGS, "--workers", 2,
                      env={"DATA_PREP_KILL_AT": point})
     assert killed.returncode == -signal.SIGKILL
-    assert (out / "progress.jsonl").exists() and not Manifest.load(out).complete
+    assert (out / "progress.journal").exists() and not Manifest.load(out).complete
     partial = shard_bytes(out)
     assert 40 <= len(partial) < len(ref) and all(ref[k] == v for k, v in partial.items())
     res = run_cli(folder, "--out", out, "--tokenizer", tiny_model, *ARGS, "--workers", 1)
@@ -54,7 +54,7 @@ def test_kill_then_resume_gives_identical_shards(tmp_path, tiny_model, reference
     assert shard_bytes(out) == ref
     m = Manifest.load(out)
     assert m.complete and m.splits == ref_manifest.splits and m.counts == ref_manifest.counts
-    assert not (out / "progress.jsonl").exists()
+    assert not (out / "progress.journal").exists()
     _no_temp_files(out)
 
 
@@ -169,3 +169,15 @@ def test_output_made_with_another_tokenizer(tmp_path, tiny_model, reference):
         assert res.returncode == 2 and res.stderr.count("\n") == 1
         old_sha = json.load(open(tiny_model + ".json"))["sha256"]
         assert old_sha in res.stderr and T.load(str(other))[1].sha256 in res.stderr
+
+
+def test_second_writer_on_the_same_folder_is_refused(tmp_path, tiny_model, reference):
+    import fcntl
+    folder, _, _ = reference
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)          # as a running tokenize.py holds it
+        res = run_cli(folder, "--out", out, "--tokenizer", tiny_model, *ARGS)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "another tokenize.py is writing" in res.stderr
+    assert run_cli(folder, "--out", out, "--tokenizer", tiny_model, *ARGS).returncode == 0

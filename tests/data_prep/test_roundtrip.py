@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from data_prep import pack, sources
 from data_prep.shards import Manifest, sha256_file
@@ -139,3 +137,13 @@ def test_split_does_not_depend_on_order(tmp_path, docs, tiny_model, sp):
         _run([folder], folder / "out", tiny_model, seq_len=256, val_fraction=0.4)
     for split in ("train", "val"):
         assert sorted(decode_docs(a / "out", split, sp)) == sorted(decode_docs(b / "out", split, sp))
+
+
+def test_output_folder_inside_the_input_folder_is_not_read(tmp_path, docs, tiny_model, sp):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in docs[:2]])
+    out = tmp_path / "out"
+    out.mkdir()
+    write_jsonl(out / "stray.jsonl", [{"text": "not an input"}])
+    m = _run([tmp_path], out, tiny_model, seq_len=256, val_fraction=0.0)["manifest"]
+    assert [Path(i["path"]).name for i in m.inputs] == ["a.jsonl"]
+    assert decode_docs(out, "train", sp) == docs[:2]
