@@ -11,6 +11,7 @@ micro-batches) → sum replica grads → average over data-parallel ranks → cl
 """
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from typing import Iterator, Sequence
 
@@ -42,6 +43,8 @@ def build_stage(cfg: ModelConfig, *, sequence_parallel: bool = False,
 
 def schedule_config(cfg: ModelConfig) -> TransformerConfig:
     """What megatron's schedules need to know: sizes for p2p buffers, dtype, and no fused/async features."""
+    # TransformerConfig warns about CUDA-graph defaults we never use; keep the run's log readable.
+    warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
     return TransformerConfig(
         num_layers=cfg.n_layers, hidden_size=cfg.d_model, num_attention_heads=cfg.n_heads,
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
