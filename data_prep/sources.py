@@ -24,24 +24,24 @@ parquet value stops the run with ``path:line`` unless ``skip_bad_records`` is se
 from __future__ import annotations
 
 import codecs
-import glob
 import gzip
 import hashlib
 import json
 import os
 import queue
 import threading
-import unicodedata
 import zlib
 from collections import Counter
-from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
+
+from data_prep.inputs import (EXTENSIONS, InputFile, UserError, find_inputs, input_kind,  # noqa: F401
+                              sha256_files)
+from data_prep.segment import Piece, _Assembler, find_cut, is_safe_space, segment  # noqa: F401
 
 CHUNK_BYTES = 1 << 20          # read size for .txt inputs
 PIECE_CHARS = 1 << 18          # longest piece of a document handed to a worker
 MAX_WARNINGS_PER_KIND = 5      # per input file; the rest are counted, not printed
 
-EXTENSIONS = {".txt": "txt", ".txt.gz": "txt", ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".parquet": "parquet"}
 DOC_PER = ("auto", "file", "line", "record")
 
 # Names of the per-input counters (all ints).
@@ -49,196 +49,11 @@ COUNT_KEYS = ("documents", "documents_val", "empty_skipped", "invalid_utf8_repla
               "bad_records_skipped", "long_documents_split", "pieces", "text_chars")
 
 
-class UserError(Exception):
-    """A problem with the user's inputs or options: reported as one line, exit status 2."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Finding inputs
-
-@dataclass(frozen=True)
-class InputFile:
-    path: str          # absolute
-    kind: str          # txt | jsonl | parquet
-    gz: bool
-    size: int
-
-
-def input_kind(path: str) -> Optional[tuple[str, bool]]:
-    name = os.path.basename(path).lower()
-    for ext in sorted(EXTENSIONS, key=len, reverse=True):
-        if name.endswith(ext):
-            return EXTENSIONS[ext], ext.endswith(".gz")
-    return None
-
-
-def _check_file(path: str, shown: str) -> InputFile:
-    kind = input_kind(path)
-    if kind is None:
-        raise UserError(f"{shown}: unsupported input type (expected {', '.join(EXTENSIONS)})")
-    if os.path.islink(path) and not os.path.exists(path):
-        raise UserError(f"{shown}: cannot read (broken symbolic link)")
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise UserError(f"{shown}: cannot read ({e.strerror})") from None
-    if not os.access(path, os.R_OK):
-        raise UserError(f"{shown}: cannot read (permission denied)")
-    return InputFile(os.path.abspath(path), kind[0], kind[1], st.st_size)
-
-
-def find_inputs(specs: list[str]) -> list[InputFile]:
-    """Expand files, folders and globs into a sorted list of distinct inputs. Raises UserError naming the spec."""
-    found: dict[str, InputFile] = {}
-    if not specs:
-        raise UserError("no inputs given")
-    for spec in specs:
-        if os.path.isdir(spec):
-            candidates = []
-            for root, dirs, files in os.walk(spec):
-                dirs.sort()
-                candidates += [os.path.join(root, f) for f in files if input_kind(f)]
-            if not candidates:
-                raise UserError(f"{spec}: no {', '.join(EXTENSIONS)} files in this folder")
-        elif any(c in spec for c in "*?["):
-            candidates = []
-            for p in glob.glob(spec, recursive=True):
-                if os.path.isdir(p):
-                    continue
-                if input_kind(p):
-                    candidates.append(p)
-            if not candidates:
-                raise UserError(f"{spec}: the pattern matches no {', '.join(EXTENSIONS)} files")
-        elif os.path.lexists(spec):
-            candidates = [spec]
-        else:
-            raise UserError(f"{spec}: no such file or folder")
-        for c in candidates:
-            f = _check_file(c, c)
-            found.setdefault(os.path.realpath(f.path), f)
-    return sorted(found.values(), key=lambda f: f.path)
-
-
-def sha256_files(inputs: list[InputFile], threads: int) -> list[str]:
-    """sha256 of every input's bytes on disk, in parallel threads (hashlib and file reads release the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def one(f: InputFile) -> str:
-        h = hashlib.sha256()
-        try:
-            with open(f.path, "rb") as fh:
-                while block := fh.read(1 << 22):
-                    h.update(block)
-        except OSError as e:
-            raise UserError(f"{f.path}: cannot read ({e.strerror or e})") from None
-        return h.hexdigest()
-
-    if threads <= 1 or len(inputs) <= 1:
-        return [one(f) for f in inputs]
-    with ThreadPoolExecutor(max_workers=min(threads, len(inputs))) as ex:
-        return list(ex.map(one, inputs))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Cutting text
 
-def is_safe_space(text: str, k: int) -> bool:
-    """True when ``text[k]`` is a single ASCII space between two non-space characters (the next one not a
-    combining mark). For a SentencePiece model that splits at whitespace, cutting the text there (and letting the
-    model's dummy prefix stand for the space) leaves the token ids unchanged."""
-    if k <= 0 or k + 1 >= len(text) or text[k] != " ":
-        return False
-    nxt = text[k + 1]
-    return not text[k - 1].isspace() and not nxt.isspace() and not unicodedata.combining(nxt)
-
-
-def find_cut(text: str, limit: int, drop_space: bool, lo: Optional[int] = None) -> tuple[int, int]:
-    """Where to cut ``text`` (longer than ``limit``) at or before ``limit``: returns (end of this piece, start of
-    the next). Prefers the last safe single space in [lo, limit) (dropped when ``drop_space``, the model's dummy
-    prefix restoring it), then the last whitespace character (kept in this piece), then a hard cut."""
-    lo = limit // 2 if lo is None else lo
-    k = text.rfind(" ", lo, limit)
-    while k >= lo:
-        if is_safe_space(text, k):
-            return (k, k + 1) if drop_space else (k, k)
-        k = text.rfind(" ", lo, k)
-    for k in range(limit - 1, lo - 1, -1):
-        if text[k].isspace():
-            return k + 1, k + 1
-    return limit, limit
-
-
-def segment(text: str, limit: int, drop_space: bool) -> list[str]:
-    """Cut ``text`` into parts of about ``limit`` characters at safe single spaces only (see is_safe_space), so
-    that encoding the parts one by one gives the same ids as encoding the whole (for a whitespace-splitting model).
-    A stretch with no safe space is left whole."""
-    n = len(text)
-    if n <= limit:
-        return [text]
-    out, i, half = [], 0, limit // 2
-    while n - i > limit:
-        j = i + limit
-        k = text.rfind(" ", i + half, j)
-        while k >= i + half and not is_safe_space(text, k):
-            k = text.rfind(" ", i + half, k)
-        if k < i + half:                      # none in the window: look further on
-            k = text.find(" ", j)
-            while k != -1 and not is_safe_space(text, k):
-                k = text.find(" ", k + 1)
-            if k == -1:
-                break
-        out.append(text[i:k])
-        i = k + 1 if drop_space else k
-    out.append(text[i:])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Pieces
-
-# A piece: (index within its input, text, first piece of its document, last piece, split: 0 train / 1 val)
-Piece = tuple[int, str, bool, bool, int]
-
-
-class _Assembler:
-    """Turns the text of documents, given in parts, into pieces of at most PIECE_CHARS characters."""
-
-    def __init__(self, reader: "Reader", counts: Counter):
-        self.r, self.counts = reader, counts
-        self.buf, self.first, self.split = "", True, 0
-        self.index = 0                        # next piece index within the input
-        self.out: list[Piece] = []
-
-    def add(self, text: str) -> None:
-        self.buf = self.buf + text if self.buf else text
-        limit = self.r.piece_chars
-        while len(self.buf) > limit:
-            end, nxt = find_cut(self.buf, limit, self.r.drop_space)
-            self._emit(self.buf[:end], last=False)
-            self.buf = self.buf[nxt:]
-
-    def end(self) -> None:
-        text, self.buf = self.buf, ""
-        self._emit(text, last=True)
-        self.first = True
-
-    def _emit(self, text: str, last: bool) -> None:
-        c = self.counts
-        if self.first:
-            if text.isspace() or not text:
-                if last:
-                    c["empty_skipped"] += 1
-                return                        # leading whitespace of a long document is dropped
-            self.split = self.r.split_of(text)
-            c["documents"] += 1
-            c["documents_val"] += self.split
-            if not last:
-                c["long_documents_split"] += 1
-        c["pieces"] += 1
-        c["text_chars"] += len(text)
-        self.out.append((self.index, text, self.first, last, self.split))
-        self.index += 1
-        self.first = False
 
 
 _REPLACED = [0]
