@@ -6,7 +6,7 @@ overridden on the command line (``train.steps=100 model.num_recursions=4 paralle
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from model.config import ConfigError, ModelConfig
 from pretrain.parallel import ParallelConfig

@@ -7,7 +7,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from model.program import packed_rows
-from pretrain.pipeline import _forward_step
+from pretrain.pipeline import forward_step
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def validation_loss(trainer, max_batches: int) -> float:
     if trainer.layout.pp > 1 and batches:
         b, t = batches[0][0].shape
         results = get_forward_backward_func()(
-            forward_step_func=_forward_step, data_iterator=iter(batches), model=[model],
+            forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
             num_microbatches=len(batches), seq_length=packed_rows(model.cfg, model.pp_size, b, t),
             micro_batch_size=b, forward_only=True)
         for r in results:

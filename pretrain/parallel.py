@@ -44,10 +44,6 @@ class Layout:
     dp: int
     device: torch.device
 
-    @property
-    def is_cpu(self) -> bool:
-        return self.device.type == "cpu"
-
 
 def grad_accumulation_steps(pcfg: ParallelConfig, dp: int) -> int:
     gbs = pcfg.global_batch_size or pcfg.micro_batch_size * dp
@@ -157,10 +153,3 @@ def seed_everything(seed: int) -> None:
 def init_single_process(seed: int = 0) -> Layout:
     """A world of one (TP = PP = DP = 1): model tests, the demo, inspection and benchmarks."""
     return _init(ParallelConfig(seed=seed), None, device=None, rank=0, world=1, local_rank=0)
-
-
-def destroy() -> None:
-    """Tear down megatron's groups and the process group (tests that build several layouts in one process)."""
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    _shutdown()

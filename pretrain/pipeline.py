@@ -175,7 +175,7 @@ def clip_grad_norm(model: MoRModel, layout, max_norm: float) -> torch.Tensor:
 
 
 # ---- one optimizer step ---------------------------------------------------------------------------------------
-def _forward_step(data_iterator: Iterator, model: MoRModel):
+def forward_step(data_iterator: Iterator, model: MoRModel):
     tokens, labels = next(data_iterator)
     out = model(tokens, labels if model.is_last else None)
     if not model.is_last:
@@ -195,7 +195,7 @@ def pipeline_forward_backward(model: MoRModel, layout, micro_batches: Sequence[t
     tokens = micro_batches[0][0]
     b, t = tokens.shape
     fb = get_forward_backward_func()
-    results = fb(forward_step_func=_forward_step, data_iterator=iter(micro_batches), model=[model],
+    results = fb(forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
                  num_microbatches=len(micro_batches), seq_length=packed_rows(model.cfg, model.pp_size, b, t),
                  micro_batch_size=b, forward_only=False)
     reduce_replica_grads(model, layout)

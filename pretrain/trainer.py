@@ -30,8 +30,8 @@ from pretrain import faults
 from pretrain.config import RunConfig
 from pretrain.metrics import MetricsLog, NullLog, device_peak_flops, format_line, mfu
 from pretrain.parallel import grad_accumulation_steps, init_distributed
-from pretrain.pipeline import (build_stage, clip_grad_norm, finish_pipeline_step, pipeline_forward_backward, replica_layout,
-                               sync_replicas)
+from pretrain.pipeline import (build_stage, clip_grad_norm, finish_pipeline_step, pipeline_forward_backward,
+                               replica_layout, sync_replicas)
 from pretrain.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
 from pretrain.schedule import lr_multiplier
 from pretrain.zero import build_engine, param_groups
