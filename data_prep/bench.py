@@ -3,10 +3,11 @@
     python -m data_prep.bench [--tokenizer MODEL] [--inputs PATH ...] [--workers 1,2,4] [--repeat N]
 
 1. Raw SentencePiece: ``SentencePieceProcessor.encode(text)`` on every document, one thread, in this process —
-   the baseline.
+   the baseline; and, for each worker count N, the same in N processes at once (each a 1/N share of the
+   documents), since N busy cores each run slower than one (shared caches, memory bandwidth, clock boost).
 2. tokenize.py end to end (``data_prep.pack.run``: hashing the inputs, reading, encoding in N worker processes,
    packing, writing shards) on the same documents, for each worker count: tokens/s in all, per worker, and per
-   worker against the raw baseline. The shards of every worker count are checked to be byte-identical.
+   worker against both raw baselines. The shards of every worker count are checked to be byte-identical.
 3. The training loader (``pretrain.data.TokenLoader``) over the shards just written: tokens/s for each number of
    loader worker processes, in all and per process. Skipped with a message if it cannot be imported.
 
@@ -70,6 +71,27 @@ def _default_workers() -> list[int]:
     return out + [n]
 
 
+_TEXTS: list[str] = []
+
+
+def _raw_share(job: tuple[str, int, int]) -> tuple[int, float]:
+    import sentencepiece as spm
+    model, j, n = job
+    sp = spm.SentencePieceProcessor(model_file=model)
+    t0 = time.perf_counter()
+    tokens = sum(len(sp.encode(t)) for t in _TEXTS[j::n])
+    return tokens, time.perf_counter() - t0
+
+
+def raw_parallel(model: str, texts: list[str], n: int) -> float:
+    """Raw encode tokens/s per process with ``n`` processes encoding at once (fork: the texts are inherited)."""
+    import multiprocessing as mp
+    _TEXTS[:] = texts
+    with mp.get_context("fork").Pool(n) as pool:
+        res = pool.map(_raw_share, [(model, j, n) for j in range(n)])
+    return sum(t / s for t, s in res) / n
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     workers = args.workers or _default_workers()
@@ -108,10 +130,10 @@ def main(argv=None) -> int:
               f"{platform.processor() or platform.machine()}, {pack.default_workers()} cores, "
               f"Python {platform.python_version()}\n")
         print("| what | encoding processes | seconds | tokens/s | tokens/s per process | MB/s per process "
-              "| vs raw encode | main process CPU |")
-        print("|---|---|---|---|---|---|---|---|")
+              "| vs raw encode, 1 process | vs raw encode, N processes at once | main process CPU |")
+        print("|---|---|---|---|---|---|---|---|---|")
         print(f"| raw `SentencePieceProcessor.encode` | 1 | {raw_s:.2f} | {raw_tps:,.0f} | {raw_tps:,.0f} | "
-              f"{n_bytes / raw_s / 1e6:.2f} | 1.00 | |")
+              f"{n_bytes / raw_s / 1e6:.2f} | 1.00 | 1.00 | |")
 
         # 2. the pipeline
         reference = None
@@ -129,9 +151,10 @@ def main(argv=None) -> int:
             cpu1 = resource.getrusage(resource.RUSAGE_SELF)
             main_cpu = cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime
             tps = n_tok / sec                       # the same text as the baseline (EOS tokens not counted)
+            raw_n = raw_tps if w == 1 else raw_parallel(model, texts, w)
             print(f"| tokenize.py, {w} worker{'s' if w > 1 else ''} | {w} | {sec:.2f} | {tps:,.0f} | "
                   f"{tps / w:,.0f} | {n_bytes / sec / w / 1e6:.2f} | {tps / w / raw_tps:.2f} | "
-                  f"{main_cpu / sec:.0%} |", flush=True)
+                  f"{tps / w / raw_n:.2f} (raw {raw_n:,.0f}/process) | {main_cpu / sec:.0%} |", flush=True)
             shards = {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
             if reference is None:
                 reference = shards

@@ -97,15 +97,20 @@ class Reader:
             return "record"
         return self.doc_per
 
-    def pieces(self, f: InputFile, counts: Counter) -> Iterator[list[Piece]]:
-        """Yields lists of consecutive pieces of one input (possibly empty lists), bounded in size."""
+    def pieces(self, f: InputFile, counts: Counter, data: Optional[bytes] = None, line0: int = 0,
+               report: bool = True) -> Iterator[list[Piece]]:
+        """Yields lists of consecutive pieces of one input (possibly empty lists), bounded in size. With ``data``
+        the input's text is those bytes (a unit of a larger file, whose first line is line ``line0 + 1``; see
+        data_prep/units.py). With ``report`` the input's replaced characters are warned about at its end; else
+        they are left in ``self.issues`` for the caller."""
         self.position = 0
         asm = _Assembler(self, counts)
-        self._issues: dict[str, list] = {}
+        self.issues: dict[str, list] = {}
+        blocks = self._blocks(f) if data is None else iter([(data, len(data)), (b"", len(data))])
         if f.kind == "txt":
-            gen = self._txt(f, asm, counts)
+            gen = self._txt(f, asm, counts, blocks, line0)
         elif f.kind == "jsonl":
-            gen = self._jsonl(f, asm, counts)
+            gen = self._jsonl(f, asm, counts, blocks, line0)
         else:
             gen = self._parquet(f, asm, counts)
         for _ in gen:
@@ -115,19 +120,24 @@ class Reader:
         if asm.out:
             yield asm.out
         self.position = f.size
-        for kind, (n, where) in self._issues.items():
+        if report:
+            self.report(f.path, self.issues)
+
+    def report(self, path: str, issues: dict[str, list]) -> None:
+        """Warn about an input's replaced characters: ``issues`` = {kind: [count, where the first was]}."""
+        for kind, (n, where) in issues.items():
             if kind == "utf8":
-                self.warn(f"{f.path}: {n} invalid UTF-8 sequence(s) replaced with U+FFFD (first at {where})")
+                self.warn(f"{path}: {n} invalid UTF-8 sequence(s) replaced with U+FFFD (first at {where})")
             elif kind == "nul":
-                self.warn(f"{f.path}: {n} NUL character(s) removed (first at {where})")
+                self.warn(f"{path}: {n} NUL character(s) removed (first at {where})")
 
     # -- helpers ------------------------------------------------------------------------------------------------
 
     def _note(self, kind: str, n: int, where: str) -> None:
-        if kind in self._issues:
-            self._issues[kind][0] += n
+        if kind in self.issues:
+            self.issues[kind][0] += n
         else:
-            self._issues[kind] = [n, where]
+            self.issues[kind] = [n, where]
 
     def _clean(self, text: str, counts: Counter, where: Callable[[str, int], str]) -> str:
         if "\x00" in text:
@@ -203,11 +213,11 @@ class Reader:
 
     # -- formats ------------------------------------------------------------------------------------------------
 
-    def _txt(self, f: InputFile, asm: _Assembler, counts: Counter) -> Iterator[None]:
+    def _txt(self, f: InputFile, asm: _Assembler, counts: Counter, blocks, line0: int) -> Iterator[None]:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="data_prep.count_replace")
         by_line = self.mode(f) == "line"
-        lines_before = 0                      # line mode: the unfinished line so far is in asm.buf
-        for block, pos in self._blocks(f):
+        lines_before = line0                  # line mode: the unfinished line so far is in asm.buf
+        for block, pos in blocks:
             final = not block
             _REPLACED[0] = 0
             text = decoder.decode(block, final)
@@ -295,11 +305,11 @@ class Reader:
         if parts:
             yield b"".join(parts), pos
 
-    def _jsonl(self, f: InputFile, asm: _Assembler, counts: Counter) -> Iterator[None]:
+    def _jsonl(self, f: InputFile, asm: _Assembler, counts: Counter, blocks, line0: int) -> Iterator[None]:
         mode = self.mode(f)
         first = True
-        lineno = 0
-        for line, pos in self._lines(self._blocks(f)):
+        lineno = line0
+        for line, pos in self._lines(blocks):
             lineno += 1
             if not line.strip():
                 continue

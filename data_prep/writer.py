@@ -186,3 +186,46 @@ class SplitWriter:
         self.shards.append(entry)
         self.starts.append(self.pending_start)
         self.pending = []
+
+
+def replay(out: Path, header: dict, records: list[dict], writers: list[SplitWriter], journal: Journal,
+            input_counts: dict[int, dict], log: Callable[[str], None]) -> None:
+    """Continue an interrupted run: per split, its verified shards, then its latest state — the start of the next
+    shard, a carry-over (no pending samples: buffered tokens + the last piece fed), or finished. Shards after a
+    damaged one, or written after the last journal line, are removed; the journal is rewritten to match."""
+    kept: dict[str, list[dict]] = {w.name: [] for w in writers}
+    state: dict[str, dict] = {w.name: {"next": [0, 0]} for w in writers}
+    frozen: set[str] = set()
+    for rec in records:
+        for k, v in rec.get("inputs", {}).items():
+            input_counts[int(k)] = v
+        name = rec.get("split")
+        if name is not None and name not in frozen:
+            entry = rec["shard"]
+            if entry is not None:
+                path = out / entry["name"]
+                if not path.exists() or path.stat().st_size != entry["bytes"] \
+                        or S.sha256_file(path) != entry["sha256"]:
+                    log(f"warning: {path}: missing or does not match its recorded sha256; "
+                        "it and the shards after it are made again")
+                    frozen.add(name)
+                    state[name] = {"next": rec["start"]}
+            if name not in frozen:
+                kept[name].append({k: v for k, v in rec.items() if k not in ("inputs", "carry")})
+                state[name] = {"final": rec["final"]} if "final" in rec else {"next": rec["next"]}
+        for name, carry in rec.get("carry", {}).items():
+            if name not in frozen:
+                state[name] = {"carry": carry}
+    canonical: list[dict] = []
+    for w in writers:
+        recs = [r for r in kept[w.name] if r["shard"] is not None]
+        w.restore([r["shard"] for r in recs], [r["start"] for r in recs], state[w.name])
+        canonical += kept[w.name]
+        if "carry" in state[w.name]:
+            canonical.append({"carry": {w.name: state[w.name]["carry"]}})
+        listed = {r["shard"]["name"] for r in recs}
+        for p in out.glob(f"{w.name}-*.tar"):
+            if p.name not in listed:
+                p.unlink()
+    journal.rewrite(header, ([{"inputs": {str(k): v for k, v in sorted(input_counts.items())}}]
+                             if input_counts else []) + canonical)

@@ -63,7 +63,8 @@ def test_resume_starts_in_a_later_input(tmp_path, tiny_model, reference):
     resume need not read from the first input again."""
     folder, ref, _ = reference
     out = tmp_path / "out"
-    code = ("import sys; import data_prep.pack as p; p.BATCH_CHARS = 20000; from data_prep.tokenize import main; "
+    code = ("import sys; import data_prep.stream as s, data_prep.units as u; s.BATCH_CHARS = u.UNIT_BYTES = 20000; "
+            "from data_prep.tokenize import main; "
             "sys.exit(main(sys.argv[1:]))")
     args = [str(folder), "--out", str(out), "--tokenizer", tiny_model, *map(str, ARGS), "--no-progress"]
     env = {k: v for k, v in os.environ.items() if k != "DATA_PREP_KILL_AT"}

@@ -1,0 +1,116 @@
+"""Record-per-line inputs in parallel: the main process cuts an input's (decompressed) bytes into units at line
+ends; worker processes decode, parse, clean, cut into pieces, split and encode each unit.
+
+Why: for a ``.jsonl`` corpus, JSON parsing, UTF-8 decoding and the split hash cost about a tenth of encoding. Done
+in the main process they cap a many-worker run at a fraction of linear speed-up; in the workers the main process
+only decompresses, finds line ends, packs and writes.
+
+Which inputs: ``.txt`` read one document per line and ``.jsonl`` read one document per record — every document
+lies on one line, so a unit cut at a line end holds whole documents and parsing it alone gives what parsing the
+whole file gives. (A document that spans a file — ``--doc-per file`` — and ``.parquet`` are read in the main
+process, see ``Reader.pieces``.) A unit is ``UNIT_BYTES`` or more, up to the next line end; a single long line
+is held whole, so memory grows with the longest line, a few times its size.
+
+Piece ids: the piece with index k in unit u of input i is ``i << 40 | u << 20 | k``, so ids grow in input order
+just as those of the main-process reader do, and a resume position (piece id, token offset) means the same
+whatever the worker count.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from data_prep import tokenizer as T
+from data_prep.inputs import InputFile, UserError
+from data_prep.sources import Reader
+
+UNIT_BYTES = 1 << 20
+UNIT_BITS = 20                   # piece index within a unit
+INPUT_BITS = 40                  # unit and piece bits together (the piece-id layout of the main-process reader)
+
+
+def by_units(reader: Reader, f: InputFile) -> bool:
+    """True when ``f`` is read as units in the workers (every document on one line)."""
+    mode = reader.mode(f)
+    return (f.kind == "txt" and mode == "line") or (f.kind == "jsonl" and mode == "record")
+
+
+def cut(reader: Reader, f: InputFile) -> Iterator[tuple[bytes, int, int]]:
+    """(unit, lines before it in the file, bytes of the file consumed) for each unit of ``f``, in order: a unit
+    ends at the first line end at or after its ``UNIT_BYTES``-th byte (or at the end of the file)."""
+    parts: list[bytes] = []
+    size = lines = pos = 0
+    for block, pos in reader._blocks(f):
+        start = 0
+        while True:
+            k = block.find(b"\n", start + max(UNIT_BYTES - size, 1) - 1)
+            if k < 0:
+                break
+            parts.append(block[start:k + 1])
+            unit = b"".join(parts)             # joined once, so a long line costs linear time
+            yield unit, lines, pos
+            lines += unit.count(b"\n")
+            parts, size, start = [], 0, k + 1
+        if start < len(block):
+            parts.append(block[start:])
+            size += len(block) - start
+    if parts:
+        yield b"".join(parts), lines, pos
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Worker side
+
+_R: dict[str, Any] = {}
+
+
+def init_worker(proto: bytes, info: dict, dtype: str, bos: bool, reader_args: dict,
+                in_worker: bool = True) -> None:
+    """Process initialiser: the tokenizer (see tokenizer.init_worker) and a Reader with the run's settings."""
+    T.init_worker(proto, info, dtype, bos, in_worker=in_worker)
+    _R["reader"] = Reader(**reader_args)
+
+
+def encode_unit(item: tuple) -> tuple:
+    """Parse and encode one unit. ``item`` = (InputFile, input index, unit index, bytes, lines before it,
+    resume points per split or None). Returns (tokens, stream lengths, piece ids, splits, token skips, documents,
+    counts, issues, warnings) for the pieces at or after the resume points; counts cover the whole unit."""
+    f, i, u, data, line0, resume = item
+    if u >= 1 << (INPUT_BITS - UNIT_BITS):
+        raise UserError(f"{f.path}: longer than {(1 << (INPUT_BITS - UNIT_BITS)) * UNIT_BYTES >> 40} TiB "
+                        "uncompressed; split it into several files")
+    reader: Reader = _R["reader"]
+    warnings: list[str] = []
+    reader.warn = warnings.append
+    counts: Counter = Counter()
+    unit_file = replace(f, gz=False, size=len(data))
+    base = (i << INPUT_BITS) | (u << UNIT_BITS)
+    texts, first, last, pids, splits, skips = [], [], [], [], [], []
+    for pieces in reader.pieces(unit_file, counts, data=data, line0=line0, report=False):
+        for k, text, fst, lst, split in pieces:
+            if k >= 1 << UNIT_BITS:
+                raise RuntimeError(f"{f.path}: more than 2**{UNIT_BITS} pieces in one unit")
+            pid = base | k
+            skip = _skip(resume, split, pid)
+            if skip is None:
+                continue
+            texts.append(text)
+            first.append(fst)
+            last.append(lst)
+            pids.append(pid)
+            splits.append(split)
+            skips.append(skip)
+    tokens, lens = T.encode_batch((texts, bytes(first), bytes(last))) if texts else (None, None)
+    return (tokens, lens, np.asarray(pids, dtype=np.int64), np.asarray(splits, dtype=np.int8),
+            np.asarray(skips, dtype=np.int64), sum(first), dict(counts), reader.issues, warnings)
+
+
+def _skip(resume: Optional[list], split: int, pid: int) -> Optional[int]:
+    """Tokens of piece ``pid`` already written before a resume (None: the whole piece was)."""
+    ra = resume[split] if resume is not None else None
+    if ra is None or pid > ra[0]:
+        return 0
+    return ra[1] if pid == ra[0] else None
