@@ -97,16 +97,16 @@ class Reader:
             return "record"
         return self.doc_per
 
-    def pieces(self, f: InputFile, counts: Counter, data: Optional[bytes] = None, line0: int = 0,
-               report: bool = True) -> Iterator[list[Piece]]:
-        """Yields lists of consecutive pieces of one input (possibly empty lists), bounded in size. With ``data``
-        the input's text is those bytes (a unit of a larger file, whose first line is line ``line0 + 1``; see
-        data_prep/units.py). With ``report`` the input's replaced characters are warned about at its end; else
-        they are left in ``self.issues`` for the caller."""
+    def pieces(self, f: InputFile, counts: Counter, blocks: Optional[Iterator[tuple[bytes, int]]] = None,
+               line0: int = 0, report: bool = True) -> Iterator[list[Piece]]:
+        """Yields lists of consecutive pieces of one input (possibly empty lists), bounded in size. With ``blocks``
+        ((bytes, position) ending with an empty block) the text is those bytes — a unit of a larger file or its
+        rest, whose first line is line ``line0 + 1`` (see data_prep/units.py). With ``report`` the input's
+        replaced characters are warned about at its end; else they are left in ``self.issues`` for the caller."""
         self.position = 0
         asm = _Assembler(self, counts)
         self.issues: dict[str, list] = {}
-        blocks = self._blocks(f) if data is None else iter([(data, len(data)), (b"", len(data))])
+        blocks = self._blocks(f) if blocks is None else blocks
         if f.kind == "txt":
             gen = self._txt(f, asm, counts, blocks, line0)
         elif f.kind == "jsonl":

@@ -31,7 +31,7 @@ class Item:
     fn: Optional[Callable]            # worker function (None: nothing to encode)
     payload: Any
     position: int                     # bytes of all inputs consumed once this item is
-    dones: list[tuple[int, Optional[Counter]]] = field(default_factory=list)   # inputs that end here
+    dones: list[tuple[int, Counter, dict]] = field(default_factory=list)   # inputs that end here
     unit_of: Optional[int] = None     # the input of a unit item
     pieces: Optional[tuple] = None    # (piece ids, splits, skips, documents) of a batch of pieces
 
@@ -62,30 +62,37 @@ class Encoder:
     def items(self) -> Iterator[Item]:
         batch = _Batch()
         base = self.done_bytes
-        resume = self.resume
         for i in range(self.start_input, len(self.files)):
             f = self.files[i]
+            counts: Counter = Counter()
+            pieces, first_pid = None, i << PIECE_BITS
             if units.by_units(self.reader, f):
                 if batch.texts or batch.dones:
                     yield batch.item(base)
                     batch = _Batch()
                 self.acc[i] = _Input()
-                for n, (data, line0, pos) in enumerate(units.cut(self.reader, f), 1):
-                    yield Item(units.encode_unit, (f, i, n - 1, data, line0, resume), base + pos, unit_of=i)
-                base += f.size
-                yield Item(None, None, base, dones=[(i, None)])
-                continue
-            counts: Counter = Counter()
-            for pieces in self.reader.pieces(f, counts):
-                for pi, text, fst, lst, split in pieces:
-                    pid = (i << PIECE_BITS) | pi
-                    skip = units._skip(resume, split, pid)
+                u = 0
+                for part in units.cut(self.reader, f):
+                    if part[0] == "unit":
+                        _, data, line0, pos = part
+                        yield Item(units.encode_unit, (f, i, u, data, line0, self.resume), base + pos, unit_of=i)
+                        u += 1
+                    else:                         # a very long line: the rest of the file is read here
+                        _, blocks, line0 = part
+                        pieces = self.reader.pieces(f, counts, blocks=blocks, line0=line0, report=False)
+                        first_pid |= u << units.UNIT_BITS
+            else:
+                pieces = self.reader.pieces(f, counts)
+            for group in pieces or ():
+                for pi, text, fst, lst, split in group:
+                    pid = first_pid + pi
+                    skip = units._skip(self.resume, split, pid)
                     if skip is not None:
                         batch.add(text, fst, lst, pid, split, skip)
                     if batch.full():
                         yield batch.item(base + self.reader.position)
                         batch = _Batch()
-            batch.dones.append((i, counts))
+            batch.dones.append((i, counts, self.reader.issues if i in self.acc and pieces is not None else {}))
             base += f.size
         yield batch.item(base)
 
@@ -96,11 +103,7 @@ class Encoder:
             tokens, lens, pids, splits, skips, docs, counts, issues, warnings = result
             acc = self.acc[item.unit_of]
             acc.counts.update(counts)
-            for kind, (n, where) in issues.items():
-                if kind in acc.issues:
-                    acc.issues[kind][0] += n
-                else:
-                    acc.issues[kind] = [n, where]
+            _merge(acc.issues, issues)
             self._warn_bad(acc, warnings, self.files[item.unit_of].path)
         elif item.pieces is not None:
             (tokens, lens), (pids, splits, skips, docs) = result, item.pieces
@@ -110,9 +113,11 @@ class Encoder:
             self._feed(tokens, lens, pids, splits, skips)
             self.docs += docs
             self.tokens += len(tokens)
-        for i, counts in item.dones:
-            if counts is None:
-                acc = self.acc.pop(i)
+        for i, counts, issues in item.dones:
+            acc = self.acc.pop(i, None)
+            if acc is not None:                   # read as units (and maybe a rest read here)
+                acc.counts.update(counts)
+                _merge(acc.issues, issues)
                 self.reader.report(self.files[i].path, acc.issues)
                 counts = acc.counts
             self.on_input(i, {k: int(counts[k]) for k in sources.COUNT_KEYS})
@@ -194,6 +199,15 @@ class Encoder:
                 pool.terminate()
 
 
+def _merge(into: dict[str, list], issues: dict[str, list]) -> None:
+    """Add a later part's replaced-character counts to an input's: {kind: [count, where the first was]}."""
+    for kind, (n, where) in issues.items():
+        if kind in into:
+            into[kind][0] += n
+        else:
+            into[kind] = [n, where]
+
+
 class _Batch:
     """Pieces read in the main process, gathered into one work item."""
 
@@ -205,7 +219,7 @@ class _Batch:
         self.splits: list[int] = []
         self.skips: list[int] = []
         self.chars = 0
-        self.dones: list[tuple[int, Optional[Counter]]] = []
+        self.dones: list[tuple[int, Counter, dict]] = []
 
     def add(self, text: str, fst: bool, lst: bool, pid: int, split: int, skip: int) -> None:
         self.texts.append(text)

@@ -8,15 +8,17 @@ only decompresses, finds line ends, packs and writes.
 Which inputs: ``.txt`` read one document per line and ``.jsonl`` read one document per record — every document
 lies on one line, so a unit cut at a line end holds whole documents and parsing it alone gives what parsing the
 whole file gives. (A document that spans a file — ``--doc-per file`` — and ``.parquet`` are read in the main
-process, see ``Reader.pieces``.) A unit is ``UNIT_BYTES`` or more, up to the next line end; a single long line
-is held whole, so memory grows with the longest line, a few times its size.
+process, see ``Reader.pieces``.) A unit is ``UNIT_BYTES`` or more, up to the next line end. From a line longer
+than ``LONG_LINE_BYTES`` on, the rest of the file is read in the main process, which cuts a long document into
+pieces as it reads, so memory stays bounded whatever the line length.
 
-Piece ids: the piece with index k in unit u of input i is ``i << 40 | u << 20 | k``, so ids grow in input order
-just as those of the main-process reader do, and a resume position (piece id, token offset) means the same
-whatever the worker count.
+Piece ids: the piece with index k in unit u of input i is ``i << 40 | u << 20 | k``; the k-th piece of the rest
+of a file after unit u - 1 is ``(i << 40 | u << 20) + k``. Ids therefore grow in input order, as those of the
+main-process reader do, and a resume position (piece id, token offset) means the same whatever the worker count.
 """
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import replace
 from typing import Any, Iterator, Optional
@@ -28,6 +30,7 @@ from data_prep.inputs import InputFile, UserError
 from data_prep.sources import Reader
 
 UNIT_BYTES = 1 << 20
+LONG_LINE_BYTES = 4 << 20        # a line longer than this, and the rest of its file, is read in the main process
 UNIT_BITS = 20                   # piece index within a unit
 INPUT_BITS = 40                  # unit and piece bits together (the piece-id layout of the main-process reader)
 
@@ -38,12 +41,15 @@ def by_units(reader: Reader, f: InputFile) -> bool:
     return (f.kind == "txt" and mode == "line") or (f.kind == "jsonl" and mode == "record")
 
 
-def cut(reader: Reader, f: InputFile) -> Iterator[tuple[bytes, int, int]]:
-    """(unit, lines before it in the file, bytes of the file consumed) for each unit of ``f``, in order: a unit
-    ends at the first line end at or after its ``UNIT_BYTES``-th byte (or at the end of the file)."""
+def cut(reader: Reader, f: InputFile) -> Iterator[tuple]:
+    """The units of ``f`` in order, each ("unit", bytes, lines before it, bytes of the file consumed): a unit ends
+    at the first line end at or after its ``UNIT_BYTES``-th byte (or at the end of the file). A line longer than
+    ``LONG_LINE_BYTES`` ends the units: then comes ("rest", blocks, lines before it), the rest of the file as
+    (block, position) from that line on, for the main process to read as pieces with bounded memory."""
     parts: list[bytes] = []
     size = lines = pos = 0
-    for block, pos in reader._blocks(f):
+    blocks = reader._blocks(f)
+    for block, pos in blocks:
         start = 0
         while True:
             k = block.find(b"\n", start + max(UNIT_BYTES - size, 1) - 1)
@@ -51,14 +57,25 @@ def cut(reader: Reader, f: InputFile) -> Iterator[tuple[bytes, int, int]]:
                 break
             parts.append(block[start:k + 1])
             unit = b"".join(parts)             # joined once, so a long line costs linear time
-            yield unit, lines, pos
+            yield "unit", unit, lines, pos
             lines += unit.count(b"\n")
             parts, size, start = [], 0, k + 1
         if start < len(block):
             parts.append(block[start:])
             size += len(block) - start
+        if size > LONG_LINE_BYTES:
+            data = b"".join(parts)
+            k = data.rfind(b"\n") + 1          # whole lines before the long one still go as a unit
+            if k:
+                yield "unit", data[:k], lines, pos
+                lines += data.count(b"\n", 0, k)
+            step = len(block) or 1             # hand the gathered part on in blocks the size the reader reads
+            head = [(data[j:j + step], pos) for j in range(k, len(data), step)]
+            del data, parts
+            yield "rest", itertools.chain(head, blocks), lines
+            return
     if parts:
-        yield b"".join(parts), lines, pos
+        yield "unit", b"".join(parts), lines, pos
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -89,7 +106,8 @@ def encode_unit(item: tuple) -> tuple:
     unit_file = replace(f, gz=False, size=len(data))
     base = (i << INPUT_BITS) | (u << UNIT_BITS)
     texts, first, last, pids, splits, skips = [], [], [], [], [], []
-    for pieces in reader.pieces(unit_file, counts, data=data, line0=line0, report=False):
+    blocks = iter([(data, len(data)), (b"", len(data))])
+    for pieces in reader.pieces(unit_file, counts, blocks=blocks, line0=line0, report=False):
         for k, text, fst, lst, split in pieces:
             if k >= 1 << UNIT_BITS:
                 raise RuntimeError(f"{f.path}: more than 2**{UNIT_BITS} pieces in one unit")

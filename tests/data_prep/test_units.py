@@ -34,14 +34,14 @@ def test_units_end_at_line_ends_and_cover_the_file(tmp_path, monkeypatch, gz):
     monkeypatch.setattr(sources, "CHUNK_BYTES", 777)          # blocks that do not line up with units
     f = find_inputs([str(path)])[0]
     cut = list(units.cut(sources.Reader(doc_per="line"), f))
-    assert b"".join(u for u, _, _ in cut) == data
+    assert {c[0] for c in cut} == {"unit"} and b"".join(c[1] for c in cut) == data
     assert len(cut) > 5
     before = 0
-    for u, line0, _ in cut[:-1]:
+    for _, u, line0, _ in cut[:-1]:
         assert u.endswith(b"\n") and len(u) >= 1000 and b"\n" not in u[999:-1]     # the first line end after 1000
         assert line0 == before
         before += u.count(b"\n")
-    assert cut[-1][1] == before and not cut[-1][0].endswith(b"\n")
+    assert cut[-1][2] == before and not cut[-1][1].endswith(b"\n")
 
 
 def test_shards_do_not_depend_on_unit_size(tmp_path, monkeypatch, tiny_model, docs):
@@ -88,3 +88,29 @@ def test_bad_record_warnings_are_capped_per_input(tmp_path, monkeypatch, tiny_mo
     assert shown[True] == sources.MAX_WARNINGS_PER_KIND
     assert sum("more bad records skipped" in line for line in logs) == 1
     assert m.counts["bad_records_skipped"] == 100
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_a_very_long_line_hands_the_rest_to_the_main_process(tmp_path, monkeypatch, tiny_model, docs, kind):
+    """From a line longer than LONG_LINE_BYTES on, the file is read in the main process (bounded memory); the
+    shards, counts and line numbers are those of reading it all as units."""
+    lines = [f"short line {i} " * (i % 4 + 1) for i in range(120)]
+    lines[40] = " ".join(docs)                                  # ~300k characters on one line
+    lines[90] = "bad \udcff here"
+    path = tmp_path / f"in.{kind}"
+    if kind == "txt":
+        path.write_bytes("\n".join(lines).encode("utf-8", "surrogatepass") + b"\n")
+    else:
+        path.write_text("\n".join(json.dumps({"text": t}) for t in lines) + "\n")
+    kw = {"doc_per": "line"} if kind == "txt" else {}
+    ref, m_ref, logs_ref = _run(tmp_path, "ref", [path], tiny_model, **kw)
+    monkeypatch.setattr(units, "UNIT_BYTES", 1500)
+    monkeypatch.setattr(units, "LONG_LINE_BYTES", 20000)
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 4096)
+    f = find_inputs([str(path)])[0]
+    parts = list(units.cut(sources.Reader(doc_per="line"), f))
+    assert [p[0] for p in parts[-2:]] == ["unit", "rest"] and parts[-1][2] == 40    # 40 lines before the long one
+    got, m, logs = _run(tmp_path, "got", [path], tiny_model, **kw)
+    assert got == ref
+    assert {k: v for k, v in m.counts.items()} == m_ref.counts and m.counts["long_documents_split"] == 1
+    assert [x for x in logs if "U+FFFD" in x] == [x for x in logs_ref if "U+FFFD" in x] and "line 91" in logs[0]
