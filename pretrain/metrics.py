@@ -32,9 +32,11 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: Optional[float]
 class MetricsLog:
     """Rank 0 writes; other ranks get a no-op object from ``MetricsLog.for_rank``."""
 
-    def __init__(self, run_dir: Path, *, wandb_mode: str, project: str, name: str, config: dict[str, Any]):
+    def __init__(self, run_dir: Path, *, wandb_mode: str, project: str, name: str, config: dict[str, Any],
+                 start_step: int = 0):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
+        self.dropped = self._forget_after(start_step)
         self._file = open(self.path, "a", buffering=1)
         self._wandb = None
         if wandb_mode != "disabled":
@@ -46,6 +48,30 @@ class MetricsLog:
             id_file.write_text(run_id)
             self._wandb = wandb.init(project=project, name=name, id=run_id, resume="allow", mode=wandb_mode,
                                      dir=str(run_dir), config=config)
+
+    def _forget_after(self, step: int) -> int:
+        """Drop records past ``step``, where this (re)start begins: they describe steps whose weights were lost
+        (a kill after the last checkpoint) and are about to be trained again, so the file keeps every step once.
+        Rewritten atomically; returns how many records were dropped."""
+        if not self.path.exists():
+            return 0
+        keep, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            try:
+                past = json.loads(line).get("step", 0) > step
+            except (ValueError, AttributeError):
+                past = False                   # a torn last line of a killed run is dropped too
+                dropped += 1
+                continue
+            if past:
+                dropped += 1
+            else:
+                keep.append(line)
+        if dropped:
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, self.path)
+        return dropped
 
     def log(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}

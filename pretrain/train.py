@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="run file (conf/run/NAME.yaml) or a path to one")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
+    from pretrain.preempt import catch_early
+    catch_early()                       # a scheduler's signal during start-up must not kill us: we save instead
     os.environ.setdefault("WANDB_MODE", "offline")
     from conf import cli_errors, load_config
     from conf.loader import CONF_DIR

@@ -102,7 +102,11 @@ class Trainer:
         self.preempt = PreemptionFlag().install()
         self._resume()
         self.metrics = (MetricsLog(self.run_dir, wandb_mode=cfg.logging.wandb, project=cfg.logging.project,
-                                   name=cfg.name, config=config_to_dict(cfg)) if self.is_main else NullLog())
+                                   name=cfg.name, config=config_to_dict(cfg), start_step=self.step)
+                        if self.is_main else NullLog())
+        if getattr(self.metrics, "dropped", 0):
+            self.print(f"metrics: dropped {self.metrics.dropped} record(s) past step {self.step}, where this run "
+                       "resumes (they are trained again)")
         self.batches = iter(self.loader)
 
     # ---- checkpoints ------------------------------------------------------------------------------------------

@@ -1,0 +1,36 @@
+"""The Slurm tests run against a real one-node cluster (slurm/local_cluster.sh start, as root). Where none answers
+they skip with the reason — except when MOR_REQUIRE_SLURM=1 (CI sets it), where a missing cluster fails them."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+REQUIRED = os.environ.get("MOR_REQUIRE_SLURM") == "1"
+
+
+def slurm_unavailable() -> str | None:
+    """Why no Slurm cluster can run jobs here, or None when one can."""
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "Slurm client commands not installed (as root: bash slurm/local_cluster.sh start)"
+    try:
+        res = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer in 20 s"
+    states = res.stdout.split()
+    if res.returncode != 0 or not states:
+        return f"no Slurm controller answers ({res.stderr.strip() or 'sinfo printed nothing'})"
+    if not any(s.rstrip("*~#") in ("idle", "mix", "alloc") for s in states):
+        return f"no usable Slurm node (states: {' '.join(states)})"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    reason = slurm_unavailable()
+    if reason:
+        if REQUIRED:
+            pytest.fail(f"MOR_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
