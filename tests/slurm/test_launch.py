@@ -34,13 +34,14 @@ def data(tmp_path_factory) -> Path:
 
 def sbatch(args: list[str], env: dict | None = None) -> int:
     res = subprocess.run(["sbatch", "--parsable", *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                         env={**os.environ, **(env or {})})
+                         check=False, env={**os.environ, **(env or {})})
     assert res.returncode == 0, res.stderr
     return int(res.stdout.strip().split(";")[0])
 
 
 def job_info(job: int) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", str(job)], capture_output=True, text=True, timeout=30).stdout
+    out = subprocess.run(["scontrol", "show", "job", str(job)], capture_output=True, text=True, timeout=30,
+                         check=False).stdout
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
@@ -85,7 +86,7 @@ def test_scontrol_requeue_resumes_without_repeating_or_missing_steps(slurm, data
                   "slurm/mor_1b7.sh", *tiny(data, tmp_path / "runs", "requeue", steps=40, every=5)],
                  env={"MOR_FAULT_STEP_SECONDS": "0.25"})
     wait_for(lambda: len(steps_logged(run)) >= 12, 180, "step 12 of the first start")
-    res = subprocess.run(["scontrol", "requeue", str(job)], capture_output=True, text=True, timeout=30)
+    res = subprocess.run(["scontrol", "requeue", str(job)], capture_output=True, text=True, timeout=30, check=False)
     assert res.returncode == 0, res.stderr
     info = wait_for(lambda: finished(job), 300, "the requeued job to finish", every=2)
     text = log.read_text()
