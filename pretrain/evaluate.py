@@ -28,16 +28,16 @@ def validation_loss(trainer, max_batches: int) -> float:
             break
         batches.append((tokens.to(trainer.device), labels.to(trainer.device)))
     if trainer.layout.pp > 1:
-        # the pipeline's p2p buffers have one shape: a short last batch of the pass is left out
-        batches = [bt for bt in batches if bt[0].shape[0] == cfg.parallel.micro_batch_size]
-    if trainer.layout.pp > 1 and batches:
-        b, t = batches[0][0].shape
-        results = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
-            num_microbatches=len(batches), seq_length=packed_rows(model.cfg, model.pp_size, b, t),
-            micro_batch_size=b, forward_only=True)
-        for r in results:
-            total += torch.stack([r["lm_loss"].float().to(trainer.device), torch.ones((), device=trainer.device)])
+        # The pipeline's p2p buffers have one shape per schedule call: a short last batch gets a call of its own.
+        for shape in dict.fromkeys(bt[0].shape for bt in batches):
+            group = [bt for bt in batches if bt[0].shape == shape]
+            b, t = shape
+            results = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter(group), model=[model],
+                num_microbatches=len(group), seq_length=packed_rows(model.cfg, model.pp_size, b, t),
+                micro_batch_size=b, forward_only=True)
+            for r in results:
+                total += torch.stack([r["lm_loss"].float().to(trainer.device), torch.ones((), device=trainer.device)])
         dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
     else:
         for tokens, labels in batches:
