@@ -18,6 +18,12 @@
 # submitting shell is ignored, since sbatch copies the environment and it would be stale).
 set -euo pipefail
 
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+  echo "Submit with: sbatch [options] slurm/mor_{135m,360m,730m,1b7}.sh [key=value ...]  (see the top-level README)"
+  exit 0
+fi
+
 ROOT=${MOR_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
 if [[ ! -f $ROOT/pretrain/train.py ]]; then
   echo "launch.sh: $ROOT is not the project checkout: run sbatch from the checkout (cd to it first) or set MOR_ROOT" >&2

@@ -108,3 +108,18 @@ def test_time_limit_signal_saves_requeues_and_finishes(slurm, data, tmp_path):
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, (info, text)
     assert "the trainer saved a checkpoint and asked for a requeue" in text and "resumed from" in text
     assert steps_logged(run) == list(range(1, 71)), text
+
+
+@pytest.mark.parametrize("script", ["mor_135m.sh", "mor_360m.sh", "mor_730m.sh", "mor_1b7.sh"])
+def test_scripts_explain_themselves_and_refuse_to_run_outside_slurm(script):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    help_ = subprocess.run(["bash", f"slurm/{script}", "--help"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=30, check=False, env=env)
+    assert help_.returncode == 0 and "sbatch" in help_.stdout and "requeue" in help_.stdout
+    res = subprocess.run(["bash", f"slurm/{script}", "train.steps=1"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=30, check=False, env=env)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "not inside a Slurm job" in res.stderr
+    header = (ROOT / "slurm" / script).read_text()
+    for option in ("--nodes=", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=", "--time=",
+                   "--signal=USR1@", "--requeue", "--output="):
+        assert f"#SBATCH {option}" in header
