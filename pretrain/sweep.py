@@ -320,9 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     executor = results.make_executor(cfg, kind)
     fns = [TrainPoint(run_path(cfg.run), p.overrides, s.cpus_per_task) for p in points]
-    # The jobs unpickle pretrain.sweep.TrainPoint: the repo must be importable from their working directory too,
-    # and this project is not installed into the venv, so hand them the repo root (sbatch and the local executor
-    # pass the submitting environment on).
+    # The jobs unpickle pretrain.sweep.TrainPoint, so the checkout must be importable there even when it is not
+    # installed into the environment (a plain clone): hand them the repo root (sbatch and the local executor pass
+    # the submitting environment on).
     pythonpath = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), *filter(None, [pythonpath])])
     try:
