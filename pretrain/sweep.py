@@ -222,8 +222,9 @@ def run_path(run: str) -> str:
     return str(Path(run).absolute())
 
 
-def validate(cfg: SweepConfig, points: list[Point], where: str) -> None:
-    """Before anything is submitted: every point's config, its layout on the job's world size, and its data."""
+def validate(cfg: SweepConfig, points: list[Point], where: str, *, dry_run: bool = False) -> None:
+    """Before anything is submitted: every point's config, its layout on the job's world size, and its data. In
+    a dry run a data problem is a warning: the plan can be read before the shards are made."""
     from conf import load_config
     from pretrain.config import RunConfig
     from pretrain.data import TokenLoader
@@ -239,7 +240,10 @@ def validate(cfg: SweepConfig, points: list[Point], where: str) -> None:
             TokenLoader(rc.data.path, "train", micro_batch_size=rc.parallel.micro_batch_size, dp_size=dp,
                         num_workers=rc.data.num_workers)
         except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"{where}: point {p.name}: data.path: {e}") from None
+            msg = f"{where}: point {p.name}: data.path: {e}"
+            if not dry_run:
+                raise ConfigError(msg) from None
+            print(f"warning: {msg} (a submission would stop here)", file=sys.stderr)
 
 
 class TrainPoint(submitit.helpers.Checkpointable):
@@ -305,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         points = expand(cfg)
         if args.collect:
             return results.collect(Path(cfg.out_dir), points, results.load_jobs(Path(cfg.out_dir)))
-        validate(cfg, points, args.sweep)
+        validate(cfg, points, args.sweep, dry_run=args.dry_run)
         kind = results.executor_kind(cfg, args.executor, args.sweep)
     s = cfg.slurm
     print(f"sweep {cfg.name}: {len(points)} point(s) of {cfg.run}, one job each, executor {kind}; out_dir {cfg.out_dir}")

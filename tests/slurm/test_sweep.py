@@ -98,6 +98,16 @@ def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path, data):
     assert not out.exists()  # no submitit folder, no job record, no runs
 
 
+def test_missing_data_is_a_warning_in_a_dry_run_and_an_error_for_a_submission(tmp_path):
+    plan = write_sweep(tmp_path / "nodata.yaml", tmp_path / "not_made_yet", tmp_path / "out")
+    dry = sweep(str(plan), "--dry-run", "--executor", "local")
+    assert dry.returncode == 0 and "would submit 2 job(s)" in dry.stdout
+    assert dry.stderr.count("warning: ") == 2 and "no manifest here" in dry.stderr
+    real = sweep(str(plan), "--executor", "local")
+    assert real.returncode == 2 and real.stderr.count("\n") == 1 and "data.path:" in real.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("body,where,key", [
     ("gird:\n  optim.lr: [1]\n", ":3:", "gird: unknown key; did you mean 'grid'?"),
     ("slurm:\n  tasks_per_node: two\n", ":4:", "slurm.tasks_per_node: expected int, got 'two'"),
