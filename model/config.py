@@ -67,6 +67,10 @@ class ModelConfig:
     kv_sharing: bool = False
     # Attention kernel: auto picks flash-attn on GPU when installed, else PyTorch SDPA.
     attention_backend: Literal["auto", "sdpa", "flash"] = "auto"
+    # Token-choice recursion steps after the first run on the tokens still recursing, gathered into a shorter
+    # sequence (the saving MoR promises; costs one host sync per step for the length). False: every token, with
+    # a key mask (no sync). Same results either way; sequence parallelism always uses the masked form.
+    tc_compact: bool = True
 
     # ---- derived quantities -------------------------------------------------------------------------------
     @property

@@ -130,6 +130,13 @@ class MoRModel(nn.Module):
             if "_pos_rope" not in s:
                 s["_pos_rope"] = self.rotary(torch.arange(t, device=s["h"].device).expand(b, t))
             key = "y" if "y" in s else "h"
+            if key == "y" and op.step > 0 and cfg.tc_compact:
+                idx, rope = self._tc_active(s, op.step)
+                where = idx[..., None].expand(-1, -1, d)
+                x = self._layer(op.layer, torch.gather(s["y"], 1, where), rope, None)
+                # Slots past a row's active tokens hold inactive ones: their y is never read again.
+                s["y"] = s["y"].scatter(1, where, x)
+                return
             active = s["depth"] > op.step if ("y" in s and op.step > 0) else None
             s[key] = self._layer(op.layer, s[key], s["_pos_rope"], active)
         elif op.kind == "ec_route":
@@ -175,6 +182,25 @@ class MoRModel(nn.Module):
             if op.step == cfg.num_recursions - 1:
                 for key in ("h1", "depth", "gate"):
                     s.pop(key)
+
+    def _tc_active(self, s: dict, step: int) -> tuple[torch.Tensor, tuple]:
+        """Positions of the tokens still recursing at token-choice ``step`` (depth > step), first in each row
+        and in position order, then the row's other tokens as padding: (B, K) with K the most active tokens of
+        any row, rounded up to a multiple of 64 (fewer distinct shapes for torch.compile). In that order causal
+        attention is exactly the masked attention among active tokens: no active token comes after a padding
+        slot. Cached for the step's layers."""
+        cached = s.get("_tc_active")
+        if cached is not None and cached[0] == step:
+            return cached[1], cached[2]
+        active = s["depth"] > step
+        t = active.shape[1]
+        k = int(active.sum(dim=1).max())                  # the one host sync of the step
+        k = min(t, max(64, -(-k // 64) * 64))
+        ar = torch.arange(t, device=active.device)
+        idx = torch.argsort((~active).to(torch.int64) * t + ar, dim=1)[:, :k]
+        rope = self.rotary(idx)
+        s["_tc_active"] = (step, idx, rope)
+        return idx, rope
 
     # ---- sequence parallelism ---------------------------------------------------------------------------------
     # Between routing ops the stream a layer runs on (h, the compacted x, or token-choice's y) is split along the

@@ -47,7 +47,9 @@ def test_bf16_autocast_forward_backward_close_to_fp32(kind):
 @pytest.mark.parametrize("kind", VARIANTS)
 def test_forward_has_no_host_device_sync(kind):
     routing, sharing = kind
-    model = MoRModel(tiny(routing=routing, sharing=sharing)).cuda()
+    # Compact token-choice reads each step's active-token count on the host (one sync per step, by design);
+    # its masked form, like expert-choice, must not sync at all.
+    model = MoRModel(tiny(routing=routing, sharing=sharing, tc_compact=False)).cuda()
     x, y = _tokens(device="cuda")
     model(x, y)  # warm-up: lazy initialisation may sync once
     torch.cuda.synchronize()
@@ -58,6 +60,18 @@ def test_forward_has_no_host_device_sync(kind):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     out.loss.backward()
+
+
+def test_token_choice_compact_matches_masked_on_cuda_in_bf16():
+    import dataclasses
+    cfg = tiny(routing="token_choice", sharing="middle_cycle", max_seq_len=256)
+    compact = MoRModel(cfg).cuda()
+    dense = MoRModel(dataclasses.replace(cfg, tc_compact=False)).cuda()
+    dense.load_state_dict(compact.state_dict())
+    x, y = _tokens(b=4, t=200, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        a, b = compact(x, y), dense(x, y)
+    assert abs(a.lm_loss.item() - b.lm_loss.item()) / b.lm_loss.item() < 1e-2
 
 
 @pytest.mark.skipif(not flash_available(), reason="flash-attn is not installed")

@@ -1,0 +1,50 @@
+"""Token-choice steps on the gathered active tokens (tc_compact) compute exactly what the masked dense form
+computes: same loss, logits, router state and gradients, for rows with different numbers of active tokens."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from model.mor import MoRModel
+from tests.model.helpers import tiny
+
+
+def _pair(**kw):
+    cfg = tiny(routing="token_choice", sharing="middle_cycle", max_seq_len=256, **kw)
+    torch.manual_seed(0)
+    compact = MoRModel(dataclasses.replace(cfg, tc_compact=True))
+    dense = MoRModel(dataclasses.replace(cfg, tc_compact=False))
+    dense.load_state_dict(compact.state_dict())
+    return compact, dense
+
+
+@pytest.mark.parametrize("t", [32, 200])          # 200: the compact length (a multiple of 64) is below t
+def test_compact_equals_masked_dense(t):
+    compact, dense = _pair()
+    torch.manual_seed(1)
+    x = torch.randint(0, 128, (3, t + 1))
+    compact.trace, dense.trace = [], []
+    a, b = compact(x[:, :-1], x[:, 1:]), dense(x[:, :-1], x[:, 1:])
+    depth = compact.trace[0]["depth"]
+    counts = (depth > 1).sum(dim=1)
+    assert counts.min() < counts.max() and counts.max() < t   # rows differ; some tokens stop early
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+    for ra, rb in zip(compact.trace, dense.trace):
+        torch.testing.assert_close(ra["h"], rb["h"], rtol=1e-5, atol=1e-5)
+    a.loss.backward()
+    b.loss.backward()
+    for (name, pa), pb in zip(compact.named_parameters(), dense.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compact_runs_every_step_on_fewer_tokens():
+    compact, _ = _pair()
+    seen = []
+    layer = compact.layers[str(max(int(k) for k in compact.layers) - 1)]
+    hook = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    x = torch.randint(0, 128, (2, 201))
+    compact(x[:, :-1], x[:, 1:])
+    hook.remove()
+    assert seen[0] == 200 and min(seen) < 200
