@@ -67,6 +67,14 @@ def _count_replace(exc: UnicodeDecodeError):
 codecs.register_error("data_prep.count_replace", _count_replace)
 
 
+def add_issue(issues: dict[str, list], kind: str, n: int, where: str) -> None:
+    """Count ``n`` more replaced characters of ``kind`` in ``issues`` ({kind: [count, where the first was]})."""
+    if kind in issues:
+        issues[kind][0] += n
+    else:
+        issues[kind] = [n, where]
+
+
 class Reader:
     """Reads inputs as pieces. ``warn(msg)`` prints one warning line; per-input counts go to ``counts``."""
 
@@ -134,10 +142,7 @@ class Reader:
     # -- helpers ------------------------------------------------------------------------------------------------
 
     def _note(self, kind: str, n: int, where: str) -> None:
-        if kind in self.issues:
-            self.issues[kind][0] += n
-        else:
-            self.issues[kind] = [n, where]
+        add_issue(self.issues, kind, n, where)
 
     def _clean(self, text: str, counts: Counter, where: Callable[[str, int], str]) -> str:
         if "\x00" in text:

@@ -17,7 +17,7 @@ import numpy as np
 from data_prep import sources, units
 from data_prep import tokenizer as T
 from data_prep.inputs import InputFile
-from data_prep.sources import MAX_WARNINGS_PER_KIND, Reader
+from data_prep.sources import MAX_WARNINGS_PER_KIND, Reader, add_issue
 from data_prep.writer import SplitWriter, _excl_cumsum
 
 BATCH_CHARS = 1 << 18             # text per batch of pieces sent to a worker
@@ -67,7 +67,7 @@ class Encoder:
             counts: Counter = Counter()
             pieces, first_pid = None, i << PIECE_BITS
             if units.by_units(self.reader, f):
-                if batch.texts or batch.dones:
+                if batch.pieces.texts or batch.dones:
                     yield batch.item(base)
                     batch = _Batch()
                 self.acc[i] = _Input()
@@ -84,11 +84,8 @@ class Encoder:
             else:
                 pieces = self.reader.pieces(f, counts)
             for group in pieces or ():
-                for pi, text, fst, lst, split in group:
-                    pid = first_pid + pi
-                    skip = units._skip(self.resume, split, pid)
-                    if skip is not None:
-                        batch.add(text, fst, lst, pid, split, skip)
+                for piece in group:
+                    batch.pieces.offer(piece, first_pid + piece[0], self.resume)
                     if batch.full():
                         yield batch.item(base + self.reader.position)
                         batch = _Batch()
@@ -202,41 +199,20 @@ class Encoder:
 def _merge(into: dict[str, list], issues: dict[str, list]) -> None:
     """Add a later part's replaced-character counts to an input's: {kind: [count, where the first was]}."""
     for kind, (n, where) in issues.items():
-        if kind in into:
-            into[kind][0] += n
-        else:
-            into[kind] = [n, where]
+        add_issue(into, kind, n, where)
 
 
 class _Batch:
-    """Pieces read in the main process, gathered into one work item."""
+    """Pieces read in the main process, gathered into one work item, and the inputs that end with it."""
 
     def __init__(self):
-        self.texts: list[str] = []
-        self.first: list[int] = []
-        self.last: list[int] = []
-        self.pids: list[int] = []
-        self.splits: list[int] = []
-        self.skips: list[int] = []
-        self.chars = 0
+        self.pieces = units.PieceBatch()
         self.dones: list[tuple[int, Counter, dict]] = []
 
-    def add(self, text: str, fst: bool, lst: bool, pid: int, split: int, skip: int) -> None:
-        self.texts.append(text)
-        self.first.append(fst)
-        self.last.append(lst)
-        self.pids.append(pid)
-        self.splits.append(split)
-        self.skips.append(skip)
-        self.chars += len(text)
-
     def full(self) -> bool:
-        return self.chars >= BATCH_CHARS or len(self.texts) >= BATCH_PIECES
+        return self.pieces.chars >= BATCH_CHARS or len(self.pieces.texts) >= BATCH_PIECES
 
     def item(self, position: int) -> Item:
-        if not self.texts:
+        if not self.pieces.texts:
             return Item(None, None, position, dones=self.dones)
-        pieces = (np.asarray(self.pids, dtype=np.int64), np.asarray(self.splits, dtype=np.int8),
-                  np.asarray(self.skips, dtype=np.int64), sum(self.first))
-        return Item(T.encode_batch, (self.texts, bytes(self.first), bytes(self.last)), position,
-                    dones=self.dones, pieces=pieces)
+        return Item(T.encode_batch, self.pieces.payload(), position, dones=self.dones, pieces=self.pieces.arrays())

@@ -105,25 +105,52 @@ def encode_unit(item: tuple) -> tuple:
     counts: Counter = Counter()
     unit_file = replace(f, gz=False, size=len(data))
     base = (i << INPUT_BITS) | (u << UNIT_BITS)
-    texts, first, last, pids, splits, skips = [], [], [], [], [], []
+    batch = PieceBatch()
     blocks = iter([(data, len(data)), (b"", len(data))])
     for pieces in reader.pieces(unit_file, counts, blocks=blocks, line0=line0, report=False):
-        for k, text, fst, lst, split in pieces:
-            if k >= 1 << UNIT_BITS:
+        for piece in pieces:
+            if piece[0] >= 1 << UNIT_BITS:
                 raise RuntimeError(f"{f.path}: more than 2**{UNIT_BITS} pieces in one unit")
-            pid = base | k
-            skip = _skip(resume, split, pid)
-            if skip is None:
-                continue
-            texts.append(text)
-            first.append(fst)
-            last.append(lst)
-            pids.append(pid)
-            splits.append(split)
-            skips.append(skip)
-    tokens, lens = T.encode_batch((texts, bytes(first), bytes(last))) if texts else (None, None)
-    return (tokens, lens, np.asarray(pids, dtype=np.int64), np.asarray(splits, dtype=np.int8),
-            np.asarray(skips, dtype=np.int64), sum(first), dict(counts), reader.issues, warnings)
+            batch.offer(piece, base | piece[0], resume)
+    tokens, lens = T.encode_batch(batch.payload()) if batch.texts else (None, None)
+    return (tokens, lens, *batch.arrays(), dict(counts), reader.issues, warnings)
+
+
+class PieceBatch:
+    """Pieces gathered for one encode call (in a worker for a unit, in the main process for other inputs): their
+    texts, BOS/EOS flags, ids, splits and the tokens each had written before a resume."""
+
+    def __init__(self):
+        self.texts: list[str] = []
+        self.first: list[bool] = []
+        self.last: list[bool] = []
+        self.pids: list[int] = []
+        self.splits: list[int] = []
+        self.skips: list[int] = []
+        self.chars = 0
+
+    def offer(self, piece: tuple, pid: int, resume: Optional[list]) -> None:
+        """Add ``piece`` (index, text, first, last, split) as ``pid``, unless it was written before a resume."""
+        _, text, fst, lst, split = piece
+        skip = _skip(resume, split, pid)
+        if skip is None:
+            return
+        self.texts.append(text)
+        self.first.append(fst)
+        self.last.append(lst)
+        self.pids.append(pid)
+        self.splits.append(split)
+        self.skips.append(skip)
+        self.chars += len(text)
+
+    def payload(self) -> tuple[list[str], bytes, bytes]:
+        """What tokenizer.encode_batch takes."""
+        return self.texts, bytes(self.first), bytes(self.last)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """(piece ids, splits, token skips, documents started)."""
+        return (np.asarray(self.pids, dtype=np.int64), np.asarray(self.splits, dtype=np.int8),
+                np.asarray(self.skips, dtype=np.int64), sum(self.first))
 
 
 def _skip(resume: Optional[list], split: int, pid: int) -> Optional[int]:
