@@ -11,6 +11,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+from data_prep.shards import atomic_write_bytes
+
 # Dense bf16 peaks per device (FLOP/s); CPU runs report no MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -55,23 +57,11 @@ class MetricsLog:
         Rewritten atomically; returns how many records were dropped."""
         if not self.path.exists():
             return 0
-        keep, dropped = [], 0
-        for line in self.path.read_text().splitlines():
-            try:
-                past = json.loads(line).get("step", 0) > step
-            except (ValueError, AttributeError):
-                past = False                   # a torn last line of a killed run is dropped too
-                dropped += 1
-                continue
-            if past:
-                dropped += 1
-            else:
-                keep.append(line)
-        if dropped:
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            os.replace(tmp, self.path)
-        return dropped
+        lines = self.path.read_text().splitlines()
+        keep = [line for line in lines if _step_of(line) <= step]   # a torn last line of a killed run goes too
+        if len(keep) < len(lines):
+            atomic_write_bytes(self.path, "".join(line + "\n" for line in keep).encode())
+        return len(lines) - len(keep)
 
     def log(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
@@ -85,7 +75,17 @@ class MetricsLog:
             self._wandb.finish()
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics record; infinity for a line that is not one (so it is never kept past a restart)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (ValueError, AttributeError):
+        return math.inf
+
+
 class NullLog:
+    dropped = 0
+
     def log(self, record: dict[str, Any]) -> None:
         pass
 

@@ -33,8 +33,7 @@ class PreemptionFlag:
 
     def install(self) -> "PreemptionFlag":
         for sig in SIGNALS:
-            previous = signal.signal(sig, self._handler)
-            self._previous[sig] = previous
+            self._previous[sig] = signal.signal(sig, self._handler)
         if _early:
             self.received = _early[0]
             _early.clear()

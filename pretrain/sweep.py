@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         validate(cfg, points, args.sweep, dry_run=args.dry_run)
         kind = results.executor_kind(cfg, args.executor, args.sweep)
     s = cfg.slurm
-    print(f"sweep {cfg.name}: {len(points)} point(s) of {cfg.run}, one job each, executor {kind}; out_dir {cfg.out_dir}")
+    print(f"sweep {cfg.name}: {len(points)} point(s) of {cfg.run}, one job each, executor {kind}; "
+          f"out_dir {cfg.out_dir}")
     print(f"  each job: {s.nodes} node(s) × {s.tasks_per_node} task(s), {s.gpus_per_node} GPU(s)/node, "
           f"{s.cpus_per_task} CPU(s)/task, {s.timeout_min} min" + (
               f", partition {s.partition}, USR2 {s.signal_delay_s} s before the limit, up to {s.max_num_timeout} "

@@ -10,16 +10,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import submitit
 
+from data_prep.shards import atomic_write_bytes
 from model.config import ConfigError
 
 if TYPE_CHECKING:
@@ -98,17 +97,6 @@ def build_rows(points: list, states: dict[str, str], job_ids: dict[str, str]) ->
     return rows
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_tables(out_dir: Path, rows: list[dict[str, str]]) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
@@ -118,8 +106,8 @@ def write_tables(out_dir: Path, rows: list[dict[str, str]]) -> tuple[Path, Path]
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(r[c].replace("|", "\\|") for c in COLUMNS) + " |" for r in rows]
     csv_path, md_path = out_dir / "results.csv", out_dir / "results.md"
-    _atomic_write(csv_path, buf.getvalue())
-    _atomic_write(md_path, "\n".join(md) + "\n")
+    atomic_write_bytes(csv_path, buf.getvalue().encode())
+    atomic_write_bytes(md_path, ("\n".join(md) + "\n").encode())
     return csv_path, md_path
 
 
@@ -149,7 +137,7 @@ def executor_kind(cfg: SweepConfig, override: str | None, where: str) -> str:
 def save_jobs(out_dir: Path, kind: str, tasks: int, jobs: dict[str, Any]) -> None:
     """Record the job ids, so that --collect can ask their result files and the scheduler about them later."""
     record = {"executor": kind, "tasks": tasks, "jobs": {n: str(j.job_id) for n, j in jobs.items()}}
-    _atomic_write(out_dir / "jobs.json", json.dumps(record, indent=1) + "\n")
+    atomic_write_bytes(out_dir / "jobs.json", (json.dumps(record, indent=1) + "\n").encode())
 
 
 def load_jobs(out_dir: Path) -> dict[str, Any]:

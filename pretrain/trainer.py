@@ -104,7 +104,7 @@ class Trainer:
         self.metrics = (MetricsLog(self.run_dir, wandb_mode=cfg.logging.wandb, project=cfg.logging.project,
                                    name=cfg.name, config=config_to_dict(cfg), start_step=self.step)
                         if self.is_main else NullLog())
-        if getattr(self.metrics, "dropped", 0):
+        if self.metrics.dropped:
             self.print(f"metrics: dropped {self.metrics.dropped} record(s) past step {self.step}, where this run "
                        "resumes (they are trained again)")
         self.batches = iter(self.loader)
