@@ -9,6 +9,9 @@ sequence of ``seq_len + 1`` token ids (inputs and next-token labels overlap by o
 ``<key>.tokens``: raw little-endian ``uint16`` when the vocabulary fits, else ``uint32`` (the manifest's ``dtype``).
 Keys are ``<split>-<shard>-<sample>`` with zero-padded numbers, so tar order is sample order.
 
+Padding: the last sample of a split may end in padding (data_prep/writer.py); the manifest entry of the shard
+holding it says how many tokens (``pad_tokens``), so a reader can keep them out of the loss (``Manifest.padding``).
+
 A shard file appears only when complete: it is written under a temporary name in the same folder, flushed,
 fsynced and renamed. The manifest is written the same way.
 """
@@ -28,6 +31,9 @@ FORMAT = "mor-shards/1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 SUFFIX = "tokens"
+# Key order of a shard entry in manifest.json: fixed, so an entry read back from the resume journal (stored with
+# sorted keys) is written exactly as a fresh one and a resumed run's manifest is byte-identical.
+ENTRY_KEYS = ("name", "samples", "tokens", "bytes", "sha256", "pad_tokens")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -121,8 +127,27 @@ class Manifest:
     def tokens(self, split: str) -> int:
         return sum(s["tokens"] for s in self.splits.get(split, []))
 
+    def padding(self, split: str) -> list[int]:
+        """Padding tokens at the end of each shard's last sample, per entry of ``splits[split]``. Written by the
+        tokenizer as ``pad_tokens`` in the entry of the split's last shard; for a manifest made before that, inferred
+        from the counts: a split of S stream tokens cut into N samples of seq_len + 1 overlapping by one holds
+        N * seq_len + 1 - S padding tokens (less than 0 after ``--last drop``, which pads nothing). Without counts
+        (an unfinished manifest): none."""
+        entries = self.splits.get(split, [])
+        pads = [int(e.get("pad_tokens", 0)) for e in entries]
+        stream = self.counts.get(f"tokens_{split}")
+        if entries and not any("pad_tokens" in e for e in entries) and stream is not None:
+            pads[-1] = max(0, self.samples(split) * self.seq_len + 1 - int(stream))
+        for e, p in zip(entries, pads):
+            if not 0 <= p <= self.seq_len:
+                raise ValueError(f"split {split!r}, shard {e.get('name')}: {p} padding tokens do not fit in one "
+                                 f"sample of {self.seq_len} + 1 tokens; rerun data_prep/tokenize.py")
+        return pads
+
     def save(self, folder: Path) -> None:
-        atomic_write_bytes(Path(folder) / MANIFEST, (json.dumps(asdict(self), indent=1) + "\n").encode())
+        raw = asdict(self)
+        raw["splits"] = {split: [_ordered(e) for e in entries] for split, entries in self.splits.items()}
+        atomic_write_bytes(Path(folder) / MANIFEST, (json.dumps(raw, indent=1) + "\n").encode())
 
     @classmethod
     def load(cls, folder: Path) -> "Manifest":
@@ -133,13 +158,22 @@ class Manifest:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); rerun data_prep/tokenize.py") from None
-        if raw.get("format") != FORMAT:
-            raise ValueError(f"{path}: format {raw.get('format')!r}, expected {FORMAT!r}")
-        return cls(**raw)
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            got = raw.get("format") if isinstance(raw, dict) else None
+            raise ValueError(f"{path}: format {got!r}, expected {FORMAT!r}")
+        try:
+            return cls(**raw)
+        except TypeError as e:                  # a key missing or unknown
+            raise ValueError(f"{path}: not a manifest of format {FORMAT} ({e}); rerun data_prep/tokenize.py") from None
 
     @property
     def np_dtype(self) -> np.dtype:
         return np.dtype("<u2") if self.dtype == "uint16" else np.dtype("<u4")
+
+
+def _ordered(entry: dict[str, Any]) -> dict[str, Any]:
+    known = {k: entry[k] for k in ENTRY_KEYS if k in entry}
+    return known | {k: entry[k] for k in sorted(entry) if k not in known}
 
 
 def read_shard(path: Path, dtype: np.dtype, expected: Optional[dict[str, Any]] = None) -> list[np.ndarray]:

@@ -13,9 +13,11 @@ Memory stays bounded whatever the input: text is read in ``CHUNK_BYTES`` chunks 
 whole, then cut the same way). Each piece carries whether it starts and ends its document (for BOS/EOS) and the
 document's split.
 
-Split: a document goes to ``val`` when the first 8 bytes of blake2b(its first piece, UTF-8), read as a
-little-endian integer, are below ``val_fraction * 2**64``. The first piece is the whole text for every document up
-to ``PIECE_CHARS`` characters, so the split depends on the text only, never on order or worker count.
+Split: a document goes to ``val`` when BLAKE2b with a 64-bit digest of its first piece (UTF-8),
+``hashlib.blake2b(text, digest_size=8)`` read as a little-endian integer, is below ``val_fraction * 2**64`` (not
+the first 8 bytes of the default 512-bit digest, which is another value). The first piece is the whole text for
+every document up to ``PIECE_CHARS`` characters, so the split depends on the text only, never on order or worker
+count.
 
 Clean-up, counted per input: invalid UTF-8 is replaced with U+FFFD, NUL characters are removed, whitespace-only
 documents are skipped. A bad .jsonl line (not JSON, not an object, text field missing or not a string) or a null

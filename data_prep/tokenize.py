@@ -31,10 +31,12 @@ documents (--doc-per):
 
 packing: documents are joined as [BOS] text EOS (BOS only with --bos) into one stream per split and cut into
 samples of seq_len+1 tokens, consecutive samples overlapping by one token. The last partial sample of each split
-is padded with the pad id (EOS if the model has none) with --last pad (default; 'partial' means the same), or
-dropped with --last drop. Split: a document goes to val when a blake2b hash of its text falls below
---val-fraction, independent of order and worker count. Documents longer than 262,144 characters are cut at
-whitespace into pieces; with a whitespace-splitting model (as trained here, or Llama-style) the ids do not change.
+is padded with the pad id (EOS if the model has none) with --last pad (default; 'partial' means the same; the
+manifest records the padding, and training ignores it), or dropped with --last drop. Split: a document goes to
+val when BLAKE2b-64 of its UTF-8 text (hashlib.blake2b(text, digest_size=8), read little-endian) is below
+--val-fraction * 2**64, independent of order and worker count. Documents longer than 262,144 characters are cut
+at whitespace into pieces; with a whitespace-splitting model (as trained here, or Llama-style) the ids do not
+change.
 
 resuming: an interrupted run (Ctrl-C, kill, crash) keeps its finished shards; rerun the same command to continue.
 A complete output folder is never overwritten without --overwrite.

@@ -188,11 +188,18 @@ def train(texts: Iterable[str], out_path: str, *, vocab_size: int = 32000, sente
     spm.set_random_generator_seed(seed)
     writer = io.BytesIO()
     n_sent = [0]
+    failed: list[BaseException] = []
 
     def counted(it):
-        for s in it:
-            n_sent[0] += 1
-            yield s
+        # SentencePiece turns an exception of its sentence iterator into a RuntimeError that names only our
+        # frame (e.g. "sources.py(202): _blocks"): keep the original, which names the input file
+        try:
+            for s in it:
+                n_sent[0] += 1
+                yield s
+        except BaseException as e:
+            failed.append(e)
+            raise
 
     try:
         spm.SentencePieceTrainer.train(
@@ -202,9 +209,15 @@ def train(texts: Iterable[str], out_path: str, *, vocab_size: int = 32000, sente
             split_digits=True, allow_whitespace_only_pieces=True, split_by_whitespace=True,
             input_sentence_size=sentences, shuffle_input_sentence=True, max_sentence_length=8192,
             num_threads=threads, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
-    except RuntimeError as e:
+    except Exception as e:
+        if failed:
+            raise failed[0] from None
+        if not isinstance(e, RuntimeError):
+            raise
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise UserError(f"tokenizer training failed ({msg}); try a smaller --vocab-size or more text") from None
+    if failed:                          # in case a SentencePiece version swallows the error and stops reading
+        raise failed[0]
     if n_sent[0] == 0:
         raise UserError("tokenizer training: the inputs hold no text")
     proto = writer.getvalue()

@@ -179,6 +179,8 @@ class SplitWriter:
     def _write(self, next_pos: list[int], final: Optional[dict]) -> None:
         index = len(self.shards)
         entry = S.write_shard(self.out / S.shard_name(self.name, index), self.name, index, self.pending)
+        if final is not None:               # the split's last shard: its last sample may end in padding
+            entry["pad_tokens"] = final["pad_tokens"]
         rec = {"split": self.name, "shard": entry, "start": self.pending_start, "next": next_pos}
         if final is not None:
             rec["final"] = final

@@ -1,22 +1,49 @@
 """Next-token cross-entropy over (possibly vocab-parallel) logits."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from model.layers import tp_world_size
 
+# The label of a position that counts nowhere: the padding of a split's last sample (pretrain/data_readers.py).
+# torch's own default ignore_index, so F.cross_entropy needs no extra argument to agree.
+IGNORE_INDEX = -100
 
-def lm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, force_vocab_parallel: bool = False) -> torch.Tensor:
-    """Per-token loss (B, T) from logits (B, T, V / TP), computed in fp32.
+
+def lm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, loss_mask: Optional[torch.Tensor] = None,
+                     reduction: str = "none", force_vocab_parallel: bool = False) -> torch.Tensor:
+    """Next-token loss from logits (B, T, V / TP) and labels (B, T), computed in fp32.
+
+    ``reduction="none"``: the per-token loss (B, T), 0 (with no gradient) where the label is ``IGNORE_INDEX``.
+    ``reduction="mean"``: the mean over the labels that count, weighted by ``loss_mask`` when given; padding
+    never enters the count, so a batch holding padding weighs its real tokens as one without.
 
     With the vocabulary split over tensor-parallel ranks this is megatron-core's vocab-parallel cross-entropy.
     With one rank it is torch's own, which torch.compile fuses into a few passes over the logits instead of the
     many separate fp32 passes the parallel version makes; the tests check the two agree.
     """
+    if reduction not in ("none", "mean"):
+        raise ValueError(f"reduction={reduction!r}: expected 'none' or 'mean'")
+    ignored = labels == IGNORE_INDEX
     if tp_world_size() > 1 or force_vocab_parallel:
         logits32 = logits.float()
-        # megatron's version writes into its input: hand it a private copy (one copy, not two).
-        return vocab_parallel_cross_entropy(logits32 if logits32 is not logits else logits.clone(), labels)
-    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), reduction="none").view(labels.shape)
+        # megatron's version knows no ignore index: a label outside a rank's vocabulary slice reads as "another
+        # rank's", so -100 would give log-sum-exp as the loss, not 0. Give it a valid label and drop the result.
+        # It also writes into its input: hand it a private copy (one copy, not two).
+        per_token = vocab_parallel_cross_entropy(logits32 if logits32 is not logits else logits.clone(),
+                                                 labels.masked_fill(ignored, 0)).masked_fill(ignored, 0.0)
+    else:
+        per_token = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                    reduction="none").view(labels.shape)
+    if reduction == "none":
+        return per_token
+    weight = (~ignored).to(per_token.dtype)
+    if loss_mask is not None:
+        weight = weight * loss_mask.to(per_token.dtype)
+    # clamp: a batch of nothing but padding (impossible from our shards, which keep a real label in the padded
+    # sample) gives 0, not NaN; no host sync either way
+    return (per_token * weight).sum() / weight.sum().clamp(min=1.0)

@@ -243,7 +243,8 @@ class MoRModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 loss_mask: Optional[torch.Tensor] = None):
-        """tokens, labels, loss_mask: (B, T). Returns the mean next-token loss over loss_mask when labels given.
+        """tokens, labels, loss_mask: (B, T). Returns the mean next-token loss over loss_mask when labels given;
+        labels equal to model.loss.IGNORE_INDEX (padding) count nowhere.
 
         On a pipeline stage other than the last, returns the packed state tensor for the next stage instead.
         """
@@ -266,12 +267,8 @@ class MoRModel(nn.Module):
         aux_loss = s["aux"]
         if labels is None:
             return MoROutput(None, None, aux_loss, logits, stats)
-        per_token = lm_cross_entropy(logits, labels)
-        if loss_mask is None:
-            lm_loss = per_token.mean()
-        else:
-            mask = loss_mask.to(per_token.dtype)
-            lm_loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+        # the mean over the labels that count: loss_mask, and never padding (labels IGNORE_INDEX, model/loss.py)
+        lm_loss = lm_cross_entropy(logits, labels, loss_mask=loss_mask, reduction="mean")
         return MoROutput(lm_loss + aux_loss, lm_loss, aux_loss, None, stats)
 
     # ---- introspection ----------------------------------------------------------------------------------------

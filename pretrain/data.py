@@ -3,6 +3,7 @@
     loader = TokenLoader("data/tok", split="train", micro_batch_size=16, seed=0,
                          dp_rank=rank, dp_size=world, num_workers=2)
     for tokens, labels in loader:          # int64 (B, seq_len) each; labels = tokens shifted by one
+        n = label_count(labels)            # the labels that count (padding's are IGNORE_INDEX)
         ...
         ckpt["data"] = loader.state_dict() # per rank
     loader.load_state_dict(ckpt["data"])   # the next batch is exactly the one that would have come next
@@ -11,9 +12,17 @@
                       dp_rank=rank, dp_size=world)   # one pass per ``for`` loop, same batches every time
 
 With ``shuffle=False`` and ``num_workers=0`` a rank reads its shards in manifest order and their samples in tar
-order; with workers, the workers' batches interleave (deterministically). A split with fewer shards than
-readers leaves some readers, possibly whole ranks, without batches in a bounded pass: sum validation losses
+order; with workers, the workers' batches interleave (deterministically). In a bounded pass ranks may yield
+different numbers of batches (none at all when the split has fewer samples than readers): sum validation losses
 and token counts over ranks.
+
+Call ``load_manifest(folder)`` first: every consumer (trainer, evaluation, the loader itself) then stops with the
+same one line for a data set that is unfinished (with the command that finishes it) or has an empty split.
+
+Labels are the sample shifted by one, except padding: the tokenizer pads the last sample of each split (the
+manifest's ``pad_tokens``, see ``Manifest.padding``), and the labels of those positions are ``IGNORE_INDEX``
+(model/loss.py), so the loss skips them; ``label_count(labels)`` is what token counts should use. Tokens stay
+as they are.
 
 Readers. Every (data-parallel rank, loader worker) pair is one *reader*, numbered ``c = worker * dp_size +
 rank`` (C = dp_size * max(1, num_workers) readers). Epoch ``e`` orders the split's shards by a permutation
@@ -22,14 +31,20 @@ drawn from (seed, e) (identity when ``shuffle=False``); the shard at position ``
 reader. Uneven shard counts: each reader gets ⌊N/C⌋ or ⌈N/C⌉ shards per epoch, and because the offset
 ``e * N`` moves on every epoch, the readers that get the extra shard rotate: over consecutive epochs no reader
 falls systematically behind (the shard assignment is as if the epochs' orders were laid end to end and dealt
-round-robin). Shards with 0 samples are ignored. An unbounded loader needs N >= C.
+round-robin). Shards with 0 samples are ignored.
 
-Within a shard, samples pass through a shuffle buffer of ``shuffle_buffer`` samples that is emptied at the end
-of the shard, with its random numbers drawn from (seed, epoch, shard index) only: the order of a shard's samples
-in an epoch does not depend on who reads it. A buffer at least as large as the shard is a uniform permutation
-of the shard. Memory per reader: shuffle_buffer * (seq_len + 1) * itemsize (33 MB at 8192, seq 2048, uint16).
-Batches of a reader are ``micro_batch_size`` consecutive samples of its stream, so a batch holds samples of
-one shard, or of the few around a shard boundary; the mix across shards comes from the shuffled shard order and from the tokenizer's shards.
+Fewer shards than readers (N < C): every shard is read as m contiguous parts (m the fewest >= ceil(C / N) that
+gives every reader a part, ``data_readers.parts_per_shard``), and the parts take the place of the shards above
+(order, assignment, shuffle seeds): still every sample once per epoch, deterministic, resumable. With N >= C a
+part is a whole shard, so nothing changes. An unbounded loader needs at least C samples.
+
+Within a shard (a part, when shards are cut), samples pass through a shuffle buffer of ``shuffle_buffer``
+samples that is emptied at the end of the shard, with its random numbers drawn from (seed, epoch, shard index)
+only: the order of a shard's samples in an epoch does not depend on who reads it. A buffer at least as large as
+the shard is a uniform permutation of the shard. Memory per reader: shuffle_buffer * (seq_len + 1) * itemsize
+(33 MB at 8192, seq 2048, uint16). Batches of a reader are ``micro_batch_size`` consecutive samples of its
+stream, so a batch holds samples of one shard, or of the few around a shard boundary; the mix across shards comes
+from the shuffled shard order and from the tokenizer's shards.
 
 Each reader's stream is its samples of epoch 0, then of epoch 1, ... (``epochs=None``: forever; ``epochs=k``:
 epochs 0..k-1). Unbounded, every batch is full and a batch may hold the last samples of one epoch and the first
@@ -53,9 +68,10 @@ worker, dropping its samples already yielded; the DataLoader's workers are renum
 turn it was comes first. ``epoch`` is the oldest epoch this rank is still reading (every sample of earlier
 epochs has been yielded); it equals ``epochs`` after a full bounded pass.
 
-Errors: a missing manifest, a missing, truncated or corrupt shard (``ShardError``, naming the file), a sample
-of the wrong length, or a shard holding another number of samples than its manifest entry. With
-``verify_sha256=True`` each shard's sha256 is checked against the manifest every time it is opened.
+Errors: a missing manifest, an unfinished data set or an empty split (``load_manifest``), a missing, truncated or
+corrupt shard (``ShardError``, naming the file), a sample of the wrong length, or a shard holding another number
+of samples than its manifest entry. With ``verify_sha256=True`` each shard's sha256 is checked against the
+manifest every time it is opened.
 """
 from __future__ import annotations
 
@@ -66,12 +82,55 @@ from typing import Any, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from data_prep.shards import Manifest
+from data_prep.shards import MANIFEST, Manifest
+from model.loss import IGNORE_INDEX
 from pretrain.data_readers import Layout, Readers, RoundRobin, ShardError
 
-__all__ = ["TokenLoader", "ShardError"]
+__all__ = ["TokenLoader", "ShardError", "load_manifest", "label_count", "IGNORE_INDEX"]
 
 STATE_VERSION = 1
+
+
+def load_manifest(folder: str | Path, splits: tuple[str, ...] = ("train",)) -> Manifest:
+    """The manifest of a tokenized data set, checked for reading: finished, and each of ``splits`` holds samples.
+    Raises ValueError with one line (FileNotFoundError when there is no manifest); the trainer and every other
+    consumer call this first, so all of them say the same."""
+    folder = Path(folder)
+    manifest = Manifest.load(folder)
+    if not manifest.complete:
+        from data_prep.finish import finish_command, shards_so_far
+        so_far = ", ".join(f"{n} {split}" for split, n in shards_so_far(folder, manifest).items())
+        raise ValueError(f"{folder}: the tokenization is unfinished ({so_far} shard(s) so far); finish it with: "
+                         f"{finish_command(folder, manifest)}")
+    for split in splits:
+        if split not in manifest.splits:
+            raise ValueError(f"{folder}: manifest has no split {split!r} (has {sorted(manifest.splits)})")
+        if manifest.samples(split) == 0:
+            raise ValueError(f"{folder}: split {split!r} has no samples ({_why_empty(manifest, split)}); "
+                             "rerun data_prep/tokenize.py with more text"
+                             + (" or a larger --val-fraction" if split == "val" else ""))
+        try:
+            manifest.padding(split)
+        except ValueError as e:
+            raise ValueError(f"{folder / MANIFEST}: {e}") from None
+    return manifest
+
+
+def _why_empty(m: Manifest, split: str) -> str:
+    docs = m.counts.get("documents_val", 0) if split == "val" else \
+        m.counts.get("documents", 0) - m.counts.get("documents_val", 0)
+    why = f"{docs} documents, {m.counts.get(f'tokens_{split}', 0)} tokens"
+    if split == "val":
+        why += f" at --val-fraction {m.settings.get('val_fraction')}"
+    if m.settings.get("last") == "drop":
+        why += "; --last drop drops a partial last sample"
+    return why
+
+
+def label_count(labels: torch.Tensor) -> torch.Tensor:
+    """The number of labels that count (not padding) in a batch, as a tensor on the labels' device (no host
+    sync): what token counts, tokens/s and MFU should use."""
+    return (labels != IGNORE_INDEX).sum()
 
 
 class TokenLoader:
@@ -82,26 +141,24 @@ class TokenLoader:
                  epochs: Optional[int] = None, shuffle_buffer: int = 8192, verify_sha256: bool = False,
                  pin_memory: bool = False, prefetch_factor: int = 2):
         folder = Path(folder)
-        manifest = Manifest.load(folder)             # FileNotFoundError naming the path when missing
-        if split not in manifest.splits:
-            raise ValueError(f"{folder}: manifest has no split {split!r} (has {sorted(manifest.splits)})")
-        entries = [e for e in manifest.splits[split] if e["samples"] > 0]
-        if not entries:
-            raise ValueError(f"{folder}: split {split!r} has no samples")
+        manifest = load_manifest(folder, (split,))
+        kept = [(e, pad) for e, pad in zip(manifest.splits[split], manifest.padding(split)) if e["samples"] > 0]
+        entries, pads = [e for e, _ in kept], [pad for _, pad in kept]
         if micro_batch_size < 1 or not 0 <= dp_rank < dp_size or num_workers < 0 or shuffle_buffer < 1:
             raise ValueError(f"bad loader settings: micro_batch_size={micro_batch_size} dp_rank={dp_rank} "
                              f"dp_size={dp_size} num_workers={num_workers} shuffle_buffer={shuffle_buffer}")
         if epochs is not None and epochs < 1:
             raise ValueError(f"epochs={epochs}: use None (forever) or a positive count")
         readers = dp_size * max(1, num_workers)
-        if epochs is None and len(entries) < readers:
-            raise ValueError(f"{folder}: split {split!r} has {len(entries)} shards, fewer than the {readers} readers "
-                             f"(dp_size {dp_size} x workers {max(1, num_workers)}); use fewer workers or more shards")
+        if epochs is None and manifest.samples(split) < readers:
+            raise ValueError(f"{folder}: split {split!r} has {manifest.samples(split)} samples, fewer than the "
+                             f"{readers} readers (dp_size {dp_size} x workers {max(1, num_workers)}), so some would "
+                             "never get a batch; use fewer workers or more data")
         self.folder, self.split, self.seq_len = folder, split, manifest.seq_len
         self.micro_batch_size, self.seed, self.epochs, self.shuffle = micro_batch_size, seed, epochs, shuffle
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
-        self._layout = Layout(folder, entries, seq_len=manifest.seq_len, dtype=manifest.np_dtype, seed=seed,
+        self._layout = Layout(folder, entries, pads, seq_len=manifest.seq_len, dtype=manifest.np_dtype, seed=seed,
                                dp_rank=dp_rank, dp_size=dp_size, workers=max(1, num_workers),
                                batch=micro_batch_size, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
                                epochs=epochs, verify_sha256=verify_sha256)

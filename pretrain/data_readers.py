@@ -1,7 +1,7 @@
-"""The reading side of ``pretrain.data.TokenLoader``: which reader gets which shards in which epoch (``Layout``),
-the order in which DataLoader hands out its workers' batches (``RoundRobin``), and the per-worker webdataset
-pipeline (``Readers``: plan of shards -> tar samples -> decoded, counted -> shuffled -> batches). The design is
-described in ``pretrain/data.py``."""
+"""The reading side of ``pretrain.data.TokenLoader``: which reader gets which parts of which shards in which epoch
+(``Layout``), the order in which DataLoader hands out its workers' batches (``RoundRobin``), and the per-worker
+webdataset pipeline (``Readers``: plan of parts -> tar samples -> decoded, counted -> shuffled -> batches). The
+design is described in ``pretrain/data.py``."""
 from __future__ import annotations
 
 import itertools
@@ -15,6 +15,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data_prep.shards import SUFFIX, sha256_file
+from model.loss import IGNORE_INDEX
 
 _ORDER, _SAMPLES = 0x5EED0, 0x5EED1          # stream ids for the numpy SeedSequence
 
@@ -23,37 +24,58 @@ class ShardError(ValueError):
     """A shard is missing, truncated, corrupt or does not match the manifest; the message names the file."""
 
 
-class Layout:
-    """Everything derived from the manifest and the loader's settings, shared by the loader and its workers."""
+def parts_per_shard(counts: list[int], readers: int) -> int:
+    """How many contiguous parts each shard is read as: 1 when there are at least as many shards as readers;
+    else the fewest m >= ceil(readers / shards) for which cutting every shard into min(m, its samples) parts
+    gives a part to every reader (or every sample its own part, when there are fewer samples than readers)."""
+    if len(counts) >= readers:
+        return 1
+    m = -(-readers // len(counts))
+    while sum(min(m, c) for c in counts) < readers and m < max(counts):
+        m += 1
+    return m
 
-    def __init__(self, folder: Path, entries: list[dict[str, Any]], *, seq_len: int, dtype: np.dtype, seed: int,
-                 dp_rank: int, dp_size: int, workers: int, batch: int, shuffle: bool, shuffle_buffer: int,
-                 epochs: Optional[int], verify_sha256: bool):
-        self.folder, self.entries = folder, entries
-        self.counts = np.array([e["samples"] for e in entries], dtype=np.int64)
+
+class Layout:
+    """Everything derived from the manifest and the loader's settings, shared by the loader and its workers.
+
+    The unit of assignment is a *part*: a contiguous run of a shard's samples, (shard, first, end). A shard is one
+    part unless there are fewer shards than readers (``parts_per_shard``); part i is then shard i, so nothing
+    differs from reading whole shards."""
+
+    def __init__(self, folder: Path, entries: list[dict[str, Any]], pads: list[int], *, seq_len: int,
+                 dtype: np.dtype, seed: int, dp_rank: int, dp_size: int, workers: int, batch: int, shuffle: bool,
+                 shuffle_buffer: int, epochs: Optional[int], verify_sha256: bool):
+        self.folder, self.entries, self.pads = folder, entries, pads
         self.seq_len, self.dtype, self.seed = seq_len, dtype, seed
         self.dp_rank, self.dp_size, self.workers, self.batch = dp_rank, dp_size, workers, batch
         self.shuffle, self.shuffle_buffer, self.epochs, self.verify_sha256 = shuffle, shuffle_buffer, epochs, verify_sha256
         self.readers = dp_size * workers
+        m = parts_per_shard([e["samples"] for e in entries], self.readers)
+        self.parts: list[tuple[int, int, int]] = []
+        for i, e in enumerate(entries):
+            k = min(m, e["samples"])
+            self.parts += [(i, j * e["samples"] // k, (j + 1) * e["samples"] // k) for j in range(k)]
+        self.counts = np.array([end - first for _, first, end in self.parts], dtype=np.int64)
         self._totals: list[np.ndarray] = []      # per epoch: samples of each reader
 
     def reader(self, worker: int) -> int:
         return worker * self.dp_size + self.dp_rank
 
     def order(self, epoch: int) -> np.ndarray:
-        n = len(self.entries)
+        n = len(self.parts)
         if not self.shuffle:
             return np.arange(n)
         return np.random.default_rng([self.seed, epoch, _ORDER]).permutation(n)
 
     def shards(self, epoch: int, reader: int) -> np.ndarray:
-        """Indices (into ``entries``) of the shards ``reader`` reads in ``epoch``, in reading order."""
-        first = (reader - epoch * len(self.entries)) % self.readers
+        """Indices (into ``parts``) of the parts ``reader`` reads in ``epoch``, in reading order."""
+        first = (reader - epoch * len(self.parts)) % self.readers
         return self.order(epoch)[first::self.readers]
 
     def total(self, epoch: int, reader: int) -> int:
         while len(self._totals) <= epoch:
-            e, n = len(self._totals), len(self.entries)
+            e, n = len(self._totals), len(self.parts)
             owner = (e * n + np.arange(n)) % self.readers
             self._totals.append(np.bincount(owner, weights=self.counts[self.order(e)],
                                             minlength=self.readers).astype(np.int64))
@@ -139,7 +161,7 @@ class Readers(IterableDataset):
             yield tokens, labels, worker
 
     def _plan(self, reader: int, start: int) -> Iterator[dict[str, Any]]:
-        """The reader's shards from sample ``start`` on, whole shards before it skipped by their counts."""
+        """The reader's parts from sample ``start`` on, whole parts before it skipped by their counts."""
         lay = self.layout
         epoch, skip = lay.locate(reader, start)
         while lay.epochs is None or epoch < lay.epochs:
@@ -148,14 +170,17 @@ class Readers(IterableDataset):
                 if skip >= n:
                     skip -= n
                     continue
-                yield dict(url=str(lay.folder / lay.entries[i]["name"]), epoch=epoch, shard=int(i), skip=skip)
+                shard = lay.parts[i][0]
+                yield dict(url=str(lay.folder / lay.entries[shard]["name"]), epoch=epoch, part=int(i), skip=skip)
                 skip = 0
             epoch += 1
 
-    def _samples(self, plan: Iterator[dict[str, Any]]) -> Iterator[np.ndarray]:
+    def _samples(self, plan: Iterator[dict[str, Any]]) -> Iterator[tuple[np.ndarray, int]]:
+        """(sample, padding tokens at its end) of each planned part, shuffled within the part."""
         lay = self.layout
         for item in plan:
-            path, entry = Path(item["url"]), lay.entries[item["shard"]]
+            shard, first, end = lay.parts[item["part"]]
+            path, entry = Path(item["url"]), lay.entries[shard]
             if lay.verify_sha256:
                 if not path.exists():
                     raise ShardError(f"{path}: shard listed in the manifest is missing")
@@ -164,15 +189,21 @@ class Readers(IterableDataset):
             source = dict(url=str(path))             # url_opener stores the open stream here; closed below
             try:
                 tar = wds.tarfile_to_samples(handler=_shard_handler(path))([source])
-                decoded = self._decode(tar, path, entry["samples"])
-                rng = np.random.default_rng([lay.seed, item["epoch"], item["shard"], _SAMPLES])
-                ordered = self._shuffle(decoded, entry["samples"], rng) if lay.shuffle else decoded
+                decoded = self._decode(tar, path, entry["samples"], lay.pads[shard])
+                if (first, end) != (0, entry["samples"]):
+                    # a part of a shard: the samples before it are read and dropped, those after it not read (a
+                    # shard shorter than its entry still stops whoever reads past its end)
+                    decoded = itertools.islice(decoded, first, end)
+                rng = np.random.default_rng([lay.seed, item["epoch"], item["part"], _SAMPLES])
+                ordered = self._shuffle(decoded, end - first, rng) if lay.shuffle else decoded
                 yield from itertools.islice(ordered, item["skip"], None)
             finally:
                 if source.get("stream") is not None:
                     source["stream"].close()
 
-    def _decode(self, tar: Iterator[dict[str, Any]], path: Path, expected: int) -> Iterator[np.ndarray]:
+    def _decode(self, tar: Iterator[dict[str, Any]], path: Path, expected: int,
+                pad: int) -> Iterator[tuple[np.ndarray, int]]:
+        """(sample, its padding tokens): only a shard's last sample can end in padding, ``pad`` tokens of it."""
         width, count = self.layout.seq_len + 1, 0
         for sample in tar:
             data = sample.get(SUFFIX)
@@ -184,12 +215,12 @@ class Readers(IterableDataset):
             count += 1
             if count > expected:
                 raise ShardError(f"{path}: holds more than the {expected} samples its manifest entry lists")
-            yield tokens
+            yield tokens, (pad if count == expected else 0)
         if count != expected:
             raise ShardError(f"{path}: holds {count} samples, the manifest says {expected} (truncated?); "
                              "re-create it with data_prep/tokenize.py")
 
-    def _shuffle(self, samples: Iterator[np.ndarray], n: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    def _shuffle(self, samples: Iterator[Any], n: int, rng: np.random.Generator) -> Iterator[Any]:
         size, buf = self.layout.shuffle_buffer, []
         picks = rng.random(n)                        # drawn up front: one uniform per sample of the shard
         for i, s in enumerate(samples):
@@ -202,7 +233,7 @@ class Readers(IterableDataset):
         for j in rng.permutation(len(buf)):
             yield buf[j]
 
-    def _batches(self, samples: Iterator[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, samples: Iterator[tuple[np.ndarray, int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         b, rows = self.layout.batch, []
         for s in samples:
             rows.append(s)
@@ -213,11 +244,15 @@ class Readers(IterableDataset):
             yield _collate(rows)
 
 
-def _collate(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens, labels), contiguous int64 halves of one buffer (one shared-memory block between processes)."""
-    arr = np.stack(rows)
+def _collate(rows: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, labels), contiguous int64 halves of one buffer (one shared-memory block between processes). The
+    labels of padding are IGNORE_INDEX, so they count nowhere; the tokens stay as they are."""
+    arr = np.stack([r for r, _ in rows])
     out = np.empty((2, arr.shape[0], arr.shape[1] - 1), dtype=np.int64)
     out[0] = arr[:, :-1]
     out[1] = arr[:, 1:]
+    for k, (_, pad) in enumerate(rows):
+        if pad:                         # labels are the sample from its second token: the last `pad` are padding
+            out[1, k, -pad:] = IGNORE_INDEX
     t = torch.from_numpy(out)
     return t[0], t[1]

@@ -31,7 +31,7 @@ def reference(tmp_path_factory, tiny_model):
     assert res.returncode == 0, res.stderr
     shards = shard_bytes(out)
     assert len(shards) > 100
-    return folder, shards, Manifest.load(out)
+    return folder, shards, Manifest.load(out), (out / "manifest.json").read_bytes()
 
 
 def _no_temp_files(out: Path) -> None:
@@ -40,7 +40,7 @@ def _no_temp_files(out: Path) -> None:
 
 @pytest.mark.parametrize("point", ["shard:40", "prejournal:40", "shard:150"])
 def test_kill_then_resume_gives_identical_shards(tmp_path, tiny_model, reference, point):
-    folder, ref, ref_manifest = reference
+    folder, ref, ref_manifest, ref_bytes = reference
     out = tmp_path / "out"
     killed = run_cli(folder, "--out", out, "--tokenizer", tiny_model, *ARGS, "--workers", 2,
                      env={"DATA_PREP_KILL_AT": point})
@@ -54,6 +54,7 @@ def test_kill_then_resume_gives_identical_shards(tmp_path, tiny_model, reference
     assert shard_bytes(out) == ref
     m = Manifest.load(out)
     assert m.complete and m.splits == ref_manifest.splits and m.counts == ref_manifest.counts
+    assert (out / "manifest.json").read_bytes() == ref_bytes
     assert not (out / "progress.journal").exists()
     _no_temp_files(out)
 
@@ -61,24 +62,30 @@ def test_kill_then_resume_gives_identical_shards(tmp_path, tiny_model, reference
 def test_resume_starts_in_a_later_input(tmp_path, tiny_model, reference):
     """With small batches, journal lines carry the other split's state while it holds no pending samples, so a
     resume need not read from the first input again."""
-    folder, ref, _ = reference
-    out = tmp_path / "out"
+    folder, ref, _, _ = reference
     code = ("import sys; import data_prep.stream as s, data_prep.units as u; s.BATCH_CHARS = u.UNIT_BYTES = 20000; "
             "from data_prep.tokenize import main; "
             "sys.exit(main(sys.argv[1:]))")
-    args = [str(folder), "--out", str(out), "--tokenizer", tiny_model, *map(str, ARGS), "--no-progress"]
     env = {k: v for k, v in os.environ.items() if k != "DATA_PREP_KILL_AT"}
-    killed = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
-                            env=env | {"DATA_PREP_KILL_AT": "shard:150"})
-    assert killed.returncode == -signal.SIGKILL
-    res = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, env=env)
+
+    def run(out: Path, **extra) -> subprocess.CompletedProcess:
+        args = [str(folder), "--out", str(out), "--tokenizer", tiny_model, *map(str, ARGS), "--no-progress"]
+        return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
+                              env=env | extra)
+
+    # the manifest records unit_bytes, which this test changes: compare it with an uninterrupted run's alike
+    assert run(tmp_path / "whole").returncode == 0
+    out = tmp_path / "out"
+    assert run(out, DATA_PREP_KILL_AT="shard:150").returncode == -signal.SIGKILL
+    res = run(out)
     assert res.returncode == 0, res.stderr
     assert "reading again from input 2 of 2" in res.stderr
     assert shard_bytes(out) == ref
+    assert (out / "manifest.json").read_bytes() == (tmp_path / "whole" / "manifest.json").read_bytes()
 
 
 def test_external_sigkill_then_resume(tmp_path, tiny_model, reference):
-    folder, ref, _ = reference
+    folder, ref, _, ref_bytes = reference
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(SCRIPT), str(folder), "--out", str(out), "--tokenizer", tiny_model,
                              *map(str, ARGS), "--workers", "2", "--no-progress"], cwd=ROOT,
@@ -93,11 +100,12 @@ def test_external_sigkill_then_resume(tmp_path, tiny_model, reference):
     res = run_cli(folder, "--out", out, "--tokenizer", tiny_model, *ARGS, "--workers", 2)
     assert res.returncode == 0, res.stderr
     assert shard_bytes(out) == ref
+    assert (out / "manifest.json").read_bytes() == ref_bytes
     _no_temp_files(out)
 
 
 def test_ctrl_c_then_resume(tmp_path, tiny_model, reference):
-    folder, ref, _ = reference
+    folder, ref, _, ref_bytes = reference
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(SCRIPT), str(folder), "--out", str(out), "--tokenizer", tiny_model,
                              *map(str, ARGS), "--workers", "2", "--no-progress"], cwd=ROOT,
@@ -114,10 +122,11 @@ def test_ctrl_c_then_resume(tmp_path, tiny_model, reference):
     res = run_cli(folder, "--out", out, "--tokenizer", tiny_model, *ARGS, "--workers", 2)
     assert res.returncode == 0, res.stderr
     assert shard_bytes(out) == ref
+    assert (out / "manifest.json").read_bytes() == ref_bytes
 
 
 def test_damaged_shard_is_made_again(tmp_path, tiny_model, reference):
-    folder, ref, _ = reference
+    folder, ref, _, ref_bytes = reference
     out = tmp_path / "out"
     run_cli(folder, "--out", out, "--tokenizer", tiny_model, *ARGS, env={"DATA_PREP_KILL_AT": "shard:60"})
     victim = sorted(out.glob("train-*.tar"))[5]
@@ -126,10 +135,11 @@ def test_damaged_shard_is_made_again(tmp_path, tiny_model, reference):
     assert res.returncode == 0, res.stderr
     assert f"{victim.name}: missing or does not match" in res.stderr
     assert shard_bytes(out) == ref
+    assert (out / "manifest.json").read_bytes() == ref_bytes
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, tiny_model, reference):
-    folder, _, _ = reference
+    folder, _, _, _ = reference
     out = tmp_path / "out"
     run_cli(folder, "--out", out, "--tokenizer", tiny_model, *ARGS, env={"DATA_PREP_KILL_AT": "shard:5"})
     res = run_cli(folder, "--out", out, "--tokenizer", tiny_model, "--seq-len", 32, "--val-fraction", 0.25,
@@ -140,7 +150,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, tiny_model, reference):
 
 
 def test_complete_output_is_not_overwritten(tmp_path, tiny_model, reference):
-    folder, ref, _ = reference
+    folder, ref, _, _ = reference
     out = tmp_path / "out"
     assert run_cli(folder, "--out", out, "--tokenizer", tiny_model, *ARGS).returncode == 0
     stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
@@ -158,7 +168,7 @@ def test_complete_output_is_not_overwritten(tmp_path, tiny_model, reference):
 def test_output_made_with_another_tokenizer(tmp_path, tiny_model, reference):
     from data_prep import tokenizer as T
     from tests.data_prep.conftest import corpus_records
-    folder, _, _ = reference
+    folder, _, _, _ = reference
     other = tmp_path / "other.model"
     T.train([r["text"] for r in corpus_records(4)], str(other), vocab_size=400, threads=1, log=lambda m: None)
     out = tmp_path / "out"
@@ -174,7 +184,7 @@ def test_output_made_with_another_tokenizer(tmp_path, tiny_model, reference):
 
 def test_second_writer_on_the_same_folder_is_refused(tmp_path, tiny_model, reference):
     import fcntl
-    folder, _, _ = reference
+    folder, _, _, _ = reference
     out = tmp_path / "out"
     out.mkdir()
     with open(out / ".lock", "a+b") as f:

@@ -235,9 +235,3 @@ def test_sha256_check_is_optional(even: Path):
 def test_missing_manifest(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="manifest.json: no manifest here"):
         TokenLoader(tmp_path, micro_batch_size=4)
-
-
-def test_unbounded_loader_needs_a_shard_per_reader(tmp_path: Path):
-    folder = make_data(tmp_path, (4, 4, 4))
-    with pytest.raises(ValueError, match="3 shards, fewer than the 4 readers"):
-        TokenLoader(folder, micro_batch_size=4, dp_size=2, num_workers=2)
