@@ -75,6 +75,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     on_nonfinite: Literal["skip", "stop"] = "skip"   # a NaN/inf loss or gradient norm: skip the step, or stop
+    max_consecutive_skips: int = 5  # skip: this many non-finite steps in a row stop the run (it has gone bad)
 
     def validate(self) -> "RunConfig":
         def need(cond: bool, key: str, msg: str) -> None:
@@ -90,5 +91,6 @@ class RunConfig:
         need(self.schedule.warmup_frac + (self.schedule.decay_frac if self.schedule.kind == "wsd" else 0) <= 1,
              "schedule.decay_frac", "warm-up plus decay exceed the run")
         need(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+        need(self.max_consecutive_skips >= 1, "max_consecutive_skips", "must be >= 1")
         need(self.train.log_every >= 1, "train.log_every", "must be >= 1")
         return self

@@ -6,14 +6,17 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from model.loss import IGNORE_INDEX
 from model.program import packed_rows
 from pretrain.pipeline import forward_step
 
 
 @torch.no_grad()
 def validation_loss(trainer, max_batches: int) -> float:
-    """Mean next-token loss (without router losses) over the first ``max_batches`` micro-batches of each DP
-    rank's share of the validation split, averaged over DP ranks; identical on every rank."""
+    """Mean next-token loss (without router losses) per real token over the first ``max_batches`` micro-batches
+    of each DP rank's share of the validation split, all DP ranks together; identical on every rank. Batches
+    weigh by their real tokens (padding labels count nowhere), so a short or padded last batch counts as much as
+    it holds."""
     from pretrain.data import TokenLoader
     cfg = trainer.cfg
     loader = TokenLoader(cfg.data.path, split="val", micro_batch_size=cfg.parallel.micro_batch_size, seed=0,
@@ -21,7 +24,7 @@ def validation_loss(trainer, max_batches: int) -> float:
                          shuffle=False, epochs=1)
     model = trainer.model
     model.eval()
-    total = torch.zeros(2, device=trainer.device)  # sum of losses, count
+    total = torch.zeros(2, device=trainer.device)  # sum of per-token losses, real tokens
     batches = []
     for i, (tokens, labels) in enumerate(loader):
         if i >= max_batches:
@@ -36,13 +39,15 @@ def validation_loss(trainer, max_batches: int) -> float:
                 forward_step_func=forward_step, data_iterator=iter(group), model=[model],
                 num_microbatches=len(group), seq_length=packed_rows(model.cfg, model.pp_size, b, t),
                 micro_batch_size=b, forward_only=True)
-            for r in results:
-                total += torch.stack([r["lm_loss"].float().to(trainer.device), torch.ones((), device=trainer.device)])
+            for r, (_, labels) in zip(results, group):   # only the last stage has results
+                n = (labels != IGNORE_INDEX).sum().float()
+                total += torch.stack([r["lm_loss"].float().to(trainer.device) * n, n])
         dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
     else:
         for tokens, labels in batches:
             out = trainer.engine(tokens, labels)
-            total += torch.stack([out.lm_loss.detach().float(), torch.ones((), device=trainer.device)])
+            n = (labels != IGNORE_INDEX).sum().float()
+            total += torch.stack([out.lm_loss.detach().float() * n, n])
     dist.all_reduce(total, group=ps.get_data_parallel_group())
     model.train()
     return (total[0] / total[1].clamp(min=1)).item()

@@ -6,6 +6,14 @@
     MOR_FAULT_NAN_AT_STEP=N       the loss of step N is made NaN
     MOR_FAULT_STEP_SECONDS=X      every step takes at least X seconds (so a scheduler's requeue or time limit
                                   lands mid-run in the Slurm tests)
+
+Named points. The code calls ``point("startup.engine")``, ``point("save.staged")`` ... at the moments a fault is
+worth testing; the environment picks one of them:
+
+    MOR_FAULT_POINT=NAME          the point (``point`` calls name them: see ``grep -rn 'faults.point'``)
+    MOR_FAULT_POINT_SIGNAL=SIG    what the process sends itself there: KILL (default), TERM, USR1, USR2
+    MOR_FAULT_POINT_RANK=R        ... only on global rank R (default: every rank)
+    MOR_FAULT_POINT_COUNT=K       ... only the K-th time the point is reached (1-based; default 1)
 """
 from __future__ import annotations
 
@@ -14,10 +22,28 @@ import signal
 import time
 from typing import Optional
 
+_reached: dict[str, int] = {}
+
 
 def _env(name: str) -> Optional[int]:
     value = os.environ.get(name, "")
     return int(value) if value else None
+
+
+def _rank() -> int:
+    # The launcher's variables, so that points before the process group exists can be aimed at one rank.
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def point(name: str) -> None:
+    """A named moment where a test may make this process receive a signal (see the module docstring)."""
+    if os.environ.get("MOR_FAULT_POINT") != name:
+        return
+    _reached[name] = _reached.get(name, 0) + 1
+    if _reached[name] != (_env("MOR_FAULT_POINT_COUNT") or 1) or _env("MOR_FAULT_POINT_RANK") not in (None, _rank()):
+        return
+    sig = getattr(signal, "SIG" + os.environ.get("MOR_FAULT_POINT_SIGNAL", "KILL").upper())
+    os.kill(os.getpid(), sig)
 
 
 def before_step(step: int, rank: int) -> bool:

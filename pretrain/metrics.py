@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -104,3 +106,37 @@ def format_line(r: dict[str, Any]) -> str:
     if kept:
         parts.append("kept " + " ".join(kept))
     return "  ".join(parts)
+
+
+class Progress:
+    """Training progress for people: a tqdm bar over the steps (rate, ETA, loss, tokens/s) when rank 0 writes to a
+    terminal, and the log lines — written above the bar when there is one, as plain lines otherwise (files)."""
+
+    def __init__(self, log, *, show: bool, total: int, initial: int):
+        self.log, self.bar = log, None
+        self._last, self._tok_s = time.perf_counter(), None
+        if show and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, unit="step", desc="train", dynamic_ncols=True,
+                            smoothing=0.1, file=sys.stderr)
+
+    def say(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            self.log(msg)
+
+    def update(self, step: int, rec: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        now = time.perf_counter()
+        rate = rec.get("step_tokens", 0) / max(now - self._last, 1e-9)
+        self._last = now
+        self._tok_s = rate if self._tok_s is None else 0.9 * self._tok_s + 0.1 * rate
+        self.bar.set_postfix_str(f"loss {rec['loss']:.3f}, {self._tok_s:,.0f} tok/s", refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -6,8 +6,13 @@ step runs megatron's 1F1B schedule (pretrain/pipeline.py).
 
 A non-finite loss (any rank, any micro-batch) is handled per ``on_nonfinite``: ``skip`` finishes the step with
 zero gradients and a learning rate of 0 — the weights do not move, the optimizer's moment estimates age by one
-step — and ``stop`` exits with NONFINITE_EXIT_CODE after logging a report. A non-finite gradient norm with a
+step — and ``stop`` exits with NONFINITE_EXIT_CODE after logging a report. ``max_consecutive_skips`` skipped steps
+in a row stop the run the same way: a run that has gone bad stops while good checkpoints still exist, and the
+newest checkpoint saved before the stretch of non-finite steps is never pruned. A non-finite gradient norm with a
 finite loss stops the run (the update may already be applied by then).
+
+Token counts (tokens/s, MFU, the ``tokens`` total) count real labels only: the padding that ends a split carries
+IGNORE_INDEX labels and counts nowhere.
 """
 from __future__ import annotations
 
@@ -22,47 +27,31 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from conf import config_to_dict
-from data_prep.shards import Manifest
 from model.config import ConfigError
 from model.flops import training_flops
+from model.loss import IGNORE_INDEX
 from pretrain import checkpoint as ckpt
 from pretrain import faults
 from pretrain.config import RunConfig
-from pretrain.metrics import MetricsLog, NullLog, device_peak_flops, format_line, mfu
+from pretrain.metrics import MetricsLog, NullLog, Progress, device_peak_flops, format_line, mfu
 from pretrain.parallel import grad_accumulation_steps, init_distributed
 from pretrain.pipeline import (build_stage, clip_grad_norm, finish_pipeline_step, pipeline_forward_backward,
                                replica_layout, sync_replicas)
 from pretrain.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
+from pretrain.resume import resume
 from pretrain.schedule import lr_multiplier
 from pretrain.zero import build_engine, param_groups
 
 NONFINITE_EXIT_CODE = 3
-# Keys that may change between a checkpoint and the run resuming it; any other difference is an error.
-_RESUME_FREE = ("name", "out_dir", "train.", "checkpoint.", "logging.", "on_nonfinite", "schedule.", "optim.lr",
-                "data.num_workers", "data.path")
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_mismatch(saved: dict, current: dict) -> list[str]:
-    a, b = _flatten(saved), _flatten(current)
-    keys = sorted(set(a) | set(b))
-    return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(_RESUME_FREE)]
 
 
 class Trainer:
     def __init__(self, cfg: RunConfig, *, log=print):
         self.cfg, self.print = cfg, log
+        faults.point("startup.config")
+        from pretrain.data import TokenLoader, load_manifest
         try:
-            self.manifest = Manifest.load(Path(cfg.data.path))
+            self.manifest = load_manifest(Path(cfg.data.path))
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"data.path: {e}") from None
         if self.manifest.vocab_size > cfg.model.vocab_size:
@@ -72,6 +61,7 @@ class Trainer:
         if self.seq_len > cfg.model.max_seq_len:
             raise ConfigError(f"model.max_seq_len: {cfg.model.max_seq_len} < the data's seq_len {self.seq_len}")
         self.layout = init_distributed(cfg.parallel, cfg.model)
+        faults.point("startup.distributed")
         self.device = self.layout.device
         self.is_main = self.layout.rank == 0
         precision = cfg.train.precision
@@ -87,20 +77,28 @@ class Trainer:
                                    bf16=self.bf16)
         if cfg.train.compile and self.device.type == "cuda":
             self.engine.compile()
+        faults.point("startup.engine")
         self.replicas = replica_layout(cfg.model) if self.layout.pp > 1 else []
         sync_replicas(model, self.replicas)
         self.gas = grad_accumulation_steps(cfg.parallel, self.layout.dp)
-        from pretrain.data import TokenLoader
-        self.loader = TokenLoader(cfg.data.path, split="train", micro_batch_size=cfg.parallel.micro_batch_size,
-                                  seed=cfg.data.seed, dp_rank=ps.get_data_parallel_rank(),
-                                  dp_size=self.layout.dp, num_workers=cfg.data.num_workers, shuffle=True)
+        try:
+            self.loader = TokenLoader(cfg.data.path, split="train", micro_batch_size=cfg.parallel.micro_batch_size,
+                                      seed=cfg.data.seed, dp_rank=ps.get_data_parallel_rank(),
+                                      dp_size=self.layout.dp, num_workers=cfg.data.num_workers, shuffle=True)
+        except ValueError as e:
+            raise ConfigError(f"data.path: {e}") from None
         self.run_dir = Path(cfg.out_dir) / cfg.name
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.step, self.tokens, self.loss_ema, self.skipped = 0, 0, None, 0
+        self.step, self.tokens, self.loss_ema = 0, 0, None
+        # Non-finite steps: the run's total, the current run of them, and the newest checkpoint saved before it
+        # began (pruning keeps that one).
+        self.skipped, self.consecutive_skips, self.guard_step = 0, 0, None
+        self.last_saved: Optional[int] = None
         self.flops_per_token = training_flops(cfg.model, self.seq_len).training_per_token
         self.peak = device_peak_flops()
         self.preempt = PreemptionFlag().install()
-        self._resume()
+        faults.point("startup.resume")
+        self.resumed_from = resume(self)
         self.metrics = (MetricsLog(self.run_dir, wandb_mode=cfg.logging.wandb, project=cfg.logging.project,
                                    name=cfg.name, config=config_to_dict(cfg), start_step=self.step)
                         if self.is_main else NullLog())
@@ -108,33 +106,29 @@ class Trainer:
             self.print(f"metrics: dropped {self.metrics.dropped} record(s) past step {self.step}, where this run "
                        "resumes (they are trained again)")
         self.batches = iter(self.loader)
+        faults.point("startup.done")
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
-    def _resume(self) -> None:
-        mode = self.cfg.checkpoint.resume
-        path = None if mode == "none" else (ckpt.latest_checkpoint(self.ckpt_dir) if mode == "auto" else Path(mode))
-        if path is None:
-            return
-        if not (path / "trainer.pt").exists():
-            raise ConfigError(f"checkpoint.resume: {path} is not a complete checkpoint")
-        state, rank_state = ckpt.load(self.engine, path)
-        diff = config_mismatch(state["config"], config_to_dict(self.cfg))
-        if diff:
-            raise ConfigError(f"checkpoint.resume: {path} was saved with a different config in {', '.join(diff)}; "
-                              "restore those keys or start a new run (checkpoint.resume=none, another name)")
-        if state["tokenizer_sha256"] != self.manifest.tokenizer.get("sha256"):
-            raise ConfigError(f"data.path: tokenized with another tokenizer than the checkpoint {path}")
+    def state(self) -> dict:
+        """The run-level part of a checkpoint (rank 0 writes it as trainer.pt)."""
+        return {"step": self.step, "tokens": self.tokens, "loss_ema": self.loss_ema,
+                "config": config_to_dict(self.cfg), "tokenizer_sha256": self.manifest.tokenizer.get("sha256"),
+                "world_size": self.layout.world, "skipped": self.skipped,
+                "consecutive_skips": self.consecutive_skips, "guard_step": self.guard_step}
+
+    def load_state(self, state: dict) -> None:
         self.step, self.tokens, self.loss_ema = state["step"], state["tokens"], state["loss_ema"]
-        self.loader.load_state_dict(rank_state["loader"])
-        ckpt.set_rng_state(rank_state["rng"])
-        self.print(f"resumed from {path} at step {self.step}")
+        self.skipped = state.get("skipped", 0)
+        self.consecutive_skips = state.get("consecutive_skips", 0)
+        self.guard_step = state.get("guard_step")
+        self.last_saved = self.step
 
     def save(self) -> Path:
-        state = {"step": self.step, "tokens": self.tokens, "loss_ema": self.loss_ema,
-                 "config": config_to_dict(self.cfg), "tokenizer_sha256": self.manifest.tokenizer.get("sha256")}
         rank_state = {"rng": ckpt.rng_state(), "loader": self.loader.state_dict()}
-        return ckpt.save(self.engine, self.ckpt_dir, self.step, state, rank_state, keep=self.cfg.checkpoint.keep,
-                         rank=self.layout.rank)
+        path = ckpt.save(self.engine, self.ckpt_dir, self.step, self.state(), rank_state,
+                         keep=self.cfg.checkpoint.keep, protect=self.guard_step)
+        self.last_saved = self.step
+        return path
 
     # ---- one optimizer step -----------------------------------------------------------------------------------
     def _set_lr(self, lr: float) -> None:
@@ -151,6 +145,7 @@ class Trainer:
         self._set_lr(lr)
         micro = [next(self.batches) for _ in range(self.gas)]
         micro = [(t.to(self.device), y.to(self.device)) for t, y in micro]
+        real = sum((y != IGNORE_INDEX).sum() for _, y in micro).float()   # padding is no token
         stats: dict = {}
         if self.layout.pp > 1:
             loss, norm = pipeline_forward_backward(self.model, self.replicas, micro,
@@ -182,71 +177,99 @@ class Trainer:
             loss = total
             if self.cfg.parallel.zero_stage > 0:  # ZeRO keeps its partitions' norm from the step
                 norm = torch.tensor(float(self.engine.get_global_grad_norm() or 0.0))
-        dist.all_reduce(loss, group=ps.get_data_parallel_group())
-        loss = loss / self.layout.dp
-        return {"loss": loss.item(), "lr": lr if finite else 0.0, "grad_norm": float(norm), "finite": finite,
-                **{k: float(v) for k, v in stats.items()}}
+        both = torch.stack([loss.float(), real.to(loss.device)])
+        dist.all_reduce(both, group=ps.get_data_parallel_group())
+        return {"loss": both[0].item() / self.layout.dp, "lr": lr if finite else 0.0, "grad_norm": float(norm),
+                "finite": finite, "step_tokens": int(both[1].item()), **{k: float(v) for k, v in stats.items()}}
 
     # ---- the loop ---------------------------------------------------------------------------------------------
+    def _nonfinite(self, rec: dict, progress: Progress) -> Optional[int]:
+        """Account for a skipped step; returns an exit code when the run must stop."""
+        cfg = self.cfg
+        if self.consecutive_skips == 0:
+            self.guard_step = self.last_saved      # the newest checkpoint from before this stretch: keep it
+        self.skipped += 1
+        self.consecutive_skips += 1
+        grad_only = rec["finite"] and not math.isfinite(rec["grad_norm"])
+        stop = cfg.on_nonfinite == "stop" or grad_only
+        step = self.step + 1                       # as the logs count it: the step being trained
+        progress.say(f"step {step}: non-finite {'gradient norm' if grad_only else 'loss'} "
+                     f"({'stopping' if stop else 'skipping the update'})")
+        if not stop and self.consecutive_skips >= cfg.max_consecutive_skips:
+            stop = True
+            kept = (f"; the newest checkpoint before them, {self.ckpt_dir / ckpt.checkpoint_name(self.guard_step)}, "
+                    "is kept" if self.guard_step is not None else "; no checkpoint was saved before them")
+            progress.say(f"step {step}: {self.consecutive_skips} non-finite steps in a row "
+                         f"(max_consecutive_skips={cfg.max_consecutive_skips}): stopping{kept}")
+        if stop:
+            self.metrics.log({**rec, "step": step, "event": "nonfinite_stop"})
+            return NONFINITE_EXIT_CODE
+        return None
+
     def fit(self, *, nan_at_step: Optional[int] = None) -> int:
         """Train to cfg.train.steps; returns the process exit code (0, REQUEUE_EXIT_CODE, NONFINITE_EXIT_CODE).
         Call ``close()`` when done with the trainer."""
         cfg = self.cfg
-        tokens_per_step = cfg.parallel.micro_batch_size * self.gas * self.layout.dp * self.seq_len
-        window_start, window_steps = time.perf_counter(), 0
-        while self.step < cfg.train.steps:
-            inject = faults.before_step(self.step, self.layout.rank) or nan_at_step == self.step
-            rec = self.train_step(inject_nan=inject)
-            if not rec["finite"] or not math.isfinite(rec["grad_norm"]):
-                self.skipped += 1
-                self.print(f"step {self.step}: non-finite loss or gradient norm "
-                           f"({'skipping the update' if cfg.on_nonfinite == 'skip' else 'stopping'})")
-                if cfg.on_nonfinite == "stop" or not math.isfinite(rec["grad_norm"]) and rec["finite"]:
-                    self.metrics.log({"step": self.step, "event": "nonfinite_stop", **rec})
-                    return NONFINITE_EXIT_CODE
-            self.step += 1
-            self.tokens += tokens_per_step
-            window_steps += 1
-            if rec["finite"]:
-                self.loss_ema = rec["loss"] if self.loss_ema is None else 0.95 * self.loss_ema + 0.05 * rec["loss"]
-                if rec["loss"] > cfg.logging.spike_factor * self.loss_ema:
-                    self.print(f"step {self.step}: loss spike {rec['loss']:.3f} (running mean {self.loss_ema:.3f})")
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
-                elapsed = time.perf_counter() - window_start
-                tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                rec.update(step=self.step, tokens=self.tokens, tokens_per_s=tok_s, skipped_steps=self.skipped,
-                           mfu=mfu(tok_s, self.flops_per_token, self.peak, self.layout.world),
-                           mem_gb=(torch.cuda.max_memory_allocated() / 2**30) if self.device.type == "cuda" else None)
-                self.metrics.log(rec)
-                if self.is_main:
-                    self.print(format_line(rec))
-                window_start, window_steps = time.perf_counter(), 0
-            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
-                self.evaluate()
-            stop = self.preempt.should_stop(self.device)
-            if stop or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+        window_start, window_tokens = time.perf_counter(), 0
+        progress = Progress(self.print, show=self.is_main, total=cfg.train.steps, initial=self.step)
+        try:
+            while self.step < cfg.train.steps:
+                inject = faults.before_step(self.step, self.layout.rank) or nan_at_step == self.step
+                rec = self.train_step(inject_nan=inject)
+                if not rec["finite"] or not math.isfinite(rec["grad_norm"]):
+                    code = self._nonfinite(rec, progress)
+                    if code is not None:
+                        return code
+                else:
+                    self.consecutive_skips = 0
+                self.step += 1
+                self.tokens += rec["step_tokens"]
+                window_tokens += rec["step_tokens"]
+                if rec["finite"]:
+                    self.loss_ema = rec["loss"] if self.loss_ema is None else 0.95 * self.loss_ema + 0.05 * rec["loss"]
+                    if rec["loss"] > cfg.logging.spike_factor * self.loss_ema:
+                        progress.say(f"step {self.step}: loss spike {rec['loss']:.3f} "
+                                     f"(running mean {self.loss_ema:.3f})")
+                progress.update(self.step, rec)
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                    elapsed = time.perf_counter() - window_start
+                    tok_s = window_tokens / max(elapsed, 1e-9)
+                    rec.update(step=self.step, tokens=self.tokens, tokens_per_s=tok_s, skipped_steps=self.skipped,
+                               mfu=mfu(tok_s, self.flops_per_token, self.peak, self.layout.world),
+                               mem_gb=(torch.cuda.max_memory_allocated() / 2**30) if self.device.type == "cuda"
+                               else None)
+                    self.metrics.log(rec)
+                    if self.is_main:
+                        progress.say(format_line(rec))
+                    window_start, window_tokens = time.perf_counter(), 0
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                    self.evaluate(progress.say)
+                stop = self.preempt.should_stop(self.device)
+                if stop or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+                    self.save()
+                if stop:
+                    progress.say(f"preempted: saved step {self.step}; exiting for requeue")
+                    return REQUEUE_EXIT_CODE
+            if self.last_saved != self.step:
                 self.save()
-            if stop:
-                self.print(f"preempted: saved step {self.step}; exiting for requeue")
-                return REQUEUE_EXIT_CODE
-        if not (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
-            self.save()
-        return 0
+            return 0
+        finally:
+            progress.close()
 
     def close(self) -> None:
         self.metrics.close()
         self.preempt.uninstall()
 
     @torch.no_grad()
-    def evaluate(self) -> Optional[float]:
-        """Mean validation loss over up to eval_batches micro-batches per DP rank (PP: on the last stage)."""
+    def evaluate(self, say=None) -> Optional[float]:
+        """Mean validation loss over the real tokens of up to eval_batches micro-batches per DP rank."""
         if not self.manifest.splits.get("val"):
             return None
         from pretrain.evaluate import validation_loss
         loss = validation_loss(self, self.cfg.train.eval_batches)
         self.metrics.log({"step": self.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))})
         if self.is_main:
-            self.print(f"step {self.step:>6d}  val loss {loss:.4f}  ppl {math.exp(min(loss, 50.0)):.2f}")
+            (say or self.print)(f"step {self.step:>6d}  val loss {loss:.4f}  ppl {math.exp(min(loss, 50.0)):.2f}")
         return loss
 
 

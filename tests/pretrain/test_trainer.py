@@ -15,7 +15,8 @@ from model.flops import training_flops
 from pretrain.config import RunConfig
 from pretrain.metrics import mfu
 from pretrain.preempt import REQUEUE_EXIT_CODE
-from pretrain.trainer import NONFINITE_EXIT_CODE, Trainer, config_mismatch
+from pretrain.resume import config_mismatch
+from pretrain.trainer import NONFINITE_EXIT_CODE, Trainer
 from tests.distributed.harness import spawn_ranks
 from tests.pretrain.fixtures import make_shards
 
@@ -93,6 +94,12 @@ def test_resume_with_a_different_model_is_one_clear_error(tmp_path, data):
     assert codes == [2]
     err = [ln for ln in (tmp / "changed-0.log").read_text().splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "model.router.alpha" in err[0] and "optim.weight_decay" in err[0]
+    # A changed shape: the configs are compared before any weight is loaded, so no page of size mismatches.
+    codes = train(tmp, 1, overrides(tmp, "name=mm", "model.d_model=96"), check=False, tag="shape")
+    assert codes == [2]
+    text = (tmp / "shape-0.log").read_text()
+    err = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "model.d_model" in err[0] and "size mismatch" not in text and "Traceback" not in text
 
 
 def test_config_mismatch_ignores_keys_that_may_change():
@@ -101,6 +108,84 @@ def test_config_mismatch_ignores_keys_that_may_change():
                                          "model.num_recursions=4", "model.n_layers=10"], schema=RunConfig))
     assert config_mismatch(a, b) == ["model.n_layers", "model.name", "model.num_recursions"] or \
         config_mismatch(a, b) == ["model.n_layers", "model.num_recursions"]
+
+
+def test_training_on_a_terminal_shows_a_progress_bar_with_rate_and_eta(tmp_path, data):
+    """stderr on a terminal: a tqdm bar over the steps; the log lines still come, as lines."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    tmp = _tmp_with_data(tmp_path, data)
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))   # a terminal 160 columns wide
+    # Not this test process's own rendezvous variables (set by its one-process world): a fresh single process.
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE",
+                                                            "LOCAL_RANK")}
+    env.update(WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain.train", RUN, *overrides(tmp, "name=bar")],
+                            cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:          # the other end closed: the process is gone
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    out, _ = proc.communicate(timeout=300)
+    os.close(master)
+    bar = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, bar
+    assert "train: 100%" in bar and f"{STEPS}/{STEPS}" in bar and ("step/s" in bar or "s/step" in bar), bar
+    assert "<" in bar and ", " in bar and "tok/s]" in bar, bar        # ETA; loss and tokens/s in the postfix
+    log_lines = [ln for ln in bar.replace("\r", "\n").splitlines() if ln.startswith("step ") and "gnorm" in ln]
+    assert len(log_lines) == STEPS and "gnorm" not in out.decode()    # the log lines are written above the bar
+
+
+def test_a_file_gets_log_lines_and_no_bar(tmp_path, data):
+    tmp = _tmp_with_data(tmp_path, data)
+    train(tmp, 1, overrides(tmp, "name=nobar"), tag="nobar")
+    text = (tmp / "nobar-0.log").read_text()
+    assert "step/s" not in text and "s/step" not in text and "\r" not in text
+    assert sum(ln.startswith("step ") and "tok/s" in ln for ln in text.splitlines()) == STEPS
+
+
+def test_resume_restores_the_rng_states_saved_in_the_checkpoint(tmp_path, data):
+    """Nothing in training draws from the global RNGs today, so compare the restored states with the saved ones
+    directly (after drawing from every RNG, so that they differ from any freshly seeded state)."""
+    import random
+
+    import numpy as np
+
+    t = _tmp_with_data(tmp_path, data)
+    trainer = _trainer(t, "checkpoint.resume=auto")
+    try:
+        torch.rand(7), np.random.rand(3), random.random()
+        assert trainer.fit() == 0
+    finally:
+        trainer.close()
+    saved = torch.load(t / "runs/inproc/checkpoints/step-000008/trainer-rank-0.pt", weights_only=False)["rng"]
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    fresh = torch.get_rng_state()
+    assert not torch.equal(saved["torch"], fresh)
+    resumed = _trainer(t, "checkpoint.resume=auto")
+    try:
+        assert resumed.step == STEPS
+        assert torch.equal(torch.get_rng_state(), saved["torch"])
+        state = np.random.get_state()
+        assert state[0] == saved["numpy"][0] and np.array_equal(state[1], saved["numpy"][1]) \
+            and state[2:] == saved["numpy"][2:]
+        assert random.getstate() == saved["python"]
+    finally:
+        resumed.close()
 
 
 # ---- in-process: non-finite handling ---------------------------------------------------------------------------
@@ -130,7 +215,7 @@ def test_nan_loss_stops_the_run_when_configured(tmp_path, data):
     try:
         assert trainer.fit(nan_at_step=2) == NONFINITE_EXIT_CODE
         events = [json.loads(ln) for ln in (t / "runs/inproc/metrics.jsonl").read_text().splitlines()]
-        assert events[-1]["event"] == "nonfinite_stop" and events[-1]["step"] == 2
+        assert events[-1]["event"] == "nonfinite_stop" and events[-1]["step"] == 3   # the third step
         assert not (t / "runs/inproc/checkpoints").exists()  # nothing after the last good checkpoint is saved
     finally:
         trainer.close()
