@@ -155,6 +155,15 @@ def _sentences(texts: Iterable[str]) -> Iterable[str]:
                     yield part
 
 
+def _advice(msg: str) -> str:
+    """What to change for SentencePiece's two vocabulary-size failures; nothing for others (its message says)."""
+    if "too high" in msg:
+        return "; try a smaller --vocab-size or more text"
+    if "smaller than required_chars" in msg:
+        return "; try a larger --vocab-size (every character of the text needs a piece)"
+    return ""
+
+
 def train(texts: Iterable[str], out_path: str, *, vocab_size: int = 32000, sentences: int = 1_000_000,
           seed: int = 0, threads: int = 4, settings_key: Optional[dict] = None, overwrite: bool = False,
           log=print) -> bool:
@@ -215,7 +224,7 @@ def train(texts: Iterable[str], out_path: str, *, vocab_size: int = 32000, sente
         if not isinstance(e, RuntimeError):
             raise
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise UserError(f"tokenizer training failed ({msg}); try a smaller --vocab-size or more text") from None
+        raise UserError(f"tokenizer training failed ({msg}){_advice(msg)}") from None
     if failed:                          # in case a SentencePiece version swallows the error and stops reading
         raise failed[0]
     if n_sent[0] == 0:

@@ -44,3 +44,11 @@ def test_a_failure_of_the_trainer_itself_keeps_the_advice(tmp_path):
     line = _error_line(run_cli(tmp_path / "c.jsonl", "--train-tokenizer", tmp_path / "t.model", "--vocab-size", 5000,
                                "--tokenizer-threads", 1))
     assert line.startswith("error: tokenizer training failed (") and "try a smaller --vocab-size" in line
+
+
+def test_a_vocabulary_smaller_than_the_characters_asks_for_a_larger_one(tmp_path):
+    write_jsonl(tmp_path / "c.jsonl", [{"text": "".join(chr(0x4E00 + i) for i in range(400))}])
+    line = _error_line(run_cli(tmp_path / "c.jsonl", "--train-tokenizer", tmp_path / "t.model", "--vocab-size", 300,
+                               "--tokenizer-threads", 1))
+    assert line.startswith("error: tokenizer training failed (") and "try a larger --vocab-size" in line
+    assert "smaller --vocab-size" not in line
