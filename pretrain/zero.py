@@ -8,12 +8,48 @@ and pretrain/pipeline_step), since DeepSpeed's engine does not run megatron's sc
 """
 from __future__ import annotations
 
+import importlib
+import logging
+import os
+import warnings
 from typing import Any, Iterable
 
 import torch
 from megatron.core import parallel_state
 
 from pretrain.parallel import Layout, ParallelConfig, grad_accumulation_steps
+
+# ---- DeepSpeed's start-up chatter, kept out of the run's log ----------------------------------------------------
+# Set before DeepSpeed's first import, which is in this module only. Each item is one known message; DeepSpeed's
+# other warnings and errors, and ours, still show.
+#   Its accelerator probe warns "Setting accelerator to CPU ..." on every CPU start unless told the device: tell
+# it the one pretrain/parallel.py uses (a user's own DS_ACCELERATOR wins).
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+#   ZeRO calls torch.distributed's *_tensor collectives, which this torch deprecates with a warning per call.
+warnings.filterwarnings("ignore", category=FutureWarning,
+                        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+
+
+class _KnownHarmless(logging.Filter):
+    """ZeRO-3 warns at the first forward that it cannot see tensors inside MoROutput and that its module hooks
+    "may not get triggered properly": tests/distributed's dp2-zero3 layout trains exactly as one process does."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("A module has unknown inputs or outputs type (<class "
+                                                  "'model.mor.MoROutput'>)")
+
+
+logging.getLogger("DeepSpeed").addFilter(_KnownHarmless())
+
+
+def _import_deepspeed():
+    import deepspeed
+
+    # Its CPU backend builds (about a minute of g++ at the first start on a machine) and loads a shared-memory
+    # all-reduce that only DeepSpeed's inference path calls, then prints "... built successfully" at every start.
+    # (By module: the attribute deepspeed.comm.torch is the torch package.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    return deepspeed
 
 
 class MegatronMPU:
@@ -67,7 +103,7 @@ def deepspeed_config(pcfg: ParallelConfig, layout: Layout, *, grad_clip: float, 
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pcfg: ParallelConfig, layout: Layout, *,
                  grad_clip: float, bf16: bool = False):
     """Wrap model and a client optimizer (torch AdamW: no fused-kernel build) in a DeepSpeed engine."""
-    import deepspeed
+    deepspeed = _import_deepspeed()
 
     if pcfg.zero_stage == 3:
         # A tied head reads the embedding matrix outside the embedding's own forward; ZeRO-3 must gather it there.
@@ -81,7 +117,7 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pcfg:
 
 def full_parameters(engine, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """This rank's parameters by name, gathered whole under ZeRO-3 (a collective: call on every rank)."""
-    import deepspeed
+    deepspeed = _import_deepspeed()
 
     module = engine.module
     out: dict[str, torch.Tensor] = {}

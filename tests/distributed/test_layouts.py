@@ -1,4 +1,5 @@
-"""Layouts against a single-process reference: losses, kept tokens and weights after 3 AdamW steps."""
+"""Layouts against a single-process reference: losses, gradient norms, kept tokens and weights after 3 AdamW
+steps."""
 from __future__ import annotations
 
 import pytest

@@ -1,8 +1,14 @@
 """One rank of a distributed test run (started by tests/distributed/harness.py, never by pytest itself).
 
 Builds each variant under the case's layout, loads its shard of the reference weights, trains the reference's
-steps on this rank's share of the data, and on global rank 0 saves losses, kept tokens, full final weights and
-whether pipeline replicas stayed bit-identical.
+steps on this rank's share of the data, and on global rank 0 saves losses, gradient norms, kept tokens, full final
+weights and whether pipeline replicas stayed bit-identical.
+
+Gradient norms are what the trainer logs (``norms``): the pipeline step's own norm with PP > 1, our
+``clip_grad_norm`` measured before a ZeRO-0 engine steps, DeepSpeed's ``get_global_grad_norm()`` under ZeRO >= 1.
+With ZeRO-0 DeepSpeed clips with a norm it never stores (``get_global_grad_norm()`` is None there), so that norm is
+caught on its way out of DeepSpeed's ``clip_grad_norm_`` (``engine_norms``). Adam hardly notices a wrong clipping
+scale, so a norm that counts a parameter twice shows only here, not in the losses or weights.
 """
 from __future__ import annotations
 
@@ -23,6 +29,22 @@ def gather(obj, group, size):
     return out
 
 
+def catch_deepspeed_clip_norms() -> list[float]:
+    """Record every norm DeepSpeed's ZeRO-0 engine clips with (it calls runtime.utils.clip_grad_norm_)."""
+    import deepspeed.runtime.engine as ds_engine
+
+    seen: list[float] = []
+    clip = ds_engine.clip_grad_norm_
+
+    def recording(*args, **kwargs):
+        norm = clip(*args, **kwargs)
+        seen.append(float(norm))
+        return norm
+
+    ds_engine.clip_grad_norm_ = recording
+    return seen
+
+
 def main(case_path: str) -> None:
     from megatron.core import parallel_state as ps
 
@@ -30,7 +52,7 @@ def main(case_path: str) -> None:
     from model.config import ModelConfig
     from model.tp_shard import shard_state_dict, unshard_tensor
     from pretrain.parallel import ParallelConfig, grad_accumulation_steps, init_distributed
-    from pretrain.pipeline import build_stage, pipeline_train_step, replica_layout, sync_replicas
+    from pretrain.pipeline import build_stage, clip_grad_norm, pipeline_train_step, replica_layout, sync_replicas
     from pretrain.zero import build_engine, full_parameters, param_groups
 
     case = json.loads(Path(case_path).read_text())
@@ -42,6 +64,7 @@ def main(case_path: str) -> None:
                                     ps.get_data_parallel_group())
     gas = grad_accumulation_steps(pcfg, layout.dp)
     micro = pcfg.micro_batch_size
+    ds_clip_norms = catch_deepspeed_clip_norms()
     for variant in case["variants"]:
         cfg = cfgs[variant]
         ref = torch.load(Path(case["dir"]) / f"{variant}_ref.pt")
@@ -52,7 +75,8 @@ def main(case_path: str) -> None:
         sync_replicas(model, replicas)
         opt = torch.optim.AdamW(param_groups(model, 0.1), lr=case["lr"], betas=(0.9, 0.95), eps=1e-8)
         engine = build_engine(model, opt, pcfg, layout, grad_clip=case["clip"])
-        losses, kept = [], []
+        losses, kept, norms = [], [], []
+        ds_clip_norms.clear()
         per_rank = micro * gas
         for step in range(case["steps"]):
             mine = ref["data"][step, dp_rank * per_rank:(dp_rank + 1) * per_rank]
@@ -60,16 +84,21 @@ def main(case_path: str) -> None:
                        for i in range(gas)]
             model.trace = [] if step == 0 else None
             if layout.pp > 1:
-                loss, _ = pipeline_train_step(engine, model, replicas, batches, max_grad_norm=case["clip"])
+                loss, norm = pipeline_train_step(engine, model, replicas, batches, max_grad_norm=case["clip"])
+                norms.append(norm.item())
                 total = loss.detach().clone()
                 dist.all_reduce(total, group=pp_group)  # only the last stage holds the loss
             else:
                 total = torch.zeros(())
-                for tokens, labels in batches:
+                for i, (tokens, labels) in enumerate(batches):
                     out = engine(tokens, labels)
                     engine.backward(out.loss)
+                    if i == gas - 1 and pcfg.zero_stage == 0:  # as the trainer measures it
+                        norms.append(clip_grad_norm(model, [], 0.0).item())
                     engine.step()
                     total += out.loss.detach() / gas
+                if pcfg.zero_stage > 0:
+                    norms.append(float(engine.get_global_grad_norm()))
             if step == 0:
                 kept = [t["idx"] if "idx" in t else t["depth"] for t in model.trace]
             dist.all_reduce(total, group=dp_group)
@@ -90,8 +119,9 @@ def main(case_path: str) -> None:
                 else:
                     final[n] = w
         if dist.get_rank() == 0:
-            torch.save({"losses": losses, "kept": all_kept, "final": final, "replicas_identical": identical,
-                        "replicated": [r[0] for r in replicas]}, Path(case["dir"]) / f"{variant}_result.pt")
+            torch.save({"losses": losses, "norms": norms, "engine_norms": list(ds_clip_norms), "kept": all_kept,
+                        "final": final, "replicas_identical": identical, "replicated": [r[0] for r in replicas]},
+                       Path(case["dir"]) / f"{variant}_result.pt")
         dist.barrier()
 
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from model.mor import MoRModel
-from tests.model.helpers import tiny
+from tests.model.helpers import SHARP_STD, tiny
 
 
 def _pair(**kw):
-    cfg = tiny(routing="token_choice", sharing="middle_cycle", max_seq_len=256, **kw)
+    cfg = tiny(routing="token_choice", sharing="middle_cycle", max_seq_len=256, init_std=SHARP_STD, **kw)
     torch.manual_seed(0)
     compact = MoRModel(dataclasses.replace(cfg, tc_compact=True))
     dense = MoRModel(dataclasses.replace(cfg, tc_compact=False))

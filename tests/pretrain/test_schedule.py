@@ -37,3 +37,16 @@ def test_cosine_shape():
 def test_constant_after_warmup():
     c = curve(ScheduleConfig(kind="constant", warmup_frac=0.02))
     assert c[0] == 0.5 and c[1] == 1.0 and c[-1] == 1.0
+
+
+@pytest.mark.parametrize("floor", [0.1, 0.25])
+def test_cosine_decays_to_min_lr_ratio(floor):
+    """The cosine reaches min_lr_ratio at the last step, passes the mean of 1 and the floor half-way through the
+    decay, and never goes below the floor."""
+    cfg = ScheduleConfig(kind="cosine", warmup_frac=0.1, min_lr_ratio=floor)
+    c = curve(cfg)
+    assert c[9] == pytest.approx(1.0)
+    assert c[99] == pytest.approx(floor)
+    assert lr_multiplier(10 + 89 // 2, 100, cfg) == pytest.approx(
+        floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (89 // 2) / 89)))
+    assert min(c[10:]) == pytest.approx(floor)
