@@ -1,12 +1,14 @@
 """The README demo, end to end on CPU: tokenize the sample corpus, train a small MoR, evaluate, sample, plot.
 
-    python -m pretrain.demo [--steps N] [--out runs]
+    python -m pretrain.demo [MODEL] [--steps N] [--out runs]
 
-1. ``data_prep/tokenize.py`` trains a 2048-piece SentencePiece model on data_prep/corpus/ and writes shards
-   (skipped when they already exist);
+1. ``data_prep/tokenize.py`` trains a 2048-piece SentencePiece model on data_prep/corpus/ and writes shards of
+   128-token sequences to runs/demo/data (skipped when they already exist);
 2. ``conf/run/demo_cpu.yaml`` trains for --steps steps (a rerun resumes the finished run and just reports);
+   MODEL, a preset of conf/model/ (e.g. tiny_mor_tc) or a YAML path, replaces the run file's model, and the run
+   then lives in runs/demo-MODEL, beside the default one in runs/demo; the data is shared;
 3. prints the validation loss against the unigram entropy of the validation tokens (what a model that ignores
-   context would reach), a greedy sample, and the run's metrics summary; writes runs/demo/curves.png.
+   context would reach), a greedy sample, and the run's metrics summary; writes curves.png in the run folder.
 """
 from __future__ import annotations
 
@@ -38,13 +40,16 @@ def tokenize(out: Path, seq_len: int, vocab: int) -> Path:
 
 
 def unigram_entropy(folder: Path) -> float:
-    """Entropy (nats/token) of the validation tokens' own unigram distribution."""
+    """Entropy (nats/token) of the validation labels' own unigram distribution; the padding that ends the split
+    is no label (as in the validation loss)."""
     from data_prep.shards import Manifest, read_shard
     m = Manifest.load(folder)
     counts = np.zeros(m.vocab_size, dtype=np.int64)
-    for entry in m.splits["val"]:
-        for sample in read_shard(folder / entry["name"], m.np_dtype):
-            counts += np.bincount(sample[1:], minlength=m.vocab_size)
+    for entry, pad in zip(m.splits["val"], m.padding("val")):
+        samples = read_shard(folder / entry["name"], m.np_dtype)
+        for i, sample in enumerate(samples):
+            labels = sample[1:len(sample) - pad] if i == len(samples) - 1 else sample[1:]
+            counts += np.bincount(labels, minlength=m.vocab_size)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
@@ -52,9 +57,14 @@ def unigram_entropy(folder: Path) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.demo", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("model", nargs="?", default=None,
+                        help="model preset (conf/model/NAME.yaml) or YAML path (default: the run file's model, "
+                             "a 1.0M-parameter expert-choice MoR)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the run file's, 600)")
     parser.add_argument("--out", type=Path, default=Path("runs"), help="where the demo run lives (default runs/)")
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
     start = time.perf_counter()
     import sentencepiece as spm
     import torch
@@ -65,23 +75,34 @@ def main(argv: list[str] | None = None) -> int:
     from model.generate import greedy
     from pretrain.config import RunConfig
     from pretrain.plot import plot
+    from pretrain.train import run_name_override
     from pretrain.trainer import Trainer
 
-    base = load_config(CONF_DIR / "run" / "demo_cpu.yaml", [], schema=RunConfig)
-    run_dir = args.out / base.name
-    data = tokenize(run_dir, base.model.max_seq_len, base.model.vocab_size)
-    sp = spm.SentencePieceProcessor(model_file=str(run_dir / "tokenizer.model"))
-    overrides = [f"data.path={data}", f"out_dir={args.out}", f"model.vocab_size={sp.get_piece_size()}"]
+    run_file = CONF_DIR / "run" / "demo_cpu.yaml"
+    base = load_config(run_file, [], schema=RunConfig)
+    overrides = [f"out_dir={args.out}"] + ([f"model={args.model}"] if args.model else [])
     if args.steps:
         overrides.append(f"train.steps={args.steps}")
+    with cli_errors():  # a misspelt preset stops here, before the tokenizer is trained
+        # another model gets its own run folder, as in pretrain.train: resuming runs/demo would stop on the
+        # config difference
+        name = run_name_override(str(run_file), overrides)
+        overrides += [name] if name else []
+        load_config(run_file, overrides, schema=RunConfig)
+    shared = args.out / base.name  # tokenizer and shards, the same whatever the model
+    data = tokenize(shared, base.model.max_seq_len, base.model.vocab_size)
+    sp = spm.SentencePieceProcessor(model_file=str(shared / "tokenizer.model"))
+    overrides += [f"data.path={data}", f"model.vocab_size={sp.get_piece_size()}"]
     with cli_errors():
-        cfg = load_config(CONF_DIR / "run" / "demo_cpu.yaml", overrides, schema=RunConfig)
+        cfg = load_config(run_file, overrides, schema=RunConfig)
+    run_dir = args.out / cfg.name
+    torch.manual_seed(0)
+    with cli_errors():  # e.g. a preset whose max_seq_len is below the data's 128 tokens
+        trainer = Trainer(cfg)
     counts = param_counts(cfg.model)
     print(f"[2/4] training {cfg.model.name}: {counts['unique'] / 1e6:.2f}M unique parameters "
           f"({counts['unrolled'] / 1e6:.2f}M as unrolled), {cfg.train.steps} steps of "
-          f"{cfg.parallel.micro_batch_size} x {cfg.model.max_seq_len} tokens")
-    torch.manual_seed(0)
-    trainer = Trainer(cfg)
+          f"{cfg.parallel.micro_batch_size} x {trainer.seq_len} tokens")
     code = trainer.fit()
     if code != 0:
         trainer.close()
@@ -90,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     val = trainer.evaluate()
     entropy = unigram_entropy(data)
     print(f"      validation loss {val:.3f} nats/token (perplexity {math.exp(val):.1f}); "
-          f"unigram entropy of the same tokens {entropy:.3f} — {entropy - val:.3f} nats below it")
+          f"unigram entropy of the same tokens {entropy:.3f} — {abs(entropy - val):.3f} nats "
+          f"{'below' if val <= entropy else 'above'} it")
     ids = greedy(trainer.model, sp.encode(PROMPT), 40, eos_id=sp.eos_id())
     print(f"      greedy sample: {sp.decode(ids)!r}")
     print("[4/4] summary")

@@ -114,6 +114,10 @@ def init_distributed(pcfg: ParallelConfig, model: Optional[ModelConfig] = None, 
 def _init(pcfg: ParallelConfig, model: Optional[ModelConfig], *, device: Optional[str], rank: int, world: int,
           local_rank: int) -> Layout:
     dp = check_layout(pcfg, world, model)
+    if pcfg.sequence_parallel:
+        # megatron's advice for overlapping SP communication with compute (and its start-up warning otherwise);
+        # read when CUDA starts, so before anything touches a device. A user's own value wins.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     use_cuda = torch.cuda.is_available() if device is None else device == "cuda"
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:

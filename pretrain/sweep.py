@@ -236,7 +236,7 @@ def validate(cfg: SweepConfig, points: list[Point], where: str, *, dry_run: bool
             dp = check_layout(rc.parallel, world, rc.model)
         except ConfigError as e:
             raise ConfigError(f"{where}: point {p.name}: {' '.join(str(e).split())}") from None
-        try:  # the trainer's own loader checks: shards present, enough of them for dp × workers readers
+        try:  # the trainer's own loader checks: a finished data set, enough samples for dp × workers readers
             TokenLoader(rc.data.path, "train", micro_batch_size=rc.parallel.micro_batch_size, dp_size=dp,
                         num_workers=rc.data.num_workers)
         except (FileNotFoundError, ValueError) as e:

@@ -2,9 +2,12 @@
 
 CONFIG is a run file (conf/run/*.yaml, or a path). Overrides use dotted keys, e.g.
 ``train.steps=200 model.num_recursions=4 parallel.tensor_parallel=2 checkpoint.resume=none``.
+A ``model=PRESET`` (or a path) that replaces the run file's model, without a ``name=``, also renames the run to
+RUN-PRESET (e.g. 1b7_mor_ec-tiny_mor_ec), so that it never writes into the run file's own run folder.
 Run it as one process, under ``torchrun --nproc-per-node N``, or through the slurm/ launchers: the layout comes
 from the environment. Exit codes: 0 done, 75 preempted (saved; requeue me), 3 stopped on a non-finite loss,
-2 a configuration mistake.
+2 a configuration mistake (also: saved on a time-limit warning that came too early to requeue, see
+pretrain/preempt.py).
 """
 from __future__ import annotations
 
@@ -13,17 +16,54 @@ import os
 import sys
 import warnings
 
+from pretrain import faults, preempt
+
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+# megatron imports its norms lazily at a pipeline's first step and says so; the model uses its own RMSNorm
+warnings.filterwarnings("ignore", message="Apex is not installed. Falling back to Torch Norm")
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
+def run_name_override(path: str, overrides: list[str]) -> str | None:
+    """``name=RUN-MODEL`` when a ``model=`` override replaces the run file's model and no ``name=`` is given."""
+    import yaml
+
+    from conf import load_config
+    from pretrain.config import RunConfig
+    given = {}
+    for text in overrides:
+        key, _, value = text.partition("=")
+        given[key.strip()] = value
+    if "name" in given or "model" not in given:
+        return None
+    try:
+        model = yaml.safe_load(given["model"])
+    except yaml.YAMLError:
+        return None                       # load_config reports it, with the override's text
+    if not isinstance(model, str):        # a mapping merges into the run file's model: it stays that run's
+        return None
+    run_file = load_config(path, [], schema=RunConfig)
+    if load_config(path, [f"model={model}"], schema=RunConfig).model == run_file.model:
+        return None
+    stem = os.path.basename(model.rstrip("/"))
+    for suffix in (".yaml", ".yml"):
+        stem = stem.removesuffix(suffix)
+    return f"name={run_file.name}-{stem}"
 
 
 def main(argv: list[str] | None = None) -> int:
+    faults.point("startup.main")
+    # A scheduler's warning during start-up must not kill us: we save instead. The launcher starts us with the
+    # warnings blocked, so one that came before this line is pending and arrives here.
+    preempt.catch_early()
     parser = argparse.ArgumentParser(prog="python -m pretrain.train", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("config", help="run file (conf/run/NAME.yaml) or a path to one")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
-    from pretrain.preempt import catch_early
-    catch_early()                       # a scheduler's signal during start-up must not kill us: we save instead
     os.environ.setdefault("WANDB_MODE", "offline")
     from conf import cli_errors, load_config
     from conf.loader import CONF_DIR
@@ -34,8 +74,20 @@ def main(argv: list[str] | None = None) -> int:
     if "/" not in path and not path.endswith((".yaml", ".yml")):
         path = str(CONF_DIR / "run" / f"{path}.yaml")
     with cli_errors():
-        cfg = load_config(path, args.overrides, schema=RunConfig)
-        return run(cfg)
+        overrides = list(args.overrides)
+        name = run_name_override(path, overrides)
+        if name is not None:
+            overrides.append(name)
+            if _is_rank0():
+                print(f"run name: {name.partition('=')[2]} (set name=... to choose another)", flush=True)
+        cfg = load_config(path, overrides, schema=RunConfig)
+        rc = run(cfg)
+    reason = preempt.no_requeue_reason()
+    if rc == preempt.REQUEUE_EXIT_CODE and reason:
+        if _is_rank0():
+            print(reason, file=sys.stderr, flush=True)
+        return preempt.TOO_SHORT_EXIT_CODE
+    return rc
 
 
 if __name__ == "__main__":

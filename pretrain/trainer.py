@@ -17,6 +17,7 @@ IGNORE_INDEX labels and counts nowhere.
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -248,7 +249,10 @@ class Trainer:
                 if stop or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                     self.save()
                 if stop:
-                    progress.say(f"preempted: saved step {self.step}; exiting for requeue")
+                    if self.is_main:
+                        got = self.preempt.received
+                        why = signal.Signals(got).name if got is not None else "a signal to another rank"
+                        progress.say(f"preempted: saved step {self.step}; exiting for requeue ({why})")
                     return REQUEUE_EXIT_CODE
             if self.last_saved != self.step:
                 self.save()

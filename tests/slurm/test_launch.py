@@ -1,28 +1,35 @@
 """slurm/mor_*.sh through a real Slurm controller: a 2-rank gloo run of a tiny model with the 1.7B script's
-headers, then a job requeued by `scontrol requeue` and one that reaches its time limit, each resuming from its
-checkpoint with every step in its metrics exactly once."""
+headers (named after its model override), a job requeued by `scontrol requeue`, one that reaches its time limit
+and one whose time limit is shorter than its warning's lead time, each resuming from its checkpoint with every
+step in its metrics exactly once; ranks start with the warning signals blocked."""
 from __future__ import annotations
 
 import json
 import os
 import re
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from pretrain.train import run_name_override
 from tests.pretrain.fixtures import make_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 # A CPU allocation instead of the scripts' GPU nodes: sbatch options on the command line win over #SBATCH lines.
 CPU_ALLOC = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1"]
+# Well over twice the scripts' 5-minute warning lead (Slurm sends it up to a minute early): no warning comes
+# during the few minutes these jobs take.
+NO_WARNING = "--time=15"
 
 
-def tiny(data: Path, out: Path, name: str, steps: int, every: int) -> list[str]:
+def tiny(data: Path, out: Path, steps: int, every: int, name: str | None = None) -> list[str]:
     return ["model=tiny_mor_ec", "model.vocab_size=128", f"data.path={data}", "data.num_workers=0",
-            f"out_dir={out}", f"name={name}", f"train.steps={steps}", "train.log_every=1", "train.eval_every=0",
-            "train.precision=fp32", "train.compile=false", "parallel.micro_batch_size=2",
+            f"out_dir={out}", *([f"name={name}"] if name else []), f"train.steps={steps}", "train.log_every=1",
+            "train.eval_every=0", "train.precision=fp32", "train.compile=false", "parallel.micro_batch_size=2",
             "parallel.global_batch_size=null", "parallel.zero_stage=1", f"checkpoint.every={every}",
             "logging.wandb=disabled"]
 
@@ -32,11 +39,26 @@ def data(tmp_path_factory) -> Path:
     return make_shards(tmp_path_factory.mktemp("slurm_data") / "shards", vocab=128, seq_len=32, train=512, val=16)
 
 
+_submitted: list[int] = []
+
+
+@pytest.fixture(autouse=True)
+def _cancel_leftover_jobs():
+    """A failed test must not leave its job running (or requeueing itself) for the next ones."""
+    yield
+    if _submitted:
+        subprocess.run(["scancel", *map(str, _submitted)], capture_output=True, timeout=60, check=False)
+        _submitted.clear()
+
+
 def sbatch(args: list[str], env: dict | None = None) -> int:
-    res = subprocess.run(["sbatch", "--parsable", *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                         check=False, env={**os.environ, **(env or {})})
+    # The job runs this interpreter (sbatch passes the environment on), whatever environment runs the tests.
+    env = {**os.environ, "MOR_PYTHON": sys.executable, **(env or {})}
+    res = subprocess.run(["sbatch", "--parsable", *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         check=False, env=env)
     assert res.returncode == 0, res.stderr
-    return int(res.stdout.strip().split(";")[0])
+    _submitted.append(int(res.stdout.strip().split(";")[0]))
+    return _submitted[-1]
 
 
 def job_info(job: int) -> dict[str, str]:
@@ -67,14 +89,23 @@ def finished(job: int) -> dict[str, str] | None:
     return info if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
 
 
-def test_sbatch_mor_1b7_with_a_tiny_override_runs_two_ranks(slurm, data, tmp_path):
+def restarted(job: int) -> dict[str, str] | None:
+    info = job_info(job)
+    return info if int(info.get("Restarts") or 0) > 0 else None
+
+
+def test_sbatch_mor_1b7_with_a_tiny_override_runs_two_ranks_under_its_own_name(slurm, data, tmp_path):
     log = tmp_path / "job.out"
-    job = sbatch([*CPU_ALLOC, "--time=5", f"--output={log}", f"--error={log}", "--wait", "slurm/mor_1b7.sh",
-                  *tiny(data, tmp_path / "runs", "sbatch", steps=12, every=6)])
+    job = sbatch([*CPU_ALLOC, NO_WARNING, f"--output={log}", f"--error={log}", "slurm/mor_1b7.sh",
+                  *tiny(data, tmp_path / "runs", steps=12, every=6)])
+    info = wait_for(lambda: finished(job), 600, "the job to finish", every=2)
     text = log.read_text()
-    assert job_info(job)["JobState"] == "COMPLETED", text
+    assert info["JobState"] == "COMPLETED", text
     assert "2 rank(s)" in text and "run 1b7_mor_ec" in text and "trainer exited with status 0" in text
-    run = tmp_path / "runs" / "sbatch"
+    # model=tiny_mor_ec without name=: never the 1.7B run's own folder, and said once
+    assert text.count("run name: 1b7_mor_ec-tiny_mor_ec (set name=... to choose another)") == 1, text
+    assert not (tmp_path / "runs" / "1b7_mor_ec").exists()
+    run = tmp_path / "runs" / "1b7_mor_ec-tiny_mor_ec"
     assert steps_logged(run) == list(range(1, 13))
     assert (run / "checkpoints" / "step-000012" / "trainer.pt").exists()
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-000012"
@@ -82,8 +113,8 @@ def test_sbatch_mor_1b7_with_a_tiny_override_runs_two_ranks(slurm, data, tmp_pat
 
 def test_scontrol_requeue_resumes_without_repeating_or_missing_steps(slurm, data, tmp_path):
     log, run = tmp_path / "job.out", tmp_path / "runs" / "requeue"
-    job = sbatch([*CPU_ALLOC, "--time=10", f"--output={log}", f"--error={log}", "--open-mode=append",
-                  "slurm/mor_1b7.sh", *tiny(data, tmp_path / "runs", "requeue", steps=40, every=5)],
+    job = sbatch([*CPU_ALLOC, NO_WARNING, f"--output={log}", f"--error={log}", "--open-mode=append",
+                  "slurm/mor_1b7.sh", *tiny(data, tmp_path / "runs", steps=40, every=5, name="requeue")],
                  env={"MOR_FAULT_STEP_SECONDS": "0.25"})
     wait_for(lambda: len(steps_logged(run)) >= 12, 180, "step 12 of the first start")
     res = subprocess.run(["scontrol", "requeue", str(job)], capture_output=True, text=True, timeout=30, check=False)
@@ -96,18 +127,71 @@ def test_scontrol_requeue_resumes_without_repeating_or_missing_steps(slurm, data
 
 
 def test_time_limit_signal_saves_requeues_and_finishes(slurm, data, tmp_path):
-    """--time=1 with --signal=USR1@40: the ranks get USR1 about half a minute in, save together and exit 75; the
-    launcher requeues the job, which resumes — as many times as it takes — until all 70 steps are done."""
+    """--time=3 with --signal=USR1@20 (to the ranks, not the batch shell): Slurm warns 20 to 80 s before the end,
+    in the second half of the limit; the ranks save together and exit 75, the launcher requeues the job, which
+    resumes until all steps are done. The steps (3 s each) need more than one start."""
     log, run = tmp_path / "job.out", tmp_path / "runs" / "timelimit"
-    job = sbatch([*CPU_ALLOC, "--time=1", "--signal=USR1@40", f"--output={log}", f"--error={log}",
+    steps = 52
+    job = sbatch([*CPU_ALLOC, "--time=3", "--signal=USR1@20", f"--output={log}", f"--error={log}",
                   "--open-mode=append", "slurm/mor_1b7.sh",
-                  *tiny(data, tmp_path / "runs", "timelimit", steps=70, every=0)],
-                 env={"MOR_FAULT_STEP_SECONDS": "0.5"})
-    info = wait_for(lambda: finished(job), 420, "the job to finish through its requeues", every=2)
+                  *tiny(data, tmp_path / "runs", steps=steps, every=0, name="timelimit")],
+                 env={"MOR_FAULT_STEP_SECONDS": "3"})
+    info = wait_for(lambda: finished(job), 900, "the job to finish through its requeues", every=2)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, (info, text)
     assert "the trainer saved a checkpoint and asked for a requeue" in text and "resumed from" in text
-    assert steps_logged(run) == list(range(1, 71)), text
+    assert "time limit too short" not in text
+    assert steps_logged(run) == list(range(1, steps + 1)), text
+
+
+def test_a_time_limit_within_the_warning_lead_saves_once_and_does_not_requeue(slurm, data, tmp_path):
+    """--time=2 under the script's --signal=B:USR1@300: Slurm warns the batch shell at once, the launcher hands
+    the warning to the ranks (starting or running), they save, one line says why, and the job stops: no
+    requeue loop. The steps (3 s each) cannot all fit in the limit."""
+    log, run = tmp_path / "job.out", tmp_path / "runs" / "short"
+    job = sbatch([*CPU_ALLOC, "--time=2", f"--output={log}", f"--error={log}", "--open-mode=append",
+                  "slurm/mor_1b7.sh", *tiny(data, tmp_path / "runs", steps=40, every=0, name="short")],
+                 env={"MOR_FAULT_STEP_SECONDS": "3"})
+    # ended, or requeued: either answers the question
+    info = wait_for(lambda: finished(job) or restarted(job), 300, "the job to end", every=2)
+    text = log.read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0", (info, text)
+    assert "launch: got USR1" in text and "trainer exited with status 2" in text, text
+    lines = [ln for ln in text.splitlines() if "time limit too short for its warning" in ln]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--time" in lines[0], text
+    saved = (run / "checkpoints" / "latest").read_text().strip()
+    logged = steps_logged(run)
+    assert logged == list(range(1, len(logged) + 1)) and saved == f"step-{logged[-1]:06d}" and len(logged) < 40
+
+
+def test_ranks_start_with_the_warning_signals_blocked(slurm, tmp_path):
+    """What srun starts (MOR_PYTHON stands in for Python) has USR1 and USR2 blocked, so a warning that comes
+    before the trainer's handler stays pending instead of killing the rank; SIGTERM is not blocked."""
+    probe, log = tmp_path / "probe.sh", tmp_path / "job.out"
+    probe.write_text("#!/bin/sh\nexec grep '^SigBlk' /proc/self/status\n")
+    probe.chmod(0o755)
+    job = sbatch([*CPU_ALLOC, NO_WARNING, f"--output={log}", f"--error={log}", "slurm/mor_1b7.sh"],
+                 env={"MOR_PYTHON": str(probe)})
+    info = wait_for(lambda: finished(job), 300, "the job to finish", every=2)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text
+    masks = [int(m, 16) for m in re.findall(r"^SigBlk:\s*([0-9a-f]+)$", text, re.M)]
+    assert len(masks) == 2, text   # one per rank
+    bit = lambda sig: 1 << (sig - 1)  # noqa: E731
+    for mask in masks:
+        assert mask & bit(signal.SIGUSR1) and mask & bit(signal.SIGUSR2) and not mask & bit(signal.SIGTERM), text
+
+
+@pytest.mark.parametrize("overrides,name", [
+    (["model=tiny_mor_ec"], "name=1b7_mor_ec-tiny_mor_ec"),
+    ([f"model={ROOT}/conf/model/tiny_mor_tc.yaml", "train.steps=5"], "name=1b7_mor_ec-tiny_mor_tc"),
+    (["model=tiny_mor_ec", "name=mine"], None),          # the user named it
+    (["model=1b7_mor_ec"], None),                         # the run file's own model
+    (["model.n_layers=10"], None),                        # a change of the model, not another one
+    (["model={num_recursions: 4}"], None),                # merged into the run file's model
+], ids=["preset", "path", "named", "same-model", "dotted", "mapping"])
+def test_a_model_override_names_the_run_after_it_unless_named(overrides, name):
+    assert run_name_override(str(ROOT / "conf/run/1b7_mor_ec.yaml"), overrides) == name
 
 
 @pytest.mark.parametrize("script", ["mor_135m.sh", "mor_360m.sh", "mor_730m.sh", "mor_1b7.sh"])
@@ -115,11 +199,20 @@ def test_scripts_explain_themselves_and_refuse_to_run_outside_slurm(script):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     help_ = subprocess.run(["bash", f"slurm/{script}", "--help"], cwd=ROOT, capture_output=True, text=True,
                            timeout=30, check=False, env=env)
-    assert help_.returncode == 0 and "sbatch" in help_.stdout and "requeue" in help_.stdout
+    scale = script[len("mor_"):-len(".sh")]
+    out = help_.stdout
+    assert help_.returncode == 0 and "sbatch" in out and "requeue" in out, help_.stderr
+    # its own header, resources and run files, then a pointer to the launcher (not the launcher's own text)
+    assert out.startswith("MoR ") and "The launcher behind" not in out, out
+    nodes = re.search(r"^#SBATCH --nodes=(\d+)$", (ROOT / "slurm" / script).read_text(), re.M).group(1)
+    assert f"  --nodes={nodes}\n" in out and "  --signal=B:USR1@300\n" in out, out
+    runs = sorted(p.stem for p in (ROOT / "conf" / "run").glob(f"{scale}_*.yaml"))
+    assert f"MOR_RUN (run file from conf/run/): {' '.join(runs)} (default {scale}_mor_ec)" in out, out
+    assert "bash slurm/launch.sh --help" in out
     res = subprocess.run(["bash", f"slurm/{script}", "train.steps=1"], cwd=ROOT, capture_output=True, text=True,
                          timeout=30, check=False, env=env)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "not inside a Slurm job" in res.stderr
     header = (ROOT / "slurm" / script).read_text()
     for option in ("--nodes=", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=", "--time=",
-                   "--signal=USR1@", "--requeue", "--output="):
+                   "--signal=B:USR1@", "--requeue", "--output="):
         assert f"#SBATCH {option}" in header
