@@ -99,7 +99,7 @@ class Trainer:
         self.peak = device_peak_flops()
         self.preempt = PreemptionFlag().install()
         faults.point("startup.resume")
-        self.resumed_from = resume(self)
+        resume(self)
         self.metrics = (MetricsLog(self.run_dir, wandb_mode=cfg.logging.wandb, project=cfg.logging.project,
                                    name=cfg.name, config=config_to_dict(cfg), start_step=self.step)
                         if self.is_main else NullLog())
