@@ -6,8 +6,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from model.loss import IGNORE_INDEX
 from model.program import packed_rows
+from pretrain.data import TokenLoader, label_count
 from pretrain.pipeline import forward_step
 
 
@@ -17,7 +17,6 @@ def validation_loss(trainer, max_batches: int) -> float:
     of each DP rank's share of the validation split, all DP ranks together; identical on every rank. Batches
     weigh by their real tokens (padding labels count nowhere), so a short or padded last batch counts as much as
     it holds."""
-    from pretrain.data import TokenLoader
     cfg = trainer.cfg
     loader = TokenLoader(cfg.data.path, split="val", micro_batch_size=cfg.parallel.micro_batch_size, seed=0,
                          dp_rank=ps.get_data_parallel_rank(), dp_size=trainer.layout.dp, num_workers=0,
@@ -40,13 +39,13 @@ def validation_loss(trainer, max_batches: int) -> float:
                 num_microbatches=len(group), seq_length=packed_rows(model.cfg, model.pp_size, b, t),
                 micro_batch_size=b, forward_only=True)
             for r, (_, labels) in zip(results, group):   # only the last stage has results
-                n = (labels != IGNORE_INDEX).sum().float()
+                n = label_count(labels).float()
                 total += torch.stack([r["lm_loss"].float().to(trainer.device) * n, n])
         dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
     else:
         for tokens, labels in batches:
             out = trainer.engine(tokens, labels)
-            n = (labels != IGNORE_INDEX).sum().float()
+            n = label_count(labels).float()
             total += torch.stack([out.lm_loss.detach().float() * n, n])
     dist.all_reduce(total, group=ps.get_data_parallel_group())
     model.train()

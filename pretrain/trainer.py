@@ -30,10 +30,10 @@ from megatron.core import parallel_state as ps
 from conf import config_to_dict
 from model.config import ConfigError
 from model.flops import training_flops
-from model.loss import IGNORE_INDEX
 from pretrain import checkpoint as ckpt
 from pretrain import faults
 from pretrain.config import RunConfig
+from pretrain.data import TokenLoader, label_count, load_manifest
 from pretrain.metrics import MetricsLog, NullLog, Progress, device_peak_flops, format_line, mfu
 from pretrain.parallel import grad_accumulation_steps, init_distributed
 from pretrain.pipeline import (build_stage, clip_grad_norm, finish_pipeline_step, pipeline_forward_backward,
@@ -50,7 +50,6 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, log=print):
         self.cfg, self.print = cfg, log
         faults.point("startup.config")
-        from pretrain.data import TokenLoader, load_manifest
         try:
             self.manifest = load_manifest(Path(cfg.data.path))
         except (FileNotFoundError, ValueError) as e:
@@ -146,7 +145,7 @@ class Trainer:
         self._set_lr(lr)
         micro = [next(self.batches) for _ in range(self.gas)]
         micro = [(t.to(self.device), y.to(self.device)) for t, y in micro]
-        real = sum((y != IGNORE_INDEX).sum() for _, y in micro).float()   # padding is no token
+        real = sum(label_count(y) for _, y in micro).float()   # padding is no token
         stats: dict = {}
         if self.layout.pp > 1:
             loss, norm = pipeline_forward_backward(self.model, self.replicas, micro,
