@@ -19,7 +19,8 @@ from typing import Any, Iterator, Literal, Sequence, Union
 
 import yaml
 
-from model.config import ConfigError, ModelConfig
+from conf.errors import ConfigError
+from model.config import ModelConfig
 
 CONF_DIR = Path(__file__).resolve().parent
 PRESET_DIR = CONF_DIR / "model"

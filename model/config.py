@@ -12,12 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from conf.errors import ConfigError
+
 Sharing = Literal["none", "cycle", "sequence", "middle_cycle", "middle_sequence"]
 Routing = Literal["none", "expert_choice", "token_choice"]
-
-
-class ConfigError(ValueError):
-    """A user mistake in a config: the message is one line naming the key (and file, when known)."""
 
 
 @dataclass

@@ -18,7 +18,8 @@ from typing import Optional
 
 import torch
 
-from model.config import ConfigError, ModelConfig
+from conf.errors import ConfigError
+from model.config import ModelConfig
 from model.flops import step_tokens
 from model.sharing import build_plan
 

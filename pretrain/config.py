@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from model.config import ConfigError, ModelConfig
+from conf.errors import ConfigError
+from model.config import ModelConfig
 from pretrain.parallel import ParallelConfig
 
 

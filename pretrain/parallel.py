@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from model.config import ConfigError, ModelConfig
+from conf.errors import ConfigError
+from model.config import ModelConfig
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from conf import config_to_dict
-from model.config import ConfigError
+from conf.errors import ConfigError
 from pretrain import checkpoint as ckpt
 
 # Keys that may change between a checkpoint and the run resuming it; any other difference is an error.

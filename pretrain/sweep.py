@@ -40,7 +40,7 @@ from typing import Any, Literal
 import submitit
 import yaml
 
-from model.config import ConfigError
+from conf.errors import ConfigError
 from pretrain import sweep_results as results
 from pretrain.preempt import REQUEUE_EXIT_CODE
 

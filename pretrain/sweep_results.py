@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import submitit
 
 from data_prep.shards import atomic_write_bytes
-from model.config import ConfigError
+from conf.errors import ConfigError
 
 if TYPE_CHECKING:
     from pretrain.sweep import SweepConfig

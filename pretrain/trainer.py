@@ -28,7 +28,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from conf import config_to_dict
-from model.config import ConfigError
+from conf.errors import ConfigError
 from model.flops import training_flops
 from pretrain import checkpoint as ckpt
 from pretrain import faults

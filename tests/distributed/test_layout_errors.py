@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from model.config import ConfigError
+from conf.errors import ConfigError
 from pretrain.parallel import ParallelConfig, check_layout, init_distributed
 from tests.model.helpers import tiny
 

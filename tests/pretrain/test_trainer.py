@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conf import config_to_dict, load_config
-from model.config import ConfigError
+from conf.errors import ConfigError
 from model.flops import training_flops
 from pretrain.config import RunConfig
 from pretrain.metrics import mfu
