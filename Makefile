@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/python -m pretrain.demo
+	$(BIN)/python -m pretrain.tools.demo
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -8,7 +8,7 @@
 2. tokenize.py end to end (``data_prep.pack.run``: hashing the inputs, reading, encoding in N worker processes,
    packing, writing shards) on the same documents, for each worker count: tokens/s in all, per worker, and per
    worker against both raw baselines. The shards of every worker count are checked to be byte-identical.
-3. The training loader (``pretrain.data.TokenLoader``) over the shards just written: tokens/s for each number of
+3. The training loader (``pretrain.data.loader.TokenLoader``) over the shards just written: tokens/s for each number of
    loader worker processes, in all and per process. Skipped with a message if it cannot be imported.
 
 Without ``--tokenizer`` a BPE model (``--vocab-size``, default 8000) is first trained on the inputs.
@@ -168,9 +168,9 @@ def main(argv=None) -> int:
 
         # 3. the loader
         try:
-            from pretrain.data import TokenLoader
+            from pretrain.data.loader import TokenLoader
         except Exception as e:  # noqa: BLE001 - any import problem means: skip this part
-            print(f"\nloader: skipped (pretrain.data.TokenLoader not importable: {type(e).__name__}: {e})")
+            print(f"\nloader: skipped (pretrain.data.loader.TokenLoader not importable: {type(e).__name__}: {e})")
             return 0 if identical else 1
         print(f"\n| loader (`TokenLoader`, micro-batch {args.batch} x {args.seq_len}) | worker processes | "
               "tokens/s | tokens/s per process |")

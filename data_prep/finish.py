@@ -1,6 +1,6 @@
 """The command that finishes an unfinished tokenization.
 
-A consumer of the shards (the trainer, ``pretrain.data.TokenLoader``) that finds ``complete: false`` in a manifest
+A consumer of the shards (the trainer, ``pretrain.data.loader.TokenLoader``) that finds ``complete: false`` in a manifest
 prints this command so the user can paste it: ``tokenize.py`` with the run's inputs, its tokenizer, ``--out`` and
 every setting the manifest records that is not the default, which is exactly what resuming needs (the same
 fingerprint, data_prep/pack.py). Kept apart from pack.py, which runs tokenization; this only reads its records.

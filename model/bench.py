@@ -20,7 +20,7 @@ from model.attention import flash_available
 from model.flops import param_counts, training_flops
 from model.layers import make_parallel_config
 from model.mor import MoRModel
-from pretrain.parallel import init_single_process
+from pretrain.parallel.layout import init_single_process
 
 
 def bench_one(cfg, *, batch: int, seq_len: int, steps: int, warmup: int, compile_model: bool, peak_tflops: float,

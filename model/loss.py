@@ -9,7 +9,7 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from model.layers import tp_world_size
 
-# The label of a position that counts nowhere: the padding of a split's last sample (pretrain/data_readers.py).
+# The label of a position that counts nowhere: the padding of a split's last sample (pretrain/data/readers.py).
 # torch's own default ignore_index, so F.cross_entropy needs no extra argument to agree.
 IGNORE_INDEX = -100
 

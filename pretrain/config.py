@@ -10,7 +10,7 @@ from typing import Literal
 
 from conf.errors import ConfigError
 from model.config import ModelConfig
-from pretrain.parallel import ParallelConfig
+from pretrain.parallel.layout import ParallelConfig
 
 
 @dataclass

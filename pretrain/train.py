@@ -7,7 +7,7 @@ RUN-PRESET (e.g. 1b7_mor_ec-tiny_mor_ec), so that it never writes into the run f
 Run it as one process, under ``torchrun --nproc-per-node N``, or through the slurm/ launchers: the layout comes
 from the environment. Exit codes: 0 done, 75 preempted (saved; requeue me), 3 stopped on a non-finite loss,
 2 a configuration mistake (also: saved on a time-limit warning that came too early to requeue, see
-pretrain/preempt.py).
+pretrain/training/preempt.py).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import os
 import sys
 import warnings
 
-from pretrain import faults, preempt
+from pretrain.training import faults, preempt
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 # megatron imports its norms lazily at a pipeline's first step and says so; the model uses its own RMSNorm
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from conf import cli_errors, load_config
     from conf.loader import CONF_DIR
     from pretrain.config import RunConfig
-    from pretrain.trainer import run
+    from pretrain.training.trainer import run
 
     path = args.config
     if "/" not in path and not path.endswith((".yaml", ".yml")):

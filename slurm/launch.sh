@@ -92,7 +92,7 @@ export MOR_WARNING_FILE=$warning_file
 trap 'rm -f "$warning_file" "$warning_file.tmp"' EXIT
 pass_warning   # one that came before the file had its place
 
-# The job's start and end, for the trainer's too-short-limit rule (pretrain/preempt.py). Slurm >= 23.02 exports
+# The job's start and end, for the trainer's too-short-limit rule (pretrain/training/preempt.py). Slurm >= 23.02 exports
 # these itself; on older ones they come from squeue, fresh at every start (a requeue moves both).
 unset SLURM_JOB_START_TIME SLURM_JOB_END_TIME
 if times=$(squeue -h -j "$SLURM_JOB_ID" -o "%S %e" 2>/dev/null) && read -r start end <<<"$times" \

@@ -31,7 +31,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session", autouse=True)
 def megatron_world():
     """A world of one process with megatron's TP = PP = 1 groups, as the model layers require."""
-    from pretrain.parallel import init_single_process
+    from pretrain.parallel.layout import init_single_process
     init_single_process()
     yield
 

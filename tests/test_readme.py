@@ -95,7 +95,7 @@ class Cmd:
     check: Optional[Callable[[list[str], dict], None]] = None   # HELP: loads its overrides / presets
 
 
-DEMO = "python -m pretrain.demo tiny_mor_tc --steps 100"
+DEMO = "python -m pretrain.tools.demo tiny_mor_tc --steps 100"
 COMMANDS: dict[str, Cmd] = {
     "make demo": Cmd(MAKE, "builds .venv and trains for minutes"),
     "make test": Cmd(MAKE, "the whole suite, of which this test is a part"),
@@ -107,7 +107,7 @@ COMMANDS: dict[str, Cmd] = {
         Cmd(RUN, "the demo's shards, 300 steps cut to 3", shorter=("train.steps=3",), needs=DEMO),
     "torchrun --nproc-per-node 8 -m pretrain.train 360m_mor_ec data.path=/data/fineweb parallel.zero_stage=2":
         Cmd(HELP, "8 GPUs and a real data set", check=_train_config),
-    "python -m pretrain.plot runs/360m_mor_ec": Cmd(HELP, "a 360M run's metrics"),
+    "python -m pretrain.tools.plot runs/360m_mor_ec": Cmd(HELP, "a 360M run's metrics"),
     "python -m model.inspect 360m_mor_ec": Cmd(RUN, "counts only, a second"),
     "python -m model.inspect 360m_mor_ec num_recursions=4 n_layers=34 router.alpha=0.2":
         Cmd(RUN, "counts only, a second"),
@@ -119,7 +119,7 @@ COMMANDS: dict[str, Cmd] = {
     "python -m pretrain.train 360m_mor_ec data.path=DATA train.steps=100 parallel.micro_batch_size=16 "
     "parallel.global_batch_size=16 train.compile=true checkpoint.every=0":
         Cmd(HELP, "a GPU and real data (DATA is the user's)", check=_train_config),
-    "python -m pretrain.bench 360m_mor_ec --zero 2 --batch 16 '[--compile]'":
+    "python -m pretrain.tools.bench 360m_mor_ec --zero 2 --batch 16 '[--compile]'":
         Cmd(HELP, "an H100 benchmark", check=_presets),
     "sbatch slurm/mor_1b7.sh data.path=/data/fineweb": Cmd(HELP, "a GPU cluster", check=_slurm_config),
     "MOR_RUN=1b7_vanilla sbatch slurm/mor_1b7.sh data.path=/data/fineweb":
@@ -166,7 +166,7 @@ def _python(words: list[str]) -> list[str]:
 
 
 # What this pytest process set for itself (its one-rank world in tests/conftest.py; DS_ACCELERATOR once it
-# imported pretrain.zero) must not leak into the commands it starts: they start from a user's environment.
+# imported pretrain.parallel.zero) must not leak into the commands it starts: they start from a user's environment.
 _OURS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "DS_ACCELERATOR")
 
 
@@ -261,7 +261,7 @@ def test_command_help_accepts_its_options(command):
 
 
 # ---- MAKE -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("command,shows", [("make demo", "-m pretrain.demo"), ("make test", "-m pytest -q tests")])
+@pytest.mark.parametrize("command,shows", [("make demo", "-m pretrain.tools.demo"), ("make test", "-m pytest -q tests")])
 def test_make_target_dry_run(command, shows):
     assert COMMANDS[command].kind == MAKE
     if shutil.which("make") is None:
@@ -279,7 +279,7 @@ def test_every_make_command_has_a_dry_run():
 
 # ---- the demo's model argument --------------------------------------------------------------------------------
 def test_demo_misspelt_preset_is_one_line_before_any_work(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "pretrain.demo", "tiny_mor_xc", "--steps", "1"], cwd=tmp_path,
+    out = subprocess.run([sys.executable, "-m", "pretrain.tools.demo", "tiny_mor_xc", "--steps", "1"], cwd=tmp_path,
                          env=_env({}), capture_output=True, text=True, timeout=TIMEOUT)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "unknown preset 'tiny_mor_xc'" in out.stderr, out.stderr

@@ -1,4 +1,4 @@
-"""An unfinished data set: every consumer (pretrain.data.load_manifest, TokenLoader) stops with one line naming the
+"""An unfinished data set: every consumer (pretrain.data.loader.load_manifest, TokenLoader) stops with one line naming the
 folder and the command that finishes it; that command, pasted into a shell, finishes it. A split without samples
 is one line too."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from data_prep.finish import finish_command
 from data_prep.shards import Manifest
-from pretrain.data import TokenLoader, load_manifest
+from pretrain.data.loader import TokenLoader, load_manifest
 from tests.data_prep.conftest import ROOT, corpus_records, run_cli, shard_bytes, write_jsonl
 
 ARGS = ["--seq-len", 64, "--val-fraction", 0.25, "--samples-per-shard", 8]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from data_prep.shards import Manifest
-from pretrain.data import IGNORE_INDEX, TokenLoader, label_count
+from pretrain.data.loader import IGNORE_INDEX, TokenLoader, label_count
 from tests.data_prep.conftest import read_samples, run_cli
 
 SEQ = 64

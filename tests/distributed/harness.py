@@ -16,7 +16,7 @@ import torch
 
 from model.config import ModelConfig
 from model.mor import MoRModel
-from pretrain.zero import param_groups
+from pretrain.parallel.zero import param_groups
 from tests.model.helpers import tiny
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from conf.errors import ConfigError
-from pretrain.parallel import ParallelConfig, check_layout, init_distributed
+from pretrain.parallel.layout import ParallelConfig, check_layout, init_distributed
 from tests.model.helpers import tiny
 
 CASES = [

@@ -29,7 +29,7 @@ def test_other_warnings_still_show():
     """Only the known messages are silenced: another deprecation, another DeepSpeed warning, ours, all print."""
     code = """
 import logging, warnings
-from pretrain import zero
+from pretrain.parallel import zero
 zero._import_deepspeed()
 warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)
 warnings.warn("our own deprecation", FutureWarning)

@@ -51,9 +51,9 @@ def main(case_path: str) -> None:
     from conf import build_dataclass
     from model.config import ModelConfig
     from model.tp_shard import shard_state_dict, unshard_tensor
-    from pretrain.parallel import ParallelConfig, grad_accumulation_steps, init_distributed
-    from pretrain.pipeline import build_stage, clip_grad_norm, pipeline_train_step, replica_layout, sync_replicas
-    from pretrain.zero import build_engine, full_parameters, param_groups
+    from pretrain.parallel.layout import ParallelConfig, grad_accumulation_steps, init_distributed
+    from pretrain.parallel.pipeline import build_stage, clip_grad_norm, pipeline_train_step, replica_layout, sync_replicas
+    from pretrain.parallel.zero import build_engine, full_parameters, param_groups
 
     case = json.loads(Path(case_path).read_text())
     pcfg = ParallelConfig(**case["parallel"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from data_prep import tokenizer as T
-from pretrain.data import TokenLoader, label_count
+from pretrain.data.loader import TokenLoader, label_count
 from tests.data_prep.conftest import corpus_records, run_cli, write_jsonl
 from tests.distributed.harness import spawn_ranks
 from tests.faults.runs import args, run_main

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.preempt import REQUEUE_EXIT_CODE, WARNINGS
+from pretrain.training.preempt import REQUEUE_EXIT_CODE, WARNINGS
 from tests.distributed.harness import ROOT, spawn_ranks
 from tests.faults.runs import RUN, args, losses
 from tests.pretrain.fixtures import make_shards
 
 PHASES = ["startup.main", "startup.config", "startup.distributed", "startup.engine", "startup.resume",
           "startup.done"]
-# Whatever the environment running the tests holds: no Slurm job times (pretrain/preempt.py's too-short rule)
+# Whatever the environment running the tests holds: no Slurm job times (pretrain/training/preempt.py's too-short rule)
 # and no launcher's warning file.
 NOT_IN_A_JOB = {"SLURM_JOB_START_TIME": "", "SLURM_JOB_END_TIME": "", "MOR_WARNING_FILE": ""}
 

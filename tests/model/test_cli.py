@@ -33,8 +33,8 @@ def test_inspect_bad_override_is_one_line_without_traceback():
     assert lines == ["error: override 'n_kv_heads=4': n_kv_heads: n_heads=15 is not divisible by n_kv_heads=4"]
 
 
-@pytest.mark.parametrize("module", ["model.inspect", "model.bench", "pretrain.demo", "pretrain.bench", "pretrain.train",
-                                    "pretrain.plot"])
+@pytest.mark.parametrize("module", ["model.inspect", "model.bench", "pretrain.tools.demo", "pretrain.tools.bench", "pretrain.train",
+                                    "pretrain.tools.plot"])
 def test_entry_points_have_help(module):
     res = run("-m", module, "--help")
     assert res.returncode == 0 and "usage:" in res.stdout and len(res.stdout.splitlines()) > 4

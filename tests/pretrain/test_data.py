@@ -1,4 +1,4 @@
-"""Tests for pretrain.data.TokenLoader: coverage over ranks and workers, determinism, exact resume, validation
+"""Tests for pretrain.data.loader.TokenLoader: coverage over ranks and workers, determinism, exact resume, validation
 pass, and errors naming the broken file. Fixture samples encode (shard, sample) in their first two tokens."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from data_prep.shards import Manifest, shard_name, write_shard
-from pretrain.data import ShardError, TokenLoader
+from pretrain.data.loader import ShardError, TokenLoader
 
 SEQ = 8
 EVEN = (10,) * 8                       # 8 shards over 4 readers

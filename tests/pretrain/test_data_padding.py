@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data_prep.shards import Manifest
-from pretrain.data import IGNORE_INDEX, TokenLoader, label_count
+from pretrain.data.loader import IGNORE_INDEX, TokenLoader, label_count
 from tests.pretrain.test_data import SEQ, make_data, row, take
 
 TRAIN = (10, 9, 7)          # the padded sample is sample 6 of shard 2

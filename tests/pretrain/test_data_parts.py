@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.data import TokenLoader
+from pretrain.data.loader import TokenLoader
 from tests.pretrain.test_data import UNEVEN, every, flat, ids, make_data, take
 
 ONE = (13,)                                  # one training shard of 13 samples

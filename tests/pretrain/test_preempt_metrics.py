@@ -6,8 +6,8 @@ import json
 import os
 import signal
 
-from pretrain import preempt
-from pretrain.metrics import MetricsLog
+from pretrain.training import preempt
+from pretrain.training.metrics import MetricsLog
 
 
 def test_signal_during_startup_counts_at_the_first_step():

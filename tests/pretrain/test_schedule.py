@@ -6,7 +6,7 @@ import math
 import pytest
 
 from pretrain.config import ScheduleConfig
-from pretrain.schedule import lr_multiplier
+from pretrain.training.schedule import lr_multiplier
 
 
 def curve(cfg, total=100):

@@ -13,10 +13,10 @@ from conf import config_to_dict, load_config
 from conf.errors import ConfigError
 from model.flops import training_flops
 from pretrain.config import RunConfig
-from pretrain.metrics import mfu
-from pretrain.preempt import REQUEUE_EXIT_CODE
-from pretrain.resume import config_mismatch
-from pretrain.trainer import NONFINITE_EXIT_CODE, Trainer
+from pretrain.training.metrics import mfu
+from pretrain.training.preempt import REQUEUE_EXIT_CODE
+from pretrain.training.resume import config_mismatch
+from pretrain.training.trainer import NONFINITE_EXIT_CODE, Trainer
 from tests.distributed.harness import spawn_ranks
 from tests.pretrain.fixtures import make_shards
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.sweep import expand, load_sweep
+from pretrain.sweep.plan import expand, load_sweep
 from tests.pretrain.fixtures import make_shards
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,7 +1,7 @@
-"""The reading side of ``pretrain.data.TokenLoader``: which reader gets which parts of which shards in which epoch
+"""The reading side of ``pretrain.data.loader.TokenLoader``: which reader gets which parts of which shards in which epoch
 (``Layout``), the order in which DataLoader hands out its workers' batches (``RoundRobin``), and the per-worker
 webdataset pipeline (``Readers``: plan of parts -> tar samples -> decoded, counted -> shuffled -> batches). The
-design is described in ``pretrain/data.py``."""
+design is described in ``pretrain/data/loader.py``."""
 from __future__ import annotations
 
 import itertools

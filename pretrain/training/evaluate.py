@@ -7,8 +7,8 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from model.program import packed_rows
-from pretrain.data import TokenLoader, label_count
-from pretrain.pipeline import forward_step
+from pretrain.data.loader import TokenLoader, label_count
+from pretrain.parallel.pipeline import forward_step
 
 
 @torch.no_grad()

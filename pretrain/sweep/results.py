@@ -1,4 +1,4 @@
-"""A sweep's jobs and results (for pretrain/sweep.py): the submitit executor, waiting with a progress line, job
+"""A sweep's jobs and results (for pretrain/sweep/plan.py): the submitit executor, waiting with a progress line, job
 outcomes, and the results table.
 
 The table is rebuilt from each point's metrics.jsonl (so ``--collect`` works long after the jobs). It is written
@@ -22,7 +22,7 @@ from data_prep.shards import atomic_write_bytes
 from conf.errors import ConfigError
 
 if TYPE_CHECKING:
-    from pretrain.sweep import SweepConfig
+    from pretrain.sweep.plan import SweepConfig
 
 COLUMNS = ("point", "overrides", "state", "job_id", "step", "loss", "val_loss", "tokens_per_s", "run_dir")
 TOKS_WINDOW = 3  # training records averaged for tokens/s: the last few, after start-up noise is gone

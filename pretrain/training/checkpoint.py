@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from data_prep.shards import atomic_write_bytes
-from pretrain import faults
+from pretrain.training import faults
 
 LATEST = "latest"
 RECORD = "checkpoint.json"

@@ -84,7 +84,7 @@ from torch.utils.data import DataLoader
 
 from data_prep.shards import MANIFEST, Manifest
 from model.loss import IGNORE_INDEX
-from pretrain.data_readers import Layout, Readers, RoundRobin, ShardError
+from pretrain.data.readers import Layout, Readers, RoundRobin, ShardError
 
 __all__ = ["TokenLoader", "ShardError", "load_manifest", "label_count", "IGNORE_INDEX"]
 

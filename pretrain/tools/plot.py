@@ -1,4 +1,4 @@
-"""Draw a run's curves from its metrics.jsonl: ``python -m pretrain.plot RUN_DIR [--out FILE.png]``.
+"""Draw a run's curves from its metrics.jsonl: ``python -m pretrain.tools.plot RUN_DIR [--out FILE.png]``.
 
 Top: training loss (and validation loss where evaluated) against step. Bottom: each recursion step's kept
 fraction (expert-choice: its capacity; token-choice: the share of tokens still running) and mean gate.
@@ -61,7 +61,7 @@ def plot(run_dir: Path, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.plot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pretrain.tools.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a run folder holding metrics.jsonl (runs/NAME)")
     parser.add_argument("--out", type=Path, default=None, help="PNG to write (default RUN_DIR/curves.png)")
     args = parser.parse_args(argv)

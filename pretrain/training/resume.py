@@ -1,6 +1,6 @@
 """Resuming a run: pick the checkpoint (verified, with fallback), check it belongs to this run, then load it.
 
-Order matters: the checkpoint is checked against its record first (pretrain/checkpoint.py), then its config and
+Order matters: the checkpoint is checked against its record first (pretrain/training/checkpoint.py), then its config and
 tokenizer are compared with this run's — before any state is loaded, so a changed shape is one line listing the
 keys, not a page of size mismatches — and only then are the engine, RNG and data position restored.
 """
@@ -11,7 +11,7 @@ from typing import Optional
 
 from conf import config_to_dict
 from conf.errors import ConfigError
-from pretrain import checkpoint as ckpt
+from pretrain.training import checkpoint as ckpt
 
 # Keys that may change between a checkpoint and the run resuming it; any other difference is an error.
 _RESUME_FREE = ("name", "out_dir", "train.", "checkpoint.", "logging.", "on_nonfinite", "max_consecutive_skips",

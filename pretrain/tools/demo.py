@@ -1,6 +1,6 @@
 """The README demo, end to end on CPU: tokenize the sample corpus, train a small MoR, evaluate, sample, plot.
 
-    python -m pretrain.demo [MODEL] [--steps N] [--out runs]
+    python -m pretrain.tools.demo [MODEL] [--steps N] [--out runs]
 
 1. ``data_prep/tokenize.py`` trains a 2048-piece SentencePiece model on data_prep/corpus/ and writes shards of
    128-token sequences to runs/demo/data (skipped when they already exist);
@@ -55,7 +55,7 @@ def unigram_entropy(folder: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.demo", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m pretrain.tools.demo", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("model", nargs="?", default=None,
                         help="model preset (conf/model/NAME.yaml) or YAML path (default: the run file's model, "
@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     from model.flops import param_counts
     from model.generate import greedy
     from pretrain.config import RunConfig
-    from pretrain.plot import plot
+    from pretrain.tools.plot import plot
     from pretrain.train import run_name_override
-    from pretrain.trainer import Trainer
+    from pretrain.training.trainer import Trainer
 
     run_file = CONF_DIR / "run" / "demo_cpu.yaml"
     base = load_config(run_file, [], schema=RunConfig)
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = greedy(trainer.model, sp.encode(PROMPT), 40, eos_id=sp.eos_id())
     print(f"      greedy sample: {sp.decode(ids)!r}")
     print("[4/4] summary")
-    from pretrain.plot import load_records
+    from pretrain.tools.plot import load_records
     recs = [r for r in load_records(run_dir / "metrics.jsonl") if "loss" in r and "event" not in r]
     if recs:
         last = recs[-1]

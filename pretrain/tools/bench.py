@@ -1,7 +1,7 @@
 """Training throughput through the real distributed stack: megatron-core layers in a DeepSpeed ZeRO engine.
 
-    python -m pretrain.bench 360m_mor_ec --zero 2 [--batch 16] [--seq-len 2048] [--steps 10] [--compile]
-    torchrun --nproc-per-node 8 -m pretrain.bench 360m_mor_ec --zero 2 --tp 1
+    python -m pretrain.tools.bench 360m_mor_ec --zero 2 [--batch 16] [--seq-len 2048] [--steps 10] [--compile]
+    torchrun --nproc-per-node 8 -m pretrain.tools.bench 360m_mor_ec --zero 2 --tp 1
 
 bf16 parameters with fp32 master weights in ZeRO's optimizer partitions, torch AdamW (fused on GPU), gradient
 clipping at 1.0, random tokens. Prints tokens/s per GPU, model TFLOP/s and MFU (model/flops.py), peak memory.
@@ -16,13 +16,13 @@ import torch
 
 from conf import cli_errors, load_config
 from model.flops import training_flops
-from pretrain.parallel import ParallelConfig, init_distributed
-from pretrain.pipeline import build_stage
-from pretrain.zero import build_engine, param_groups
+from pretrain.parallel.layout import ParallelConfig, init_distributed
+from pretrain.parallel.pipeline import build_stage
+from pretrain.parallel.zero import build_engine, param_groups
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pretrain.tools.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="YAML file or preset from conf/model")
     parser.add_argument("overrides", nargs="*", help="dotted key=value model overrides")
     parser.add_argument("--zero", type=int, default=2, help="ZeRO stage 0-3 (default 2)")
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100: 989)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("error: pretrain.bench needs CUDA GPUs")
+        raise SystemExit("error: pretrain.tools.bench needs CUDA GPUs")
     with cli_errors():
         cfg = load_config(args.config, args.overrides)
         pcfg = ParallelConfig(tensor_parallel=args.tp, sequence_parallel=args.sp, zero_stage=args.zero,

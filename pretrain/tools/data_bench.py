@@ -1,6 +1,6 @@
-"""Throughput of ``pretrain.data.TokenLoader`` from local disk.
+"""Throughput of ``pretrain.data.loader.TokenLoader`` from local disk.
 
-    python -m pretrain.data_bench [FOLDER] [--seq-len 2048] [--batch 16] [--workers 0] [--seconds 10]
+    python -m pretrain.tools.data_bench [FOLDER] [--seq-len 2048] [--batch 16] [--workers 0] [--seconds 10]
 
 Without FOLDER, writes synthetic shards (random uint16 tokens) to a temporary folder first. Reads the train split
 unbounded and reports tokens/s (tokens = batch * seq_len per batch) after one warm-up batch.
@@ -27,7 +27,7 @@ def make_shards(folder: Path, *, seq_len: int, shards: int, samples: int, seed: 
 
 
 def bench(folder: Path, *, batch: int, workers: int, seconds: float, shuffle_buffer: int) -> float:
-    from pretrain.data import TokenLoader
+    from pretrain.data.loader import TokenLoader
     loader = TokenLoader(folder, "train", micro_batch_size=batch, num_workers=workers, shuffle_buffer=shuffle_buffer)
     it = iter(loader)
     next(it)
@@ -41,7 +41,7 @@ def bench(folder: Path, *, batch: int, workers: int, seconds: float, shuffle_buf
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m pretrain.data_bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pretrain.tools.data_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("folder", nargs="?", help="shard folder (default: synthetic shards in a temporary folder)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch", type=int, default=16)

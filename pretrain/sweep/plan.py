@@ -41,8 +41,8 @@ import submitit
 import yaml
 
 from conf.errors import ConfigError
-from pretrain import sweep_results as results
-from pretrain.preempt import REQUEUE_EXIT_CODE
+from pretrain.sweep import results
+from pretrain.training.preempt import REQUEUE_EXIT_CODE
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
@@ -227,8 +227,8 @@ def validate(cfg: SweepConfig, points: list[Point], where: str, *, dry_run: bool
     a dry run a data problem is a warning: the plan can be read before the shards are made."""
     from conf import load_config
     from pretrain.config import RunConfig
-    from pretrain.data import TokenLoader
-    from pretrain.parallel import check_layout
+    from pretrain.data.loader import TokenLoader
+    from pretrain.parallel.layout import check_layout
     world = cfg.slurm.nodes * cfg.slurm.tasks_per_node
     for p in points:
         try:
@@ -259,7 +259,7 @@ class TrainPoint(submitit.helpers.Checkpointable):
 
         from conf import load_config
         from pretrain.config import RunConfig
-        from pretrain.trainer import Trainer
+        from pretrain.training.trainer import Trainer
         # overwrite: a requeued or nested launch may carry the previous layout; this job's own is the truth.
         # No CUDA_VISIBLE_DEVICES: the trainer picks cuda:LOCAL_RANK among all of the node's GPUs.
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
@@ -352,6 +352,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     return results.collect(Path(cfg.out_dir), points, jobs)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

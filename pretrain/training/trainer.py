@@ -2,7 +2,7 @@
 
 One optimizer step = micro_batch_size × accumulation × DP sequences. With PP = 1 each micro-batch goes through
 the engine (forward, backward, step; DeepSpeed accumulates, reduces and clips at the boundary); with PP > 1 the
-step runs megatron's 1F1B schedule (pretrain/pipeline.py).
+step runs megatron's 1F1B schedule (pretrain/parallel/pipeline.py).
 
 A non-finite loss (any rank, any micro-batch) is handled per ``on_nonfinite``: ``skip`` finishes the step with
 zero gradients and a learning rate of 0 — the weights do not move, the optimizer's moment estimates age by one
@@ -30,18 +30,18 @@ from megatron.core import parallel_state as ps
 from conf import config_to_dict
 from conf.errors import ConfigError
 from model.flops import training_flops
-from pretrain import checkpoint as ckpt
-from pretrain import faults
+from pretrain.training import checkpoint as ckpt
+from pretrain.training import faults
 from pretrain.config import RunConfig
-from pretrain.data import TokenLoader, label_count, load_manifest
-from pretrain.metrics import MetricsLog, NullLog, Progress, device_peak_flops, format_line, mfu
-from pretrain.parallel import grad_accumulation_steps, init_distributed
-from pretrain.pipeline import (build_stage, clip_grad_norm, finish_pipeline_step, pipeline_forward_backward,
+from pretrain.data.loader import TokenLoader, label_count, load_manifest
+from pretrain.training.metrics import MetricsLog, NullLog, Progress, device_peak_flops, format_line, mfu
+from pretrain.parallel.layout import grad_accumulation_steps, init_distributed
+from pretrain.parallel.pipeline import (build_stage, clip_grad_norm, finish_pipeline_step, pipeline_forward_backward,
                                replica_layout, sync_replicas)
-from pretrain.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
-from pretrain.resume import resume
-from pretrain.schedule import lr_multiplier
-from pretrain.zero import build_engine, param_groups
+from pretrain.training.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
+from pretrain.training.resume import resume
+from pretrain.training.schedule import lr_multiplier
+from pretrain.parallel.zero import build_engine, param_groups
 
 NONFINITE_EXIT_CODE = 3
 
@@ -268,7 +268,7 @@ class Trainer:
         """Mean validation loss over the real tokens of up to eval_batches micro-batches per DP rank."""
         if not self.manifest.splits.get("val"):
             return None
-        from pretrain.evaluate import validation_loss
+        from pretrain.training.evaluate import validation_loss
         loss = validation_loss(self, self.cfg.train.eval_batches)
         self.metrics.log({"step": self.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))})
         if self.is_main:

@@ -17,13 +17,13 @@ from typing import Any, Iterable
 import torch
 from megatron.core import parallel_state
 
-from pretrain.parallel import Layout, ParallelConfig, grad_accumulation_steps
+from pretrain.parallel.layout import Layout, ParallelConfig, grad_accumulation_steps
 
 # ---- DeepSpeed's start-up chatter, kept out of the run's log ----------------------------------------------------
 # Set before DeepSpeed's first import, which is in this module only. Each item is one known message; DeepSpeed's
 # other warnings and errors, and ours, still show.
 #   Its accelerator probe warns "Setting accelerator to CPU ..." on every CPU start unless told the device: tell
-# it the one pretrain/parallel.py uses (a user's own DS_ACCELERATOR wins).
+# it the one pretrain/parallel/layout.py uses (a user's own DS_ACCELERATOR wins).
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 #   ZeRO calls torch.distributed's *_tensor collectives, which this torch deprecates with a warning per call.
 warnings.filterwarnings("ignore", category=FutureWarning,

@@ -3,7 +3,7 @@
 A run's world is tensor-parallel (TP) × pipeline-parallel (PP) × data-parallel (DP); DP is what remains of the
 world size. ``init_distributed`` reads the usual launcher environment (torchrun's RANK / WORLD_SIZE /
 LOCAL_RANK / MASTER_ADDR / MASTER_PORT, or Slurm's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID), starts NCCL on
-GPU or gloo on CPU, and builds megatron's groups. On CPU only, ``pretrain.cpu_compat`` redirects the few CUDA
+GPU or gloo on CPU, and builds megatron's groups. On CPU only, ``pretrain.parallel.cpu_compat`` redirects the few CUDA
 device arguments megatron-core hard-codes; on GPU megatron-core runs unmodified.
 """
 from __future__ import annotations
@@ -138,7 +138,7 @@ def _init(pcfg: ParallelConfig, model: Optional[ModelConfig], *, device: Optiona
     for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local_rank)):
         os.environ.setdefault(name, str(value))
     if not use_cuda:
-        from pretrain.cpu_compat import patch_megatron_for_cpu
+        from pretrain.parallel.cpu_compat import patch_megatron_for_cpu
         patch_megatron_for_cpu()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=pcfg.tensor_parallel,

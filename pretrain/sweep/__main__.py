@@ -1,0 +1,5 @@
+import sys
+
+from pretrain.sweep.plan import main
+
+sys.exit(main())
