@@ -20,10 +20,16 @@ Routing = Literal["none", "expert_choice", "token_choice"]
 
 @dataclass
 class RouterConfig:
-    # Gate scale α. Default depends on routing: 0.1 for expert-choice (the reference runs), 1.0 for token-choice.
+    # Gate scale α. None: the variant's default, 0.1 for expert-choice (the reference runs), 1.0 for token-choice.
     alpha: Optional[float] = None
+    # The router's activation G. Expert-choice: sigmoid (default) or tanh, gate g = α·G(logit). Token-choice:
+    # softmax over depths (default) or sigmoid per depth. None: the variant's default.
+    func: Optional[Literal["sigmoid", "tanh", "softmax"]] = None
     # Per-step capacities c_r (expert-choice). Default (Nr - r + 1) / Nr, e.g. 1, 2/3, 1/3 for Nr = 3.
     capacities: Optional[list[float]] = None
+    # Expert-choice capacity warm-up over this many optimizer steps (0: off): a cosine from every token kept
+    # (c = 1) down to c_r, in training only.
+    cap_warmup_step: int = 0
     # How a kept token's state is updated at a recursion step (expert-choice):
     #   weighted: h <- h + g * block(h)        (reference code; block output includes its own residuals)
     #   residual: h <- h + g * (block(h) - h)  (only the block's update is gated)
@@ -33,14 +39,21 @@ class RouterConfig:
     temperature: float = 1.0
     # Expert-choice: BCE auxiliary loss on router logits (target 1 for kept tokens), summed over steps.
     aux_loss_coef: float = 0.001
-    # Expert-choice: a separate router per step trained on detached inputs, used for causal inference.
+    # Expert-choice: a separate router per step trained on detached inputs, for causal inference (not yet).
     aux_router: bool = False
-    # Router z-loss coefficient. Default depends on routing: 0 for expert-choice, 1e-5 for token-choice.
+    # Router z-loss coefficient. None: the variant's default, 0 for expert-choice, 1e-5 for token-choice.
     z_loss_coef: Optional[float] = None
     # Token-choice load balancing: Switch-style loss, or a bias on the depth choice nudged towards balance.
     balance: Literal["loss", "loss_free"] = "loss"
     balance_coef: float = 0.1
     bias_update_rate: float = 0.001
+    # Token-choice balancing warm-up (0: off): for this many optimizer steps every token runs every recursion
+    # (training only) and the loss-free bias stays 0.
+    bal_warmup_step: int = 0
+
+
+# Router activations each routing accepts (router.func); the defaults and the behaviour live in model/routing.
+ROUTER_FUNCS = {"none": (), "expert_choice": ("sigmoid", "tanh"), "token_choice": ("softmax", "sigmoid")}
 
 
 @dataclass
@@ -61,7 +74,8 @@ class ModelConfig:
     num_recursions: int = 1
     routing: Routing = "none"
     router: RouterConfig = field(default_factory=RouterConfig)
-    # Recursive KV sharing at inference: later recursions reuse the first recursion's keys and values.
+    # Recursive KV sharing at inference: later recursions reuse the first recursion's keys and values (not yet:
+    # validation rejects true until the inference path exists).
     kv_sharing: bool = False
     # Attention kernel: auto picks flash-attn on GPU when installed, else PyTorch SDPA.
     attention_backend: Literal["auto", "sdpa", "flash"] = "auto"
@@ -93,28 +107,17 @@ class ModelConfig:
         return self.layers_per_recursion + 2 * self.middle
 
     @property
-    def alpha(self) -> float:
-        if self.router.alpha is not None:
-            return self.router.alpha
-        return 1.0 if self.routing == "token_choice" else 0.1
-
-    @property
-    def z_loss_coef(self) -> float:
-        if self.router.z_loss_coef is not None:
-            return self.router.z_loss_coef
-        return 1e-5 if self.routing == "token_choice" else 0.0
-
-    @property
     def capacities(self) -> list[float]:
         if self.router.capacities is not None:
             return list(self.router.capacities)
         nr = self.num_recursions
         return [(nr - r + 1) / nr for r in range(1, nr + 1)]
 
-    def capacity_tokens(self, seq_len: int) -> list[int]:
-        """k_r = max(1, floor(c_r * T)): tokens kept per sequence at each step (static, known before forward)."""
+    def capacity_tokens(self, seq_len: int, capacities: Optional[list[float]] = None) -> list[int]:
+        """k_r = max(1, floor(c_r * T)): tokens kept per sequence at each step (static, known before forward), for
+        the configured capacities or the given ones."""
         # The small epsilon keeps e.g. (2/3) * 3 from flooring to 1 through rounding error.
-        return [max(1, int(c * seq_len + 1e-6)) for c in self.capacities]
+        return [max(1, int(c * seq_len + 1e-6)) for c in (self.capacities if capacities is None else capacities)]
 
     # ---- validation -----------------------------------------------------------------------------------------
     def validate(self) -> "ModelConfig":
@@ -153,6 +156,19 @@ class ModelConfig:
             need(all(0 < c <= 1 for c in caps), "router.capacities", "each capacity must be in (0, 1]")
             need(all(a >= b for a, b in zip(caps, caps[1:])), "router.capacities",
                  "must be non-increasing (kept sets are nested)")
-        if self.kv_sharing:
-            need(self.sharing != "none", "kv_sharing", "recursive KV sharing needs a sharing strategy")
+        rc = self.router
+        funcs = ROUTER_FUNCS.get(self.routing, ())
+        need(rc.func is None or rc.func in funcs, "router.func",
+             f"{rc.func!r} is not an activation of routing={self.routing}; "
+             + (f"choose from {', '.join(funcs)}" if funcs else "there is no router, leave it unset"))
+        need(rc.cap_warmup_step >= 0, "router.cap_warmup_step", f"must be >= 0, got {rc.cap_warmup_step}")
+        need(rc.cap_warmup_step == 0 or self.routing == "expert_choice", "router.cap_warmup_step",
+             "the capacity warm-up applies to expert-choice routing only; leave it 0")
+        need(rc.bal_warmup_step >= 0, "router.bal_warmup_step", f"must be >= 0, got {rc.bal_warmup_step}")
+        need(rc.bal_warmup_step == 0 or self.routing == "token_choice", "router.bal_warmup_step",
+             "the balancing warm-up applies to token-choice routing only; leave it 0")
+        # Both switches exist for the causal inference path; until it does, they would train or build nothing used.
+        need(not rc.aux_router, "router.aux_router", "the auxiliary router serves causal inference routing, "
+             "which is not implemented yet; leave it false")
+        need(not self.kv_sharing, "kv_sharing", "recursive KV sharing is not implemented yet; leave it false")
         return self

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 from model.config import ModelConfig
+from model.routing import routing_class
 from model.sharing import build_plan
 
 
@@ -33,14 +34,7 @@ def layer_linear_params(cfg: ModelConfig) -> int:
 
 
 def router_params(cfg: ModelConfig) -> int:
-    if cfg.routing == "none":
-        return 0
-    d = cfg.d_model
-    out = 1 if cfg.routing == "expert_choice" else cfg.num_recursions
-    head = d * out if cfg.router.arch == "linear" else d * d + d * out
-    if cfg.routing == "token_choice":
-        return head
-    return head * cfg.num_recursions * (2 if cfg.router.aux_router else 1)
+    return routing_class(cfg).router_params(cfg)
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -72,13 +66,8 @@ def _attn(cfg: ModelConfig, n: float, causal: bool) -> float:
 
 
 def step_tokens(cfg: ModelConfig, seq_len: int, depth_loads: Optional[Sequence[float]] = None) -> list[float]:
-    nr = len(build_plan(cfg).steps)
-    if cfg.routing == "expert_choice":
-        return [float(k) for k in cfg.capacity_tokens(seq_len)]
-    if cfg.routing == "token_choice":
-        loads = list(depth_loads) if depth_loads is not None else [1.0 / nr] * nr
-        return [seq_len * sum(loads[r:]) for r in range(nr)]
-    return [float(seq_len)] * nr
+    """n_r: tokens each recursion step runs on (the routing variant decides)."""
+    return routing_class(cfg).step_tokens(cfg, seq_len, len(build_plan(cfg).steps), depth_loads)
 
 
 def training_flops(cfg: ModelConfig, seq_len: int, *, causal: bool = True,
@@ -91,15 +80,7 @@ def training_flops(cfg: ModelConfig, seq_len: int, *, causal: bool = True,
     layers = sum(lin * n * count for n, count in runs)
     attention = sum(_attn(cfg, n, causal) * count for n, count in runs)
     d = cfg.d_model
-    if cfg.routing == "expert_choice":
-        per_token = 2.0 * (d if cfg.router.arch == "linear" else d * d + d)
-        candidates = [t] + n_steps[:-1]
-        routers = per_token * sum(candidates) * (2 if cfg.router.aux_router else 1)
-    elif cfg.routing == "token_choice":
-        nr = cfg.num_recursions
-        routers = 2.0 * t * (d * nr if cfg.router.arch == "linear" else d * d + d * nr)
-    else:
-        routers = 0.0
+    routers = routing_class(cfg).router_flops(cfg, seq_len, n_steps)
     head = 2.0 * t * d * cfg.vocab_size
     forward = layers + attention + routers + head
     return FlopsReport(seq_len, n_steps, forward, 3.0 * forward / t, layers, attention, routers, head)

@@ -13,7 +13,9 @@ import json
 import sys
 
 from conf import cli_errors, load_config
+from model.config import ModelConfig
 from model.flops import param_counts, training_flops
+from model.routing import routing_class
 from model.sharing import build_plan
 
 
@@ -22,7 +24,8 @@ def describe(cfg, seq_len: int) -> dict:
     flops = training_flops(cfg, seq_len)
     vanilla = dataclasses.replace(cfg, sharing="none", num_recursions=1, routing="none", kv_sharing=False)
     vflops = training_flops(vanilla, seq_len)
-    routed = cfg.routing != "none"
+    routing = routing_class(cfg)
+    router = routing.settings(cfg) if routing.has_router else None  # alpha, func, z-loss: defaults filled in
     return {
         "name": cfg.name,
         "unique_params": param_counts(cfg)["unique"],
@@ -36,8 +39,9 @@ def describe(cfg, seq_len: int) -> dict:
         "layer_plan": " | ".join(" ".join(map(str, part)) for part in (plan.prelude, *plan.steps, plan.coda)
                                  if part),
         "routing": cfg.routing,
-        "capacities": cfg.capacities if routed else None,
-        "tokens_per_step": flops.tokens_per_step if routed else None,
+        "router": router,
+        "capacities": cfg.capacities if router else None,
+        "tokens_per_step": flops.tokens_per_step if router else None,
         "kv_sharing": cfg.kv_sharing,
         "seq_len": seq_len,
         "train_flops_per_token": flops.training_per_token,
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=None, help="sequence length (default: max_seq_len)")
     args = parser.parse_args(argv)
     with cli_errors():
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, schema=ModelConfig)
     print(json.dumps(describe(cfg, args.seq_len or cfg.max_seq_len), indent=2))
 
 

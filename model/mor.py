@@ -2,15 +2,10 @@
 
     tokens -> embedding -> prelude layers -> recursion step 1 .. Nr (shared block, routed) -> coda -> norm -> head
 
-Expert-choice, step r (hierarchical filtering): the candidates are the tokens kept at step r-1 (all tokens at
-r = 1); the step's router scores them, keeps the top k_r per sequence (indices sorted, so causal order holds), runs
-the block on that compacted subsequence (RoPE at the original positions) and writes back
-``h <- h + g * block(h)`` (gating ``weighted``, the default) for the kept tokens; the others stay as they were.
-
-Token-choice: a router on the stream entering the first recursion gives each token its depth i_t and gate g_t.
-At step r the tokens with i_t >= r run the block (attending only to each other); a token continuing past r takes
-the block output ungated, and at its last step leaves as ``H1 + g * block(h)``, H1 being the stream before any
-recursion.
+Routing (none, expert-choice, token-choice) lives in model/routing, one module per variant: ``self.router`` runs
+the routing ops of the program and tells each layer op inside a recursion step which tokens to run (the kept,
+compacted tokens of expert-choice; the tokens still recursing under token-choice) at which RoPE positions.
+This module holds the rest: embedding, layers, head, pipeline stages, sequence parallelism and the op loop.
 
 The forward pass runs the flat op program of model/program.py. A pipeline stage (``pp_size`` > 1) builds only
 the layers its slice of the program uses, and receives / returns the packed state at its edges.
@@ -34,7 +29,7 @@ from model.layers import (RMSNorm, Rotary, TransformerLayer, make_parallel_confi
                           tp_world_size)
 from model.loss import lm_cross_entropy
 from model.program import Op, build_program, pack, packed_rows, stage_ranges, state_spec, unpack
-from model.routers import ExpertChoiceRouter, TokenChoiceRouter
+from model.routing import Routing, Stream, build_routing
 from model.sharing import build_plan
 
 
@@ -82,11 +77,9 @@ class MoRModel(nn.Module):
                                                      gather_output=False,
                                                      skip_weight_param_allocation=cfg.tie_embeddings,
                                                      tp_group=tp_group())
-        self.router: Optional[nn.Module] = None
-        if cfg.routing == "expert_choice":
-            self.router = ExpertChoiceRouter(cfg)
-        elif cfg.routing == "token_choice":
-            self.router = TokenChoiceRouter(cfg)
+        # Created after the layers, as always: the routers' initial weights depend on the RNG's position. Every
+        # stage holds the routers (the pipeline keeps the replicas equal), whichever of them its ops use.
+        self.router: Routing = build_routing(cfg)
         self.input_tensor: Optional[torch.Tensor] = None  # set by the pipeline schedule on non-first stages
         self.pipeline_dtype = torch.float32
         self.activation_checkpointing = False  # recompute each layer in backward (set by the trainer)
@@ -115,92 +108,48 @@ class MoRModel(nn.Module):
     # ---- the op interpreter -----------------------------------------------------------------------------------
     def _op(self, op: Op, s: dict, stats: dict) -> None:
         """Apply one op to the state ``s`` in place. Keys with a leading "_" are local caches."""
-        cfg, d = self.cfg, self.cfg.d_model
-        b, t = s["h"].shape[:2]
-        if op.kind == "layer" and self.sequence_parallel:
-            self._sp_layer(op, s)
-            return
-        self._sp_gather(s)  # routing ops and plain layers see whole sequences
         if op.kind == "layer":
-            if "x" in s:  # inside an expert-choice step: the compacted kept tokens
-                if "_rope" not in s:
-                    s["_rope"] = self.rotary(s["idx"])
-                s["x"] = self._layer(op.layer, s["x"], s["_rope"], None)
-                return
-            if "_pos_rope" not in s:
-                s["_pos_rope"] = self.rotary(torch.arange(t, device=s["h"].device).expand(b, t))
-            key = "y" if "y" in s else "h"
-            if key == "y" and op.step > 0 and cfg.tc_compact:
-                idx, rope = self._tc_active(s, op.step)
-                where = idx[..., None].expand(-1, -1, d)
-                x = self._layer(op.layer, torch.gather(s["y"], 1, where), rope, None)
-                # Slots past a row's active tokens hold inactive ones: their y is never read again.
-                s["y"] = s["y"].scatter(1, where, x)
-                return
-            active = s["depth"] > op.step if ("y" in s and op.step > 0) else None
-            s[key] = self._layer(op.layer, s[key], s["_pos_rope"], active)
-        elif op.kind == "ec_route":
-            k = cfg.capacity_tokens(t)[op.step]
-            cand = s.pop("cand", None)
-            h_cand = s["h"] if cand is None else torch.gather(s["h"], 1, cand[..., None].expand(-1, -1, d))
-            step = self.router.select(op.step, h_cand, k)
-            idx = step.sel if cand is None else torch.gather(cand, 1, step.sel)  # original positions, sorted
-            s.update(idx=idx, gate=step.gate, x=torch.gather(s["h"], 1, idx[..., None].expand(-1, -1, d)))
-            s.pop("_rope", None)
-            if cfg.router.gating == "residual":
-                s["x0"] = s["x"]
-            terms = self.router.losses(op.step, h_cand, step)
-            s["aux"] = s["aux"] + sum(terms.values())
-            s["_logits"] = step.logits
-            stats[f"r{op.step + 1}/kept_frac"] = torch.tensor(k / t)
-            stats[f"r{op.step + 1}/gate_mean"] = step.gate.detach().mean()
-            stats.update({f"r{op.step + 1}/{n}": v.detach() for n, v in terms.items()})
-        elif op.kind == "ec_merge":
-            x, idx, gate = s.pop("x"), s.pop("idx"), s.pop("gate")
-            g = gate[..., None].to(x.dtype)
-            update = g * x if cfg.router.gating == "weighted" else g * (x - s.pop("x0"))
-            s["h"] = s["h"].scatter_add(1, idx[..., None].expand(-1, -1, d), update.to(s["h"].dtype))
-            if op.step < cfg.num_recursions - 1:
-                s["cand"] = idx
-            self._record(idx=idx, h=s["h"], gate=gate, logits=s.pop("_logits", torch.empty(0)))
-            s.pop("_rope", None)
-        elif op.kind == "tc_route":
-            route = self.router.route(s["h"])
-            s.update(h1=s["h"], depth=route.depth, gate=route.gate)
-            terms = self.router.losses(route)
-            s["aux"] = s["aux"] + sum(terms.values())
-            stats["gate_mean"] = route.gate.detach().mean()
-            stats.update({n: v.detach() for n, v in terms.items()})
-        elif op.kind == "tc_begin":
-            s["y"] = s["h"]
-        elif op.kind == "tc_end":
-            r, depth, y = op.step + 1, s["depth"], s.pop("y")
-            leaving = s["h1"] + s["gate"][..., None].to(y.dtype) * y
-            s["h"] = torch.where((depth > r)[..., None], y, torch.where((depth == r)[..., None], leaving, s["h"]))
-            stats[f"r{r}/kept_frac"] = (depth >= r).float().mean().detach()
-            self._record(depth=depth, h=s["h"])
-            if op.step == cfg.num_recursions - 1:
-                for key in ("h1", "depth", "gate"):
-                    s.pop(key)
+            if self.sequence_parallel:
+                self._sp_layer(op, s)
+            else:
+                self._sp_gather(s)
+                self._plain_layer(op, s)
+            return
+        # Routing ops see whole sequences, and end the stream the layers before them ran on.
+        self._sp_gather(s)
+        s.pop("_stream", None)
+        record = self.router.run_op(op, s, stats)
+        if record is not None:
+            self._record(**record)
 
-    def _tc_active(self, s: dict, step: int) -> tuple[torch.Tensor, tuple]:
-        """Positions of the tokens still recursing at token-choice ``step`` (depth > step), first in each row
-        and in position order, then the row's other tokens as padding: (B, K) with K the most active tokens of
-        any row, rounded up to a multiple of 64 (fewer distinct shapes for torch.compile). In that order causal
-        attention is exactly the masked attention among active tokens: no active token comes after a padding
-        slot. Cached for the step's layers."""
-        cached = s.get("_tc_active")
-        if cached is not None and cached[0] == step:
-            return cached[1], cached[2]
-        active = s["depth"] > step
-        t = active.shape[1]
-        k = int(active.sum(dim=1).max())                  # the one host sync of the step
-        k = min(t, max(64, -(-k // 64) * 64))
-        ar = torch.arange(t, device=active.device)
-        idx = torch.argsort((~active).to(torch.int64) * t + ar, dim=1)[:, :k]
-        rope = self.rotary(idx)
-        s["_tc_active"] = (step, idx, rope)
-        return idx, rope
+    def _stream(self, op: Op, s: dict, compact: bool) -> Stream:
+        """The stream of layer op ``op``, asked of the routing once per recursion step; outside the recursions,
+        the whole residual stream."""
+        cached = s.get("_stream")
+        if cached is None or cached[0] != op.step:
+            cached = s["_stream"] = (op.step, self.router.stream(op.step, s, compact) if op.step >= 0 else Stream("h"))
+            s.pop("_step_rope", None)
+        return cached[1]
+
+    def _plain_layer(self, op: Op, s: dict) -> None:
+        stream = self._stream(op, s, compact=self.cfg.tc_compact)
+        x = s[stream.key]
+        if stream.positions is None:  # the rows' own positions: one RoPE for the whole forward pass
+            if "_pos_rope" not in s:
+                b, n = x.shape[:2]
+                s["_pos_rope"] = self.rotary(torch.arange(n, device=x.device).expand(b, n))
+            rope = s["_pos_rope"]
+        else:  # the step's tokens at their original positions: one RoPE per step
+            if "_step_rope" not in s:
+                s["_step_rope"] = self.rotary(stream.positions)
+            rope = s["_step_rope"]
+        if stream.index is None:
+            s[stream.key] = self._layer(op.layer, x, rope, stream.key_active)
+            return
+        where = stream.index[..., None].expand(-1, -1, x.shape[-1])
+        y = self._layer(op.layer, torch.gather(x, 1, where), rope, stream.key_active)
+        # Rows outside the index keep their value (compact token-choice: those tokens' y is never read again).
+        s[stream.key] = x.scatter(1, where, y)
 
     # ---- sequence parallelism ---------------------------------------------------------------------------------
     # Between routing ops the stream a layer runs on (h, the compacted x, or token-choice's y) is split along the
@@ -208,20 +157,21 @@ class MoRModel(nn.Module):
     # touching real tokens). Routing ops gather it back whole, so routers see exactly what a TP = 1 run sees and
     # keep the same tokens under any layout.
     def _sp_layer(self, op: Op, s: dict) -> None:
-        key = "x" if "x" in s else ("y" if "y" in s else "h")
-        if s.get("_sp_key") != key:
+        stream = self._stream(op, s, compact=False)
+        if s.get("_sp_key") != stream.key:
             self._sp_gather(s)
-            full = s[key]
+            full = s[stream.key]
             b, n = full.shape[:2]
             pad = (-n) % tp_world_size()
-            positions = s["idx"] if key == "x" else torch.arange(n, device=full.device).expand(b, n)
-            active = s["depth"] > op.step if (key == "y" and op.step > 0) else None
+            positions = (stream.positions if stream.positions is not None
+                         else torch.arange(n, device=full.device).expand(b, n))
+            active = stream.key_active
             if pad:
                 full = F.pad(full, (0, 0, 0, pad))
                 positions = F.pad(positions, (0, pad))
                 active = F.pad(active, (0, pad)) if active is not None else None
             local = scatter_to_sequence_parallel_region(full.transpose(0, 1).contiguous(), group=tp_group())
-            s.update(_sp_key=key, _sp_x=local.transpose(0, 1), _sp_len=n, _sp_rope=self.rotary(positions),
+            s.update(_sp_key=stream.key, _sp_x=local.transpose(0, 1), _sp_len=n, _sp_rope=self.rotary(positions),
                      _sp_active=active)
         s["_sp_x"] = self._layer(op.layer, s["_sp_x"], s["_sp_rope"], s["_sp_active"])
 
@@ -250,17 +200,18 @@ class MoRModel(nn.Module):
         """
         b, t = tokens.shape
         start, end = self.op_range
+        kept = self.router.kept_tokens(t)  # both sides of a stage boundary agree: same config, step and mode
         if self.is_first:
             s = {"h": self.embedding(tokens), "aux": torch.zeros((), device=tokens.device)}
         else:
-            s = unpack(self.input_tensor, state_spec(self.cfg, start, b, t), torch.float32)
+            s = unpack(self.input_tensor, state_spec(self.cfg, start, b, t, kept), torch.float32)
         stats: dict[str, torch.Tensor] = {}
         for op in self.program[start:end]:
             self._op(op, s, stats)
         self._sp_gather(s)
         if not self.is_last:
             rows = packed_rows(self.cfg, self.pp_size, b, t)
-            return pack(s, state_spec(self.cfg, end, b, t), rows, self.pipeline_dtype)
+            return pack(s, state_spec(self.cfg, end, b, t, kept), rows, self.pipeline_dtype)
         h = self.final_norm(s["h"])
         weight = self.embedding.weight if self.cfg.tie_embeddings else None
         logits, _ = self.output_layer(h, weight=weight)
@@ -270,6 +221,18 @@ class MoRModel(nn.Module):
         # the mean over the labels that count: loss_mask, and never padding (labels IGNORE_INDEX, model/loss.py)
         lm_loss = lm_cross_entropy(logits, labels, loss_mask=loss_mask, reduction="mean")
         return MoROutput(lm_loss + aux_loss, lm_loss, aux_loss, None, stats)
+
+    # ---- once per optimizer step (the trainer calls these on every rank) ---------------------------------------
+    def begin_step(self, step: int) -> None:
+        """Before the micro-batches of optimizer step ``step`` (0-based): routing warm-ups read it in training
+        mode; eval mode ignores them."""
+        self.router.begin_step(step)
+
+    def end_step(self, applied: bool = True) -> dict[str, float]:
+        """After the optimizer step: routing state that moves once per step (the loss-free balancing bias, from
+        the loads of every training micro-batch since begin_step, summed over replicas; collective). ``applied``
+        False, a skipped step, leaves it as it was. Returns scalars to log."""
+        return self.router.end_step(applied)
 
     # ---- introspection ----------------------------------------------------------------------------------------
     def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:

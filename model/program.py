@@ -4,7 +4,8 @@ Writing the unrolled model as a list of ops — layer applications plus the rout
 step — lets one interpreter run the whole model in one process and any contiguous slice of it on a pipeline
 stage. A slice's inputs and outputs are the *state* alive at its edges (the residual stream, and mid-recursion
 the compacted tokens, their original positions and gates, the router losses so far), which ``pack`` turns into
-the single tensor megatron's pipeline schedule sends between stages and ``unpack`` turns back.
+the single tensor megatron's pipeline schedule sends between stages and ``unpack`` turns back. The routing
+ops, and the state they keep, come from the model's routing variant (model/routing):
 
     expert-choice   prelude layers | ec_route r, block layers, ec_merge r  (r = 1..Nr) | coda layers
     token-choice    prelude layers | tc_route | tc_begin r, block layers, tc_end r      | coda layers
@@ -13,36 +14,26 @@ the single tensor megatron's pipeline schedule sends between stages and ``unpack
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from conf.errors import ConfigError
 from model.config import ModelConfig
 from model.flops import step_tokens
+from model.routing import Op, StateSpec, routing_class
 from model.sharing import build_plan
 
-
-@dataclass(frozen=True)
-class Op:
-    kind: str        # layer | ec_route | ec_merge | tc_route | tc_begin | tc_end
-    step: int = -1   # recursion step (0-based); -1 outside the recursions
-    layer: int = -1  # unique layer index, for "layer" ops
+__all__ = ["Op", "build_program", "pack", "packed_rows", "stage_ranges", "state_spec", "unpack"]
 
 
 def build_program(cfg: ModelConfig) -> list[Op]:
-    plan = build_plan(cfg)
-    ops = [Op("layer", -1, i) for i in plan.prelude]
-    if cfg.routing == "token_choice":
-        ops.append(Op("tc_route"))
+    """Layer ops in unrolled order, with the routing variant's ops around the recursion steps."""
+    plan, routing = build_plan(cfg), routing_class(cfg)
+    ops = [Op("layer", -1, i) for i in plan.prelude] + routing.entry_ops(cfg)
     for r, ids in enumerate(plan.steps):
-        if cfg.routing == "expert_choice":
-            ops += [Op("ec_route", r)] + [Op("layer", r, i) for i in ids] + [Op("ec_merge", r)]
-        elif cfg.routing == "token_choice":
-            ops += [Op("tc_begin", r)] + [Op("layer", r, i) for i in ids] + [Op("tc_end", r)]
-        else:
-            ops += [Op("layer", r, i) for i in ids]
+        opening, closing = routing.step_ops(cfg, r)
+        ops += opening + [Op("layer", r, i) for i in ids] + closing
     return ops + [Op("layer", -1, i) for i in plan.coda]
 
 
@@ -70,41 +61,24 @@ def stage_ranges(cfg: ModelConfig, pp: int, seq_len: Optional[int] = None) -> li
     starts = [0]
     for j in cuts:
         end = layer_pos[j] + 1
-        while end < len(ops) and ops[end].kind in ("ec_merge", "tc_end"):
+        while end < len(ops) and ops[end].closes:
             end += 1
         starts.append(end)
     return [(a, b) for a, b in zip(starts, starts[1:] + [len(ops)])]
 
 
 # ---- state between ops --------------------------------------------------------------------------------------
-# key -> (shape as a function of (B, T), is_integer). Keys starting with "_" are local caches, never sent.
-def state_spec(cfg: ModelConfig, upto: int, batch: int, seq_len: int) -> dict[str, tuple[tuple[int, ...], bool]]:
-    """The state alive after the first ``upto`` ops of the program (before op ``upto``)."""
-    d, nr = cfg.d_model, cfg.num_recursions
-    ks = cfg.capacity_tokens(seq_len)
-    spec: dict[str, tuple[tuple[int, ...], bool]] = {"h": ((batch, seq_len, d), False), "aux": ((), False)}
+def state_spec(cfg: ModelConfig, upto: int, batch: int, seq_len: int,
+               kept: Optional[Sequence[int]] = None) -> StateSpec:
+    """The state alive after the first ``upto`` ops of the program (before op ``upto``): key -> (shape,
+    is_integer). ``kept``: tokens each recursion step keeps in this forward pass (``MoRModel.router.kept_tokens``;
+    expert-choice's capacity warm-up changes them); default the largest of the run, which sizes the buffers."""
+    routing = routing_class(cfg)
+    kept = routing.max_kept_tokens(cfg, seq_len) if kept is None else kept
+    spec: StateSpec = {"h": ((batch, seq_len, cfg.d_model), False), "aux": ((), False)}
     for op in build_program(cfg)[:upto]:
-        if op.kind == "ec_route":
-            k = ks[op.step]
-            spec.pop("cand", None)
-            spec.update(x=((batch, k, d), False), idx=((batch, k), True), gate=((batch, k), False))
-            if cfg.router.gating == "residual":
-                spec["x0"] = ((batch, k, d), False)
-        elif op.kind == "ec_merge":
-            for key in ("x", "x0", "idx", "gate"):
-                spec.pop(key, None)
-            if op.step < nr - 1:
-                spec["cand"] = ((batch, ks[op.step]), True)
-        elif op.kind == "tc_route":
-            spec.update(h1=((batch, seq_len, d), False), depth=((batch, seq_len), True),
-                        gate=((batch, seq_len), False))
-        elif op.kind == "tc_begin":
-            spec["y"] = ((batch, seq_len, d), False)
-        elif op.kind == "tc_end":
-            spec.pop("y")
-            if op.step == nr - 1:
-                for key in ("h1", "depth", "gate"):
-                    spec.pop(key)
+        if op.kind != "layer":
+            routing.state_after(cfg, op, spec, batch, seq_len, kept)
     return spec
 
 
@@ -116,7 +90,8 @@ def _numel(shape: tuple[int, ...], is_int: bool) -> int:
 
 
 def packed_rows(cfg: ModelConfig, pp: int, batch: int, seq_len: int) -> int:
-    """Rows R of the (R, B, d_model) tensor that carries the state across every stage boundary of this layout."""
+    """Rows R of the (R, B, d_model) tensor that carries the state across every stage boundary of this layout, in
+    every forward pass of the run (state_spec's default ``kept`` is the largest)."""
     most = 0
     for _, end in stage_ranges(cfg, pp, seq_len)[:-1]:
         most = max(most, sum(_numel(s, i) for s, i in state_spec(cfg, end, batch, seq_len).values()))

@@ -6,6 +6,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from model.config import ModelConfig
 from model.flops import training_flops
 from model.mor import MoRModel
 from tests.model.helpers import tiny
@@ -58,6 +59,6 @@ def test_counter_agrees_with_torch_flop_counter(kind):
 
 def test_mor_flops_below_vanilla_of_equal_depth():
     from conf import load_config
-    mor, van = load_config("360m_mor_ec"), load_config("360m_vanilla")
+    mor, van = load_config("360m_mor_ec", schema=ModelConfig), load_config("360m_vanilla", schema=ModelConfig)
     ratio = training_flops(mor, 2048).training_per_token / training_flops(van, 2048).training_per_token
     assert 0.5 < ratio < 0.8

@@ -17,14 +17,14 @@ def train_fixed_batch(cfg: ModelConfig, *, steps: int, batch: int = 4, seq_len: 
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     losses = []
-    for _ in range(steps):
+    for step in range(steps):
+        model.begin_step(step)
         out = model(tokens[:, :-1], tokens[:, 1:])
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if hasattr(model.router, "update_bias"):
-            model.router.update_bias()
+        model.end_step()
         losses.append(out.lm_loss.item())
     return losses
 

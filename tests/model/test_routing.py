@@ -66,7 +66,7 @@ def test_token_choice_tokens_past_their_depth_are_unchanged():
 @pytest.mark.parametrize("routing", ["expert_choice", "token_choice"])
 @pytest.mark.parametrize("sharing", ["cycle", "middle_cycle"])
 def test_every_router_and_shared_parameter_gets_a_gradient(routing, sharing):
-    model = MoRModel(tiny(routing=routing, sharing=sharing, router=RouterConfig(aux_router=routing == "expert_choice")))
+    model = MoRModel(tiny(routing=routing, sharing=sharing))
     tokens, labels = batch()
     model(tokens, labels).loss.backward()
     router_params = list(model.router.parameters())
@@ -77,9 +77,9 @@ def test_every_router_and_shared_parameter_gets_a_gradient(routing, sharing):
 
 # ---- hand-computed losses -------------------------------------------------------------------------------------
 def test_expert_choice_losses_match_hand_values():
-    from model.routers import ExpertChoiceRouter
+    from model.routing.expert_choice import ExpertChoiceRouting
     cfg = tiny(router=RouterConfig(z_loss_coef=0.01))
-    router = ExpertChoiceRouter(cfg)
+    router = ExpertChoiceRouting(cfg)
     with torch.no_grad():
         router.routers[0].net.weight.zero_()
         router.routers[0].net.weight[0, 0] = 1.0  # logit = first feature
@@ -98,9 +98,9 @@ def test_expert_choice_losses_match_hand_values():
 
 
 def test_token_choice_losses_match_hand_values():
-    from model.routers import TokenChoiceRouter
+    from model.routing.token_choice import TokenChoiceRouting
     cfg = tiny(routing="token_choice")
-    router = TokenChoiceRouter(cfg)
+    router = TokenChoiceRouting(cfg)
     with torch.no_grad():
         router.router.net.weight.zero_()
         router.router.net.weight[:, :3] = torch.eye(3)  # logits = the first three features
@@ -119,8 +119,8 @@ def test_token_choice_losses_match_hand_values():
 
 
 def test_loss_free_bias_moves_towards_balance_and_changes_only_the_choice():
-    from model.routers import TokenChoiceRouter
-    router = TokenChoiceRouter(tiny(routing="token_choice", router=RouterConfig(balance="loss_free")))
+    from model.routing.token_choice import TokenChoiceRouting
+    router = TokenChoiceRouting(tiny(routing="token_choice", router=RouterConfig(balance="loss_free")))
     h = torch.randn(2, 8, 32)
     before = router.route(h)
     router.update_bias(torch.tensor([0.6, 0.3, 0.1]))
@@ -149,7 +149,7 @@ def reference_expert_choice(model: MoRModel, tokens: torch.Tensor) -> torch.Tens
             gates = {}
             for t in candidates:
                 logit = model.router.routers[r].net.weight.double() @ h[b, t].double()
-                gates[t] = cfg.alpha * torch.sigmoid(logit).item()
+                gates[t] = model.router.alpha * torch.sigmoid(logit).item()
             kept = sorted(sorted(candidates, key=lambda t: -gates[t])[:k])
             y = run_layers(model, ids, h[b, kept], kept)
             for j, t in enumerate(kept):
@@ -160,7 +160,7 @@ def reference_expert_choice(model: MoRModel, tokens: torch.Tensor) -> torch.Tens
 
 @torch.no_grad()
 def reference_token_choice(model: MoRModel, tokens: torch.Tensor) -> torch.Tensor:
-    cfg, plan = model.cfg, model.plan
+    alpha, plan = model.router.alpha, model.plan
     h1 = model._run(plan.prelude, model.embedding(tokens), torch.arange(tokens.shape[1]).expand_as(tokens))
     out = h1.clone()
     for b in range(tokens.shape[0]):
@@ -172,7 +172,7 @@ def reference_token_choice(model: MoRModel, tokens: torch.Tensor) -> torch.Tenso
             y = run_layers(model, ids, h[active], active)  # attention among the active tokens only
             for j, t in enumerate(active):
                 if depth[t] == r:
-                    out[b, t] = h1[b, t] + cfg.alpha * probs[t, r - 1].item() * y[j]
+                    out[b, t] = h1[b, t] + alpha * probs[t, r - 1].item() * y[j]
                 h[t] = y[j]
     return out
 

@@ -63,10 +63,10 @@ def test_unique_parameter_count_matches_formula(sharing, routing, tie):
     assert unique_param_count(model) == emb + d + routers + layer * cfg.unique_layers
 
 
-def test_vanilla_count_and_aux_router_count():
+def test_vanilla_count_and_mlp_router_count():
     cfg = tiny(sharing="none", n_layers=4)
     assert unique_param_count(MoRModel(cfg)) == param_counts(cfg)["unique"]
-    cfg = tiny(router=RouterConfig(aux_router=True, arch="mlp"))
+    cfg = tiny(router=RouterConfig(arch="mlp"))
     assert unique_param_count(MoRModel(cfg)) == param_counts(cfg)["unique"]
 
 
@@ -79,8 +79,8 @@ def _meta_count(cfg: ModelConfig) -> int:
 
 def test_360m_presets_match_paper_sizes():
     from conf import load_config
-    vanilla = load_config("360m_vanilla")
-    mor = load_config("360m_mor_ec")
+    vanilla = load_config("360m_vanilla", schema=ModelConfig)
+    mor = load_config("360m_mor_ec", schema=ModelConfig)
     n_vanilla, n_mor = _meta_count(vanilla), _meta_count(mor)
     assert n_vanilla == param_counts(vanilla)["unique"]
     assert n_mor == param_counts(mor)["unique"]

@@ -1,0 +1,184 @@
+"""Expert-choice routing: each recursion step is an "expert" that picks its top-k tokens.
+
+The paper's equations, with G the router activation (``router.func``: sigmoid, the default, or tanh), θ_r the
+step's router and f the shared block:
+
+    g_t^r     = α · G(θ_r^T H_t^r)                                   gate of candidate t at step r
+    H_t^{r+1} = g_t^r · f(H_t^r) + H_t^r   if g_t^r > P_β(G^r)        kept: the top k_r candidates
+              = H_t^r                      otherwise
+
+- Hierarchical filtering: step r's candidates are the tokens step r-1 kept (all tokens at r = 1); the kept
+  indices are sorted, so the block runs on a causal, compacted subsequence at the original RoPE positions.
+- Capacity: k_r = max(1, ⌊c_r·T⌋) per sequence, c_r = (Nr - r + 1)/Nr unless ``router.capacities``.
+  ``router.cap_warmup_step`` W > 0 (training only): at optimizer step s, c_r(s) = c_r + (1 - c_r)·½(1 + cos(π·
+  min(1, s/W))), from every token kept down to c_r.
+- Gating ``weighted`` is the equation above (f's output includes its own residuals, as in the reference code);
+  ``residual`` gates only the block's update: H ← H + g·(f(H) - H).
+- Auxiliary loss: BCE of the raw logit θ_r^T H_t^r against "kept" (1) / "not kept" (0), averaged over the
+  step's candidates and summed over steps (whatever G is); optional router z-loss, mean of logit².
+- Inference (continues): a token runs step r iff G(logit) ≥ ½ (sigmoid) or ≥ 0 (tanh), i.e. logit ≥ 0 — what
+  the BCE loss trains the router to predict, without looking at other tokens.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+from model.routing.base import Op, Routing, RouterHead, StateSpec, Stream, head_params
+
+_ACTIVATION = {"sigmoid": (torch.sigmoid, 0.5), "tanh": (torch.tanh, 0.0)}  # G, and G(0): the continue threshold
+
+
+@dataclass
+class ExpertChoiceStep:
+    sel: torch.Tensor      # (B, k) sorted indices into the step's candidates
+    gate: torch.Tensor     # (B, k) fp32 gate g = alpha * G(logit) of the kept tokens
+    logits: torch.Tensor   # (B, n) fp32 router logits of all candidates
+    target: torch.Tensor   # (B, n) 1.0 where the candidate was kept
+
+
+class ExpertChoiceRouting(Routing):
+    """One router per recursion step; step r keeps the top-k_r of the candidates that step r-1 kept.
+
+    State between its ops: ``x`` (B, k, d) the kept tokens while the block runs, ``idx`` (B, k) their positions,
+    ``gate`` (B, k), ``x0`` (residual gating: x before the block), and between steps ``cand`` (B, k_r).
+    """
+
+    name = "expert_choice"
+    has_router = True
+    default_alpha = 0.1  # the reference runs
+    default_z_loss_coef = 0.0
+    default_func = "sigmoid"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        rc = cfg.router
+        self.aux_coef, self.gating = rc.aux_loss_coef, rc.gating
+        self.routers = nn.ModuleList(RouterHead(cfg.d_model, 1, rc.arch) for _ in range(cfg.num_recursions))
+        # Causal-inference routers trained on detached inputs, so they never change the main model. Config
+        # validation keeps them off until the inference path that uses them exists.
+        self.aux_routers = (nn.ModuleList(RouterHead(cfg.d_model, 1, rc.arch) for _ in range(cfg.num_recursions))
+                            if rc.aux_router else None)
+
+    # ---- program --------------------------------------------------------------------------------------------
+    @classmethod
+    def step_ops(cls, cfg: ModelConfig, step: int) -> tuple[list[Op], list[Op]]:
+        return [Op("ec_route", step)], [Op("ec_merge", step, closes=True)]
+
+    @classmethod
+    def state_after(cls, cfg: ModelConfig, op: Op, spec: StateSpec, batch: int, seq_len: int,
+                    kept: Sequence[int]) -> None:
+        d = cfg.d_model
+        if op.kind == "ec_route":
+            k = kept[op.step]
+            spec.pop("cand", None)
+            spec.update(x=((batch, k, d), False), idx=((batch, k), True), gate=((batch, k), False))
+            if cfg.router.gating == "residual":
+                spec["x0"] = ((batch, k, d), False)
+        elif op.kind == "ec_merge":
+            for key in ("x", "x0", "idx", "gate"):
+                spec.pop(key, None)
+            if op.step < cfg.num_recursions - 1:
+                spec["cand"] = ((batch, kept[op.step]), True)
+
+    @classmethod
+    def max_kept_tokens(cls, cfg: ModelConfig, seq_len: int) -> list[int]:
+        if cfg.router.cap_warmup_step > 0:
+            return [seq_len] * cfg.num_recursions  # the warm-up starts with every token kept
+        return cfg.capacity_tokens(seq_len)
+
+    def capacities_now(self) -> list[float]:
+        """c_r at this optimizer step: the warm-up's in training mode, the configured ones in eval mode."""
+        warmup = self.cfg.router.cap_warmup_step
+        if not (self.training and warmup > 0):
+            return self.cfg.capacities
+        extra = 0.5 * (1.0 + math.cos(math.pi * min(1.0, self.optimizer_step / warmup)))
+        return [c + (1.0 - c) * extra for c in self.cfg.capacities]
+
+    def kept_tokens(self, seq_len: int) -> list[int]:
+        return self.cfg.capacity_tokens(seq_len, self.capacities_now())
+
+    # ---- FLOPs ----------------------------------------------------------------------------------------------
+    @classmethod
+    def step_tokens(cls, cfg: ModelConfig, seq_len: int, n_steps: int,
+                    depth_loads: Optional[Sequence[float]] = None) -> list[float]:
+        return [float(k) for k in cfg.capacity_tokens(seq_len)]
+
+    @classmethod
+    def router_params(cls, cfg: ModelConfig) -> int:
+        return head_params(cfg, 1) * cfg.num_recursions * (2 if cfg.router.aux_router else 1)
+
+    @classmethod
+    def router_flops(cls, cfg: ModelConfig, seq_len: int, step_tokens: Sequence[float]) -> float:
+        # step r scores the candidates step r-1 kept (all T tokens at step 1)
+        candidates = [float(seq_len)] + list(step_tokens[:-1])
+        return 2.0 * head_params(cfg, 1) * sum(candidates) * (2 if cfg.router.aux_router else 1)
+
+    # ---- the forward pass -----------------------------------------------------------------------------------
+    def select(self, step: int, h_cand: torch.Tensor, k: int) -> ExpertChoiceStep:
+        """Score the candidates (B, n, d) with step ``step``'s router; keep the top ``k`` of each row."""
+        logits = self.routers[step](h_cand, self.temperature).squeeze(-1)
+        gate_all = self.alpha * _ACTIVATION[self.func][0](logits)
+        top = torch.topk(gate_all, k, dim=1, sorted=False).indices
+        sel = torch.sort(top, dim=1).values  # keep causal order inside the compacted sequence
+        target = torch.zeros_like(logits).scatter_(1, sel, 1.0)
+        return ExpertChoiceStep(sel, torch.gather(gate_all, 1, sel), logits, target)
+
+    def losses(self, step: int, h_cand: torch.Tensor, out: ExpertChoiceStep) -> dict[str, torch.Tensor]:
+        """Loss terms of one step, each already multiplied by its coefficient, averaged over the candidates."""
+        terms = {"bce": self.aux_coef * F.binary_cross_entropy_with_logits(out.logits, out.target)}
+        if self.z_coef > 0:
+            terms["z"] = self.z_coef * out.logits.square().mean()
+        if self.aux_routers is not None:
+            aux_logits = self.aux_routers[step](h_cand.detach(), self.temperature).squeeze(-1)
+            terms["aux_router_bce"] = F.binary_cross_entropy_with_logits(aux_logits, out.target)
+        return terms
+
+    def write_back(self, h: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor,
+                   x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """H^{r+1} = H^r + g·f(H^r) at the kept positions ``idx`` (gating weighted; residual: g·(f(H^r) - H^r));
+        ``x`` is f(H^r) of the kept tokens, ``x0`` their H^r. Other tokens are left as they were."""
+        g = gate[..., None].to(x.dtype)
+        update = g * x if self.gating == "weighted" else g * (x - x0)
+        return h.scatter_add(1, idx[..., None].expand(-1, -1, h.shape[-1]), update.to(h.dtype))
+
+    def run_op(self, op: Op, s: dict, stats: dict) -> Optional[dict[str, torch.Tensor]]:
+        b, t, d = s["h"].shape
+        r = op.step
+        if op.kind == "ec_route":
+            k = self.kept_tokens(t)[r]
+            cand = s.pop("cand", None)
+            h_cand = s["h"] if cand is None else torch.gather(s["h"], 1, cand[..., None].expand(-1, -1, d))
+            step = self.select(r, h_cand, k)
+            idx = step.sel if cand is None else torch.gather(cand, 1, step.sel)  # original positions, sorted
+            s.update(idx=idx, gate=step.gate, x=torch.gather(s["h"], 1, idx[..., None].expand(-1, -1, d)))
+            if self.gating == "residual":
+                s["x0"] = s["x"]
+            terms = self.losses(r, h_cand, step)
+            s["aux"] = s["aux"] + sum(terms.values())
+            s["_logits"] = step.logits  # for the trace only: never crosses a stage
+            stats[f"r{r + 1}/kept_frac"] = torch.tensor(k / t)
+            stats[f"r{r + 1}/gate_mean"] = step.gate.detach().mean()
+            stats.update({f"r{r + 1}/{n}": v.detach() for n, v in terms.items()})
+            return None
+        if op.kind == "ec_merge":
+            x, idx, gate = s.pop("x"), s.pop("idx"), s.pop("gate")
+            s["h"] = self.write_back(s["h"], x, idx, gate, s.pop("x0", None))
+            if r < self.nr - 1:
+                s["cand"] = idx
+            return {"idx": idx, "h": s["h"], "gate": gate, "logits": s.pop("_logits", torch.empty(0))}
+        return super().run_op(op, s, stats)
+
+    def stream(self, step: int, s: dict, compact: bool) -> Stream:
+        return Stream("x", positions=s["idx"])  # the kept tokens, already compacted at ec_route
+
+    # ---- inference --------------------------------------------------------------------------------------------
+    def continues(self, step: int, h: torch.Tensor) -> torch.Tensor:
+        activation, threshold = _ACTIVATION[self.func]
+        return activation(self.routers[step](h, self.temperature).squeeze(-1)) >= threshold
