@@ -2,6 +2,9 @@
 
 Every key remembers where it was last set (``file:line`` or ``override 'k=v'``), so that every mistake, from an
 unknown key to an impossible combination reported by ``validate()``, comes back as one line pointing at its source.
+
+The loader knows no schema of its own: the caller passes the dataclass. A dataclass-typed key given as a string
+names a file of the folder named like the key, ``model: 360m_mor_ec`` → ``conf/model/360m_mor_ec.yaml``.
 """
 from __future__ import annotations
 
@@ -20,10 +23,10 @@ from typing import Any, Iterator, Literal, Sequence, Union
 import yaml
 
 from conf.errors import ConfigError
-from model.config import ModelConfig
 
 CONF_DIR = Path(__file__).resolve().parent
-PRESET_DIR = CONF_DIR / "model"
+PRESET_DIR = CONF_DIR / "model"   # where a bare name given to load_config is looked up
+RUN_DIR = CONF_DIR / "run"
 
 
 class _Loader(yaml.SafeLoader):
@@ -134,29 +137,54 @@ def _load_file(path: Path, stack: tuple[Path, ...] = ()) -> _Tree:
     return _merge(merged, tree)
 
 
+def _names(folder: Path) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return _names(PRESET_DIR)
 
 
-def _resolve(path_or_name: str | os.PathLike[str]) -> Path:
+def _looks_like_path(path_or_name: str | os.PathLike[str]) -> bool:
     text = os.fspath(path_or_name)
-    # Anything that looks like a path is one; a bare word is a preset under conf/model/.
-    if isinstance(path_or_name, os.PathLike) or "/" in text or os.sep in text or text.endswith((".yaml", ".yml")):
+    return isinstance(path_or_name, os.PathLike) or "/" in text or os.sep in text or text.endswith((".yaml", ".yml"))
+
+
+def _resolve(path_or_name: str | os.PathLike[str], folder: Path = PRESET_DIR) -> Path:
+    text = os.fspath(path_or_name)
+    # Anything that looks like a path is one; a bare word is a preset under ``folder`` (conf/model/ by default).
+    if _looks_like_path(path_or_name):
         path = Path(text)
         if not path.is_file():
             raise ConfigError(f"{text}: config file not found")
         return path
-    path = PRESET_DIR / f"{text}.yaml"
+    path = folder / f"{text}.yaml"
     if not path.is_file():
-        close = difflib.get_close_matches(text, list_presets(), n=5, cutoff=0.0)
+        close = difflib.get_close_matches(text, _names(folder), n=5, cutoff=0.0)
         raise ConfigError(f"unknown preset {text!r}; closest: {', '.join(close) or '(none)'} "
-                          f"(presets live in {_display(PRESET_DIR)}/)")
+                          f"(presets live in {_display(folder)}/)")
+    return path
+
+
+def run_file(name_or_path: str | os.PathLike[str]) -> Path:
+    """The run file a command line names: ``tiny_cpu`` is conf/run/tiny_cpu.yaml, anything that looks like a path
+    is that path. An unknown name is one line listing the known runs."""
+    if _looks_like_path(name_or_path):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ConfigError(f"{os.fspath(name_or_path)}: run file not found")
+        return path
+    path = RUN_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown run {name_or_path!r}; known runs: {', '.join(_names(RUN_DIR)) or '(none)'} "
+                          f"(run files live in {_display(RUN_DIR)}/; or give a path)")
     return path
 
 
 def _expand_presets(tree: _Tree, schema: type, base: Path) -> _Tree:
-    """A dataclass-typed key given as a string names a config to load there: ``model: 360m_mor_ec`` (a preset)
-    or ``model: ../model/my.yaml`` (a file, relative to the including file)."""
+    """A dataclass-typed key given as a string names a config to load there: ``model: 360m_mor_ec`` (a file of the
+    folder named like the key, conf/model/) or ``model: ../model/my.yaml`` (a file, relative to the including
+    file). Where conf/ has no such folder the string is left for the builder to reject as a non-mapping."""
     hints = typing.get_type_hints(schema)
     out = dict(tree)
     for key, entry in tree.items():
@@ -164,11 +192,13 @@ def _expand_presets(tree: _Tree, schema: type, base: Path) -> _Tree:
         if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
             continue
         if isinstance(entry.value, str):
-            text = entry.value
+            text, folder = entry.value, CONF_DIR / key
             looks_like_path = "/" in text or text.endswith((".yaml", ".yml"))
+            if not looks_like_path and not folder.is_dir():
+                continue
             target = (base / text) if looks_like_path and not Path(text).is_absolute() else text
             try:
-                out[key] = _Entry(_expand_presets(_load_file(_resolve(target)), tp, base), entry.where)
+                out[key] = _Entry(_expand_presets(_load_file(_resolve(target, folder)), tp, base), entry.where)
             except ConfigError as e:
                 raise ConfigError(f"{entry.where}: {key}: {_one_line(str(e))}") from None
         elif isinstance(entry.value, dict):
@@ -179,6 +209,15 @@ def _expand_presets(tree: _Tree, schema: type, base: Path) -> _Tree:
 # ---- overrides ----------------------------------------------------------------------------------------------
 def _plain_to_tree(value: dict[Any, Any], where: str) -> _Tree:
     return {str(k): _Entry(_plain_to_tree(v, where) if isinstance(v, dict) else v, where) for k, v in value.items()}
+
+
+def _tree_to_plain(value: Any) -> Any:
+    """A located tree (or a value holding one) back to plain dicts, for keys typed ``dict`` or ``Any``."""
+    if isinstance(value, dict):
+        return {k: _tree_to_plain(e.value if isinstance(e, _Entry) else e) for k, e in value.items()}
+    if isinstance(value, list):
+        return [_tree_to_plain(v) for v in value]
+    return value
 
 
 def _apply_override(tree: _Tree, text: str) -> _Tree:
@@ -216,7 +255,7 @@ def _type_name(tp: Any) -> str:
         return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
     if origin is list:
         return f"list of {_type_name(args[0])}"
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) or tp is dict or origin is dict:
         return "mapping"
     return getattr(tp, "__name__", str(tp))
 
@@ -228,13 +267,20 @@ class _Builder:
         self.root, self.top_file = root, top_file
 
     def where_of(self, dotted: str) -> str:
-        """Where a dotted key was set; the top file when it was left at its default."""
-        node, where = self.root, self.top_file
-        for part in re.sub(r"\[\d+\]$", "", dotted).split("."):
-            if not isinstance(node, dict) or part not in node:
-                return self.top_file
-            node, where = node[part].value, node[part].where
-        return where
+        """Where a dotted key was set; the top file when it was left at its default. A key may itself hold dots
+        (``grid: {optim.lr: [...]}``), and inside a list the list's own place is the best there is."""
+        parts = re.sub(r"\[\d+\]", "", dotted).split(".")
+
+        def walk(node: Any, i: int, where: str) -> str:
+            if i == len(parts) or not isinstance(node, dict):
+                return where
+            for j in range(len(parts), i, -1):  # the longest key first: "optim.lr" before "optim"
+                name = ".".join(parts[i:j])
+                if name in node:
+                    return walk(node[name].value, j, node[name].where)
+            return self.top_file
+
+        return walk(self.root, 0, self.top_file)
 
     def build(self, cls: type, tree: _Tree, prefix: str, where: str) -> Any:
         hints = typing.get_type_hints(cls)
@@ -255,7 +301,7 @@ class _Builder:
             except ConfigError as e:
                 # validate() names the offending key first ("key: message"); point at where that key was set.
                 msg = str(e)
-                m = re.match(r"([A-Za-z_][\w.]*(?:\[\d+\])?):\s*(.*)", msg, re.S)
+                m = re.match(r"([A-Za-z_][\w.]*(?:\[\d+\][\w.]*)*):\s*(.*)", msg, re.S)
                 if m is None:
                     raise ConfigError(f"{where}: {_one_line(msg)}") from None
                 key = prefix + m.group(1)
@@ -267,10 +313,17 @@ class _Builder:
             return ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {_describe(value)}")
 
         origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if tp is Any:  # free-form (a sweep's overrides): any YAML value, checked by whoever reads it
+            return _tree_to_plain(value)
         if dataclasses.is_dataclass(tp) and isinstance(tp, type):
             if not isinstance(value, dict):
                 raise bad()
             return self.build(tp, value, f"{key}.", where)
+        if tp is dict or origin is dict:
+            if not isinstance(value, dict):
+                raise bad()
+            item = args[1] if args else Any
+            return {k: self.convert(item, e.value, f"{key}.{k}", e.where) for k, e in value.items()}
         if origin in (Union, types.UnionType):
             if value is None and type(None) in args:
                 return None
@@ -285,11 +338,12 @@ class _Builder:
             close = difflib.get_close_matches(value, [str(a) for a in args], n=1) if isinstance(value, str) else []
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {_describe(value)}{hint}")
-        if origin is list:
+        if tp is list or origin is list:
             if not isinstance(value, list):
                 raise bad()
             # Lists are leaves of the tree, so mappings inside them are plain dicts: give them the list's location.
-            return [self.convert(args[0], _plain_to_tree(v, where) if isinstance(v, dict) else v, f"{key}[{i}]",
+            item = args[0] if args else Any
+            return [self.convert(item, _plain_to_tree(v, where) if isinstance(v, dict) else v, f"{key}[{i}]",
                                  where) for i, v in enumerate(value)]
         # Scalars. bool is a subclass of int in Python, but `n_layers: true` is a mistake, not 1.
         if tp is bool:
@@ -310,9 +364,10 @@ class _Builder:
 
 
 # ---- public API ---------------------------------------------------------------------------------------------
-def load_config(path_or_name: str | os.PathLike[str], overrides: Sequence[str] = (), schema: type = ModelConfig,
+def load_config(path_or_name: str | os.PathLike[str], overrides: Sequence[str] = (), *, schema: type,
                 section: str | None = None) -> Any:
-    """Load a YAML file or preset name, apply ``key=value`` overrides, and return a validated ``schema``.
+    """Load a YAML file or preset name, apply ``key=value`` overrides, and return a validated ``schema`` (the
+    caller's dataclass, e.g. model.config.ModelConfig or pretrain.config.RunConfig: conf/ knows none of them).
 
     With ``section``, a top-level mapping under that key (e.g. ``model:`` in a run config) is used when present;
     override keys are then relative to it. Raises ConfigError with a one-line, located message.

@@ -8,8 +8,9 @@
 2. tokenize.py end to end (``data_prep.pack.run``: hashing the inputs, reading, encoding in N worker processes,
    packing, writing shards) on the same documents, for each worker count: tokens/s in all, per worker, and per
    worker against both raw baselines. The shards of every worker count are checked to be byte-identical.
-3. The training loader (``pretrain.data.loader.TokenLoader``) over the shards just written: tokens/s for each number of
-   loader worker processes, in all and per process. Skipped with a message if it cannot be imported.
+
+The training loader's speed is not measured here (data_prep stays below the trainer): ``python -m
+pretrain.tools.data_bench FOLDER`` reads a shard folder, e.g. the last one this bench wrote, kept with ``--keep``.
 
 Without ``--tokenizer`` a BPE model (``--vocab-size``, default 8000) is first trained on the inputs.
 ``--repeat N`` repeats the inputs' documents N times (more text, steadier numbers).
@@ -53,11 +54,6 @@ def parser() -> argparse.ArgumentParser:
                    help="worker counts to time, e.g. 1,2,4,8 (default: 1, 2, 4, ... up to all cores)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--shard-size-mb", type=float, default=128.0, help="shard size for the timed runs")
-    p.add_argument("--loader-samples-per-shard", type=int, default=64,
-                   help="shards for the loader part are made this small, so several loader workers have shards")
-    p.add_argument("--loader-workers", type=_ints, default=[0, 1, 2], help="loader worker counts (default 0,1,2)")
-    p.add_argument("--loader-batches", type=int, default=200, help="timed loader batches (default 200)")
-    p.add_argument("--batch", type=int, default=8, help="loader micro-batch size (default 8)")
     p.add_argument("--keep", metavar="DIR", help="keep the work folder here instead of a temporary one")
     return p
 
@@ -166,35 +162,8 @@ def main(argv=None) -> int:
               "CPU time of the main process (reading, packing, writing; with 1 worker also encoding) over wall "
               "time.")
 
-        # 3. the loader
-        try:
-            from pretrain.data.loader import TokenLoader
-        except Exception as e:  # noqa: BLE001 - any import problem means: skip this part
-            print(f"\nloader: skipped (pretrain.data.loader.TokenLoader not importable: {type(e).__name__}: {e})")
-            return 0 if identical else 1
-        print(f"\n| loader (`TokenLoader`, micro-batch {args.batch} x {args.seq_len}) | worker processes | "
-              "tokens/s | tokens/s per process |")
-        print("|---|---|---|---|")
-        out = work / "loader"
-        pack.run(pack.Options(inputs=inputs, out=str(out), tokenizer=model, seq_len=args.seq_len,
-                              samples_per_shard=args.loader_samples_per_shard, workers=workers[-1],
-                              overwrite=True, progress=False, log=quiet))
-        for nw in args.loader_workers:
-            try:
-                loader = TokenLoader(out, split="train", micro_batch_size=args.batch, seed=0, num_workers=nw,
-                                     shuffle=True, epochs=None)
-                it = iter(loader)
-                for _ in range(5):
-                    next(it)
-                t0 = time.perf_counter()
-                for _ in range(args.loader_batches):
-                    tokens, labels = next(it)
-                sec = time.perf_counter() - t0
-                tps = args.loader_batches * tokens.numel() / sec
-                print(f"| shuffled train split | {nw} | {tps:,.0f} | {tps / max(nw, 1):,.0f} |", flush=True)
-                del it, loader
-            except Exception as e:  # noqa: BLE001
-                print(f"| shuffled train split | {nw} | failed: {type(e).__name__}: {e} | |")
+        kept = f"{out}" if args.keep else "FOLDER (keep this bench's shards with --keep DIR)"
+        print(f"\nthe training loader's speed over such shards: python -m pretrain.tools.data_bench {kept}")
         return 0 if identical else 1
     finally:
         if not args.keep:

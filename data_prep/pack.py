@@ -85,6 +85,7 @@ def samples_per_shard(seq_len: int, itemsize: int, shard_size_mb: float) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 def _our_files(out: Path) -> list[Path]:
+    # ".NAME.tmp-PID": what conf.files.atomic_write_bytes leaves behind when a kill cuts a write short
     found = []
     for p in out.iterdir():
         n = p.name

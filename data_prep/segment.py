@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections import Counter
-from typing import TYPE_CHECKING, Optional
-
-if TYPE_CHECKING:  # annotations only: sources imports this module
-    from data_prep.sources import Reader
+from typing import Callable, Optional
 
 
 def is_safe_space(text: str, k: int) -> bool:
@@ -70,19 +67,22 @@ Piece = tuple[int, str, bool, bool, int]
 
 
 class _Assembler:
-    """Turns the text of documents, given in parts, into pieces of at most PIECE_CHARS characters."""
+    """Turns the text of documents, given in parts, into pieces of at most ``piece_chars`` characters.
 
-    def __init__(self, reader: "Reader", counts: Counter):
-        self.r, self.counts = reader, counts
+    Takes the reader's settings one by one rather than the Reader itself: sources.py builds on this module, so
+    this one must not need sources.py back."""
+
+    def __init__(self, piece_chars: int, drop_space: bool, split_of: Callable[[str], int], counts: Counter):
+        self.piece_chars, self.drop_space, self.split_of, self.counts = piece_chars, drop_space, split_of, counts
         self.buf, self.first, self.split = "", True, 0
         self.index = 0                        # next piece index within the input
         self.out: list[Piece] = []
 
     def add(self, text: str) -> None:
         self.buf = self.buf + text if self.buf else text
-        limit = self.r.piece_chars
+        limit = self.piece_chars
         while len(self.buf) > limit:
-            end, nxt = find_cut(self.buf, limit, self.r.drop_space)
+            end, nxt = find_cut(self.buf, limit, self.drop_space)
             self._emit(self.buf[:end], last=False)
             self.buf = self.buf[nxt:]
 
@@ -98,7 +98,7 @@ class _Assembler:
                 if last:
                     c["empty_skipped"] += 1
                 return                        # leading whitespace of a long document is dropped
-            self.split = self.r.split_of(text)
+            self.split = self.split_of(text)
             c["documents"] += 1
             c["documents_val"] += self.split
             if not last:

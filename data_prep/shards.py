@@ -13,19 +13,20 @@ Padding: the last sample of a split may end in padding (data_prep/writer.py); th
 holding it says how many tokens (``pad_tokens``), so a reader can keep them out of the loss (``Manifest.padding``).
 
 A shard file appears only when complete: it is written under a temporary name in the same folder, flushed,
-fsynced and renamed. The manifest is written the same way.
+fsynced and renamed (conf/files.py). The manifest is written the same way.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+
+from conf.files import atomic_write_bytes
 
 FORMAT = "mor-shards/1"
 MANIFEST = "manifest.json"
@@ -54,16 +55,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_shard(path: Path, split: str, index: int, samples: list[np.ndarray]) -> dict[str, Any]:

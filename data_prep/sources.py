@@ -114,7 +114,7 @@ class Reader:
         rest, whose first line is line ``line0 + 1`` (see data_prep/units.py). With ``report`` the input's
         replaced characters are warned about at its end; else they are left in ``self.issues`` for the caller."""
         self.position = 0
-        asm = _Assembler(self, counts)
+        asm = _Assembler(self.piece_chars, self.drop_space, self.split_of, counts)
         self.issues: dict[str, list] = {}
         blocks = self._blocks(f) if blocks is None else blocks
         if f.kind == "txt":

@@ -171,8 +171,9 @@ def train(texts: Iterable[str], out_path: str, *, vocab_size: int = 32000, sente
     ``settings_key`` (settings + inputs) goes to ``<out_path>.json``; if that file already matches, training is
     skipped and False is returned."""
     import sentencepiece as spm
-    from data_prep.shards import atomic_write_bytes
     from pathlib import Path
+
+    from conf.files import atomic_write_bytes
 
     settings = {"model_type": "bpe", "vocab_size": vocab_size, "input_sentence_size": sentences, "seed": seed,
                 "num_threads": threads, "byte_fallback": True}

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from conf.files import atomic_write_bytes
 from data_prep import shards as S
 
 END = 1 << 62                     # position of a split that is finished
@@ -50,7 +51,7 @@ class Journal:
 
     def rewrite(self, header: dict, records: list[dict]) -> None:
         data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in [header] + records).encode()
-        S.atomic_write_bytes(self.path, data)
+        atomic_write_bytes(self.path, data)
 
     def append(self, rec: dict) -> None:
         if self.f is None:

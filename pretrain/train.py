@@ -65,15 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
-    from conf import cli_errors, load_config
-    from conf.loader import CONF_DIR
+    from conf import cli_errors, load_config, run_file
     from pretrain.config import RunConfig
     from pretrain.training.trainer import run
 
-    path = args.config
-    if "/" not in path and not path.endswith((".yaml", ".yml")):
-        path = str(CONF_DIR / "run" / f"{path}.yaml")
     with cli_errors():
+        path = str(run_file(args.config))
         overrides = list(args.overrides)
         name = run_name_override(path, overrides)
         if name is not None:

@@ -60,30 +60,31 @@ def _overrides(words: list[str]) -> list[str]:
 
 def _train_config(words: list[str], env: dict) -> None:
     """pretrain.train RUN key=value...: the run file and overrides load (data need not exist to load)."""
-    from conf import load_config
+    from conf import load_config, run_file
     from pretrain.config import RunConfig
     run = words[words.index("pretrain.train") + 1]
-    load_config(ROOT / "conf" / "run" / f"{run}.yaml", _overrides(words), schema=RunConfig)
+    load_config(run_file(run), _overrides(words), schema=RunConfig)
 
 
 def _slurm_config(words: list[str], env: dict) -> None:
     """sbatch slurm/SCRIPT key=value...: the script's run file (MOR_RUN, else its default) takes the overrides."""
-    from conf import load_config
+    from conf import load_config, run_file
     from pretrain.config import RunConfig
     script = ROOT / next(w for w in words if w.endswith(".sh"))
     default = re.search(r"^export MOR_RUN=\$\{MOR_RUN:-(\w+)\}$", script.read_text(), re.M).group(1)
     run = env.get("MOR_RUN", default)
-    load_config(ROOT / "conf" / "run" / f"{run}.yaml", _overrides(words), schema=RunConfig)
+    load_config(run_file(run), _overrides(words), schema=RunConfig)
 
 
 def _presets(words: list[str], env: dict) -> None:
     """The bench's positional model presets exist and load."""
     from conf import load_config
+    from model.config import ModelConfig
     module = words[words.index("-m") + 1]
     for w in words[words.index(module) + 1:]:
         if w.startswith("-"):
             break
-        load_config(w)
+        load_config(w, schema=ModelConfig)
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ COMMANDS: dict[str, Cmd] = {
     "python -m model.inspect 360m_mor_tc router.balance=loss_free": Cmd(RUN, "counts only, a second"),
     DEMO: Cmd(RUN, "CPU demo on the sample corpus; its shards serve the tiny_cpu command; 100 steps cut to 3",
               shorter=("--steps", "3")),
-    "python -m model.bench 360m_vanilla 360m_mor_ec 360m_mor_tc --batch 16 --compile":
+    "python -m pretrain.tools.model_bench 360m_vanilla 360m_mor_ec 360m_mor_tc --batch 16 --compile":
         Cmd(HELP, "an H100 benchmark", check=_presets),
     "python -m pretrain.train 360m_mor_ec data.path=DATA train.steps=100 parallel.micro_batch_size=16 "
     "parallel.global_batch_size=16 train.compile=true checkpoint.every=0":
@@ -131,9 +132,9 @@ COMMANDS: dict[str, Cmd] = {
     "--text-field text --seq-len 2048 --val-fraction 0.01 --workers 16": Cmd(HELP, "the user's dumps and tokenizer"),
     "python data_prep/tokenize.py data_prep/corpus --train-tokenizer tok.model --vocab-size 8000":
         Cmd(RUN, "a tokenizer on the sample corpus, seconds"),
-    "python -m data_prep.bench --tokenizer tok.model --repeat 80 --workers 1,2,4,8,12,16 --loader-workers 0,2":
+    "python -m data_prep.bench --tokenizer tok.model --repeat 80 --workers 1,2,4,8,12,16":
         Cmd(HELP, "a 16-core benchmark of many minutes"),
-    "python -m data_prep.bench --tokenizer out/bench/mistral.model --repeat 40 --workers 1,8,16 --loader-workers 0":
+    "python -m data_prep.bench --tokenizer out/bench/mistral.model --repeat 40 --workers 1,8,16":
         Cmd(HELP, "a 16-core benchmark with a downloaded 32k model"),
 }
 

@@ -1,2 +1,2 @@
-"""Sweeps: ``python -m pretrain.sweep SWEEP.yaml`` expands a grid into runs (plan) and submits them as one
-submitit job array, then gathers the results (results)."""
+"""Sweeps: ``python -m pretrain.sweep SWEEP.yaml`` reads the sweep file and expands it into points (spec),
+validates and submits them as one submitit job array (plan), then gathers the results (results)."""

@@ -23,216 +23,33 @@ to the working directory, which is also the jobs' working directory. Exit status
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import difflib
-import itertools
 import os
-import re
 import signal
 import sys
-import types
-import typing
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
 
 import submitit
-import yaml
 
+from conf import cli_errors, load_config
 from conf.errors import ConfigError
 from pretrain.sweep import results
+from pretrain.sweep.spec import Point, SweepConfig, expand, load_sweep, run_path
 from pretrain.training.preempt import REQUEUE_EXIT_CODE
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 
-@dataclass
-class SlurmSpec:
-    nodes: int = 1
-    tasks_per_node: int = 8          # one task per GPU: the trainer takes cuda:LOCAL_RANK itself
-    gpus_per_node: int = 8           # 0 for a CPU partition (then no GPU request is made at all)
-    cpus_per_task: int = 12          # also torch's CPU thread count in each task
-    timeout_min: int = 24 * 60
-    partition: str | None = None
-    signal_delay_s: int = 120        # USR2 this long before the limit: time to finish a step and save
-    max_num_timeout: int = 3         # requeues after time limits before submitit gives up
-    array_parallelism: int = 64      # points running at once
-    mem_gb: float | None = None
-    extra: dict = field(default_factory=dict)   # more sbatch options, e.g. {qos: high, account: lab}
-
-
-@dataclass
-class SweepConfig:
-    run: str
-    name: str = ""
-    out_dir: str = ""
-    executor: Literal["auto", "slurm", "local"] = "auto"
-    overrides: dict = field(default_factory=dict)
-    grid: dict = field(default_factory=dict)
-    points: list = field(default_factory=list)
-    slurm: SlurmSpec = field(default_factory=SlurmSpec)
-
-
-@dataclass
-class Point:
-    name: str
-    own_overrides: list[str]      # what distinguishes this point: its list entry and grid values
-    overrides: list[str]          # everything passed to the run config, name and out_dir first
-    run_dir: Path
-
-
-class _Loader(yaml.SafeLoader):
-    """Reads 1e-3 as a float, as conf/ files do (plain YAML 1.1 needs 1.0e-3)."""
-
-
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
-
-
-def _lines(node: Any, prefix: str = "", out: dict | None = None) -> dict[str, int]:
-    """Dotted key -> line number, so that an error can point into the file."""
-    out = {} if out is None else out
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            out[prefix + str(k.value)] = k.start_mark.line + 1
-            _lines(v, f"{prefix}{k.value}.", out)
-    return out
-
-
-def _check(tp: Any, value: Any) -> bool:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_check(a, value) for a in args)
-    if origin is Literal:
-        return value in args
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, origin or tp)
-
-
-def _build(cls: type, data: dict, where: str, lines: dict[str, int], prefix: str = "") -> Any:
-    hints, names = typing.get_type_hints(cls), [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        at = f"{where}:{lines.get(prefix + str(key), 1)}: {prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            raise ConfigError(f"{at}: unknown key; " + (f"did you mean {close[0]!r}?" if close
-                                                        else f"valid keys: {', '.join(names)}"))
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{at}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}")
-            value = _build(tp, value, where, lines, f"{prefix}{key}.")
-        elif not _check(tp, value):
-            want = (f"one of {', '.join(map(repr, typing.get_args(tp)))}" if typing.get_origin(tp) is Literal
-                    else str(tp).replace("typing.", "").replace("<class '", "").replace("'>", ""))
-            raise ConfigError(f"{at}: expected {want}, got {value!r}; fix the value")
-        kwargs[key] = value
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"{where}: {prefix}{missing[0]}: missing required key; add it")
-    return cls(**kwargs)
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{train: {steps: 5}} and {train.steps: 5} are the same override."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def render(value: Any) -> str:
-    """A value as override text that the config loader parses back to the same value."""
-    return yaml.safe_dump(value, default_flow_style=True, width=1 << 20).strip().removesuffix("...").strip()
-
-
-def load_sweep(path: str) -> SweepConfig:
-    where = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
-    try:
-        text = Path(path).read_text()
-        node = yaml.compose(text, Loader=_Loader)
-        data = yaml.load(text, Loader=_Loader)
-    except OSError as e:
-        raise ConfigError(f"{where}: cannot read the sweep file: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"{where}{f':{mark.line + 1}' if mark else ''}: invalid YAML: "
-                          f"{getattr(e, 'problem', None) or e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: the top level must be a mapping (run:, grid:, ...); see --help")
-    lines = _lines(node)
-    cfg = _build(SweepConfig, data, where, lines)
-    cfg.name = cfg.name or Path(path).stem
-    cfg.out_dir = str(Path(cfg.out_dir or f"runs/sweeps/{cfg.name}").absolute())
-    cfg.overrides = _flat(cfg.overrides)
-    for key, values in cfg.grid.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{where}:{lines.get(f'grid.{key}', 1)}: grid.{key}: expected a non-empty list of "
-                              f"values, got {values!r}")
-    for i, p in enumerate(cfg.points):
-        if not isinstance(p, dict) or not p:
-            raise ConfigError(f"{where}:{lines.get('points', 1)}: points[{i}]: expected a mapping of dotted "
-                              f"key: value, got {p!r}")
-    for section, keys in (("overrides", cfg.overrides), ("grid", cfg.grid),
-                          *((f"points[{i}]", _flat(p)) for i, p in enumerate(cfg.points))):
-        for k in keys:
-            if k in ("name", "out_dir"):
-                raise ConfigError(f"{where}:{lines.get(f'{section}.{k}', lines.get(section, 1))}: {section}.{k}: "
-                                  f"set by the sweep for each point; set the sweep's own {k}: instead")
-    if not Path(run_path(cfg.run)).is_file():
-        from conf.loader import CONF_DIR
-        names = ", ".join(sorted(p.stem for p in (CONF_DIR / "run").glob("*.yaml")))
-        raise ConfigError(f"{where}:{lines.get('run', 1)}: run: no run file {run_path(cfg.run)}; use a path or a "
-                          f"name in conf/run/ ({names})")
-    s = cfg.slurm
-    for key in ("nodes", "tasks_per_node", "timeout_min", "array_parallelism", "cpus_per_task"):
-        if getattr(s, key) < 1:
-            raise ConfigError(f"{where}:{lines.get(f'slurm.{key}', 1)}: slurm.{key}: must be >= 1")
-    return cfg
-
-
-def expand(cfg: SweepConfig) -> list[Point]:
-    """Each explicit point × every grid combination; names carry the index (unique) and a readable slug."""
-    keys = list(cfg.grid)
-    combos = [dict(zip(keys, c)) for c in itertools.product(*(cfg.grid[k] for k in keys))]
-    points = []
-    for own in ({**_flat(p), **c} for p in (cfg.points or [{}]) for c in combos):
-        texts = [f"{k}={render(v)}" for k, v in own.items()]
-        slug = "_".join(f"{k.rsplit('.', 1)[-1]}{render(v)}" for k, v in own.items())
-        slug = re.sub(r"[^A-Za-z0-9._+-]+", "", slug)[:48]
-        name = f"{cfg.name}-{len(points)}" + (f"-{slug}" if slug else "")
-        base = [f"{k}={render(v)}" for k, v in cfg.overrides.items()]
-        points.append(Point(name, texts, [f"name={render(name)}", f"out_dir={render(cfg.out_dir)}", *base, *texts],
-                            Path(cfg.out_dir) / name))
-    return points
-
-
-def run_path(run: str) -> str:
-    from conf.loader import CONF_DIR
-    if "/" not in run and not run.endswith((".yaml", ".yml")):
-        return str(CONF_DIR / "run" / f"{run}.yaml")
-    return str(Path(run).absolute())
-
-
 def validate(cfg: SweepConfig, points: list[Point], where: str, *, dry_run: bool = False) -> None:
     """Before anything is submitted: every point's config, its layout on the job's world size, and its data. In
     a dry run a data problem is a warning: the plan can be read before the shards are made."""
-    from conf import load_config
     from pretrain.config import RunConfig
     from pretrain.data.loader import TokenLoader
     from pretrain.parallel.layout import check_layout
     world = cfg.slurm.nodes * cfg.slurm.tasks_per_node
     for p in points:
         try:
-            rc = load_config(run_path(cfg.run), p.overrides, schema=RunConfig)
+            rc = load_config(run_path(cfg), p.overrides, schema=RunConfig)
             dp = check_layout(rc.parallel, world, rc.model)
         except ConfigError as e:
             raise ConfigError(f"{where}: point {p.name}: {' '.join(str(e).split())}") from None
@@ -257,7 +74,6 @@ class TrainPoint(submitit.helpers.Checkpointable):
         import torch
         import torch.distributed as dist
 
-        from conf import load_config
         from pretrain.config import RunConfig
         from pretrain.training.trainer import Trainer
         # overwrite: a requeued or nested launch may carry the previous layout; this job's own is the truth.
@@ -273,7 +89,7 @@ class TrainPoint(submitit.helpers.Checkpointable):
         finally:
             trainer.close()  # also restores submitit's signal handlers, which the USR2 hand-over needs
         if rc == 0:
-            return results.read_metrics(Path(cfg.out_dir) / cfg.name) if env.rank == 0 else None
+            return results.run_summary(Path(cfg.out_dir) / cfg.name) if env.rank == 0 else None
         if rc != REQUEUE_EXIT_CODE:
             raise RuntimeError(f"training of {cfg.name} stopped with exit code {rc} (3: non-finite loss); "
                                f"see {Path(cfg.out_dir) / cfg.name / 'metrics.jsonl'} and this job's log")
@@ -303,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--executor", choices=("auto", "slurm", "local"), help="overrides the file's executor: key")
     parser.add_argument("--poll", type=float, default=5.0, help="seconds between status checks (default 5)")
     args = parser.parse_args(argv)
-    from conf import cli_errors
     with cli_errors():
         cfg = load_sweep(args.sweep)
         points = expand(cfg)
@@ -324,12 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dry run: would submit {len(points)} job(s); nothing submitted")
         return 0
     executor = results.make_executor(cfg, kind)
-    fns = [TrainPoint(run_path(cfg.run), p.overrides, s.cpus_per_task) for p in points]
-    # The jobs unpickle pretrain.sweep.TrainPoint, so the checkout must be importable there even when it is not
+    fns = [TrainPoint(run_path(cfg), p.overrides, s.cpus_per_task) for p in points]
+    # The jobs unpickle pretrain.sweep.plan.TrainPoint, so the checkout must be importable there even when it is not
     # installed into the environment (a plain clone): hand them the repo root (sbatch and the local executor pass
     # the submitting environment on).
     pythonpath = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), *filter(None, [pythonpath])])
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), *filter(None, [pythonpath])])
     try:
         with submitit.helpers.clean_env():  # a sweep started inside a job must not hand its layout to the new jobs
             job_list = executor.submit_array(fns)
@@ -350,5 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nstopped waiting; the jobs keep running. Later: python -m pretrain.sweep {args.sweep} --collect")
         return 130
-    return results.collect(Path(cfg.out_dir), points, jobs)
+    with cli_errors():  # a damaged metrics.jsonl is one line naming it
+        return results.collect(Path(cfg.out_dir), points, jobs)
 

@@ -2,8 +2,8 @@
 outcomes, and the results table.
 
 The table is rebuilt from each point's metrics.jsonl (so ``--collect`` works long after the jobs). It is written
-as ``results.csv`` (for tools) and ``results.md`` (for people), each through a temporary file and a rename: a
-reader never sees half a table, and re-collecting simply replaces it.
+as ``results.csv`` (for tools) and ``results.md`` (for people), each atomically (conf/files.py): a reader never
+sees half a table, and re-collecting simply replaces it.
 """
 from __future__ import annotations
 
@@ -14,21 +14,20 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import submitit
 
-from data_prep.shards import atomic_write_bytes
 from conf.errors import ConfigError
-
-if TYPE_CHECKING:
-    from pretrain.sweep.plan import SweepConfig
+from conf.files import atomic_write_text
+from pretrain.sweep.spec import Point, SweepConfig
+from pretrain.training.metrics import read_metrics
 
 COLUMNS = ("point", "overrides", "state", "job_id", "step", "loss", "val_loss", "tokens_per_s", "run_dir")
 TOKS_WINDOW = 3  # training records averaged for tokens/s: the last few, after start-up noise is gone
 
 
-def read_metrics(run_dir: Path) -> dict[str, Any]:
+def run_summary(run_dir: Path) -> dict[str, Any]:
     """Final step, train loss, last val_loss and recent mean tokens/s of a run; empty values when absent.
 
     A resumed run logs the steps after its checkpoint again, so "final" means the last record of the largest step.
@@ -38,11 +37,7 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
     if not path.exists():
         return out
     train: list[dict] = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a killed process: skip it, keep the rest
-            continue
+    for rec in read_metrics(path):  # a run killed mid-write has a torn last line: skipped there
         if "event" in rec:
             continue
         if "val_loss" in rec:
@@ -86,10 +81,10 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def build_rows(points: list, states: dict[str, str], job_ids: dict[str, str]) -> list[dict[str, str]]:
+def build_rows(points: list[Point], states: dict[str, str], job_ids: dict[str, str]) -> list[dict[str, str]]:
     rows = []
     for p in points:
-        m = read_metrics(p.run_dir)
+        m = run_summary(p.run_dir)
         rows.append({"point": p.name, "overrides": " ".join(p.own_overrides), "state": states.get(p.name, ""),
                      "job_id": job_ids.get(p.name, ""), "step": _fmt(m["step"]), "loss": _fmt(m["loss"]),
                      "val_loss": _fmt(m["val_loss"]), "tokens_per_s": _fmt(m["tokens_per_s"], 0),
@@ -106,8 +101,8 @@ def write_tables(out_dir: Path, rows: list[dict[str, str]]) -> tuple[Path, Path]
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(r[c].replace("|", "\\|") for c in COLUMNS) + " |" for r in rows]
     csv_path, md_path = out_dir / "results.csv", out_dir / "results.md"
-    atomic_write_bytes(csv_path, buf.getvalue().encode())
-    atomic_write_bytes(md_path, ("\n".join(md) + "\n").encode())
+    atomic_write_text(csv_path, buf.getvalue())
+    atomic_write_text(md_path, "\n".join(md) + "\n")
     return csv_path, md_path
 
 
@@ -137,7 +132,7 @@ def executor_kind(cfg: SweepConfig, override: str | None, where: str) -> str:
 def save_jobs(out_dir: Path, kind: str, tasks: int, jobs: dict[str, Any]) -> None:
     """Record the job ids, so that --collect can ask their result files and the scheduler about them later."""
     record = {"executor": kind, "tasks": tasks, "jobs": {n: str(j.job_id) for n, j in jobs.items()}}
-    atomic_write_bytes(out_dir / "jobs.json", (json.dumps(record, indent=1) + "\n").encode())
+    atomic_write_text(out_dir / "jobs.json", json.dumps(record, indent=1) + "\n")
 
 
 def load_jobs(out_dir: Path) -> dict[str, Any]:
@@ -178,7 +173,7 @@ def wait(jobs: dict[str, Any], poll_s: float) -> None:
         time.sleep(poll_s)
 
 
-def collect(out_dir: Path, points: list, jobs: dict[str, Any]) -> int:
+def collect(out_dir: Path, points: list[Point], jobs: dict[str, Any]) -> int:
     """Write the table (job states where jobs are known) and print it; 0 when no known job failed."""
     states = {p.name: job_state(jobs[p.name]) for p in points if p.name in jobs}
     rows = build_rows(points, states, {n: str(j.job_id) for n, j in jobs.items()})

@@ -15,6 +15,7 @@ import time
 import torch
 
 from conf import cli_errors, load_config
+from model.config import ModelConfig
 from model.flops import training_flops
 from pretrain.parallel.layout import ParallelConfig, init_distributed
 from pretrain.parallel.pipeline import build_stage
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("error: pretrain.tools.bench needs CUDA GPUs")
     with cli_errors():
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, schema=ModelConfig)
         pcfg = ParallelConfig(tensor_parallel=args.tp, sequence_parallel=args.sp, zero_stage=args.zero,
                               micro_batch_size=args.batch)
         layout = init_distributed(pcfg, cfg)

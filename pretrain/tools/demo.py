@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: pretrain/tools/demo.py
 CORPUS = ROOT / "data_prep" / "corpus"
 PROMPT = "The state of our Union is"
 
@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     import sentencepiece as spm
     import torch
 
-    from conf import cli_errors, load_config
-    from conf.loader import CONF_DIR
+    from conf import cli_errors, load_config, run_file
     from model.flops import param_counts
     from model.generate import greedy
     from pretrain.config import RunConfig
@@ -78,23 +77,23 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.train import run_name_override
     from pretrain.training.trainer import Trainer
 
-    run_file = CONF_DIR / "run" / "demo_cpu.yaml"
-    base = load_config(run_file, [], schema=RunConfig)
+    run = run_file("demo_cpu")
+    base = load_config(run, [], schema=RunConfig)
     overrides = [f"out_dir={args.out}"] + ([f"model={args.model}"] if args.model else [])
     if args.steps:
         overrides.append(f"train.steps={args.steps}")
     with cli_errors():  # a misspelt preset stops here, before the tokenizer is trained
         # another model gets its own run folder, as in pretrain.train: resuming runs/demo would stop on the
         # config difference
-        name = run_name_override(str(run_file), overrides)
+        name = run_name_override(str(run), overrides)
         overrides += [name] if name else []
-        load_config(run_file, overrides, schema=RunConfig)
+        load_config(run, overrides, schema=RunConfig)
     shared = args.out / base.name  # tokenizer and shards, the same whatever the model
     data = tokenize(shared, base.model.max_seq_len, base.model.vocab_size)
     sp = spm.SentencePieceProcessor(model_file=str(shared / "tokenizer.model"))
     overrides += [f"data.path={data}", f"model.vocab_size={sp.get_piece_size()}"]
     with cli_errors():
-        cfg = load_config(run_file, overrides, schema=RunConfig)
+        cfg = load_config(run, overrides, schema=RunConfig)
     run_dir = args.out / cfg.name
     torch.manual_seed(0)
     with cli_errors():  # e.g. a preset whose max_seq_len is below the data's 128 tokens

@@ -6,20 +6,22 @@ fraction (expert-choice: its capacity; token-choice: the share of tokens still r
 from __future__ import annotations
 
 import argparse
-import json
+import io
 import sys
 from pathlib import Path
 
+from conf import cli_errors
+from conf.files import atomic_write_bytes
+from pretrain.training.metrics import read_metrics
+
 
 def load_records(path: Path) -> list[dict]:
-    """The records of metrics.jsonl, keeping the last one of each (step, kind) so a resumed run plots once."""
+    """The records of metrics.jsonl (a torn last line skipped), keeping the last one of each (step, kind) so a
+    resumed run plots once."""
     seen: dict[tuple[int, str], dict] = {}
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
+    for rec in read_metrics(path):
         kind = "val" if "val_loss" in rec else ("event" if "event" in rec else "train")
-        seen[(rec["step"], kind)] = rec
+        seen[(rec.get("step", 0), kind)] = rec
     return [seen[k] for k in sorted(seen)]
 
 
@@ -53,10 +55,10 @@ def plot(run_dir: Path, out: Path) -> Path:
         ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(out)
+    atomic_write_bytes(out, png.getvalue())  # a viewer open on curves.png never reads half a picture
     return out
 
 
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.run_dir / "metrics.jsonl").exists():
         print(f"error: {args.run_dir / 'metrics.jsonl'}: not found; give a run folder (runs/NAME)", file=sys.stderr)
         return 2
-    print(plot(args.run_dir, args.out or args.run_dir / "curves.png"))
+    with cli_errors():  # a damaged metrics.jsonl is one line naming the file and line
+        print(plot(args.run_dir, args.out or args.run_dir / "curves.png"))
     return 0
 
 

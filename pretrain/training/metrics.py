@@ -1,6 +1,7 @@
 """Run metrics: a JSONL file always, a readable log line per interval, wandb (offline by default), MFU.
 
 MFU = tokens/s × training FLOPs per token (model/flops.py, which follows the routing) ÷ (peak FLOP/s × GPUs).
+``read_metrics`` is the one reader of metrics.jsonl (the trainer on a restart, the plot, the sweep's table).
 """
 from __future__ import annotations
 
@@ -13,10 +14,41 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from data_prep.shards import atomic_write_bytes
+from conf.errors import ConfigError
+from conf.files import atomic_write_bytes, atomic_write_text
 
 # Dense bf16 peaks per device (FLOP/s); CPU runs report no MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def _parse(path: Path, *, strict: bool = True) -> tuple[list[tuple[bytes, dict[str, Any]]], int]:
+    """(line, record) of each record of a metrics.jsonl, and how many lines were skipped: a torn last line, and
+    with ``strict`` False any damaged line (with ``strict``, a damaged line before the last is a ConfigError)."""
+    numbered = [(n, line) for n, line in enumerate(Path(path).read_bytes().split(b"\n"), 1) if line.strip()]
+    out, skipped = [], 0
+    for k, (n, line) in enumerate(numbered):
+        try:
+            rec = json.loads(line)      # bytes: a line cut inside a UTF-8 character is a ValueError too
+        except ValueError as e:
+            rec, why = None, f"{type(e).__name__}: {getattr(e, 'msg', e)}"
+        else:
+            why = f"a JSON {type(rec).__name__}, not an object"
+        if not isinstance(rec, dict):
+            # A run killed in the middle of a write leaves its last line cut short: drop it, keep the rest. Anywhere
+            # else the file was damaged: readers stop, since guessing what it said would be worse.
+            if k == len(numbered) - 1 or not strict:
+                skipped += 1
+                continue
+            raise ConfigError(f"{path}:{n}: not a metrics record ({why}); the file is damaged: fix or remove "
+                              "that line")
+        out.append((line, rec))
+    return out, skipped
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl in file order. A torn last line (a run killed mid-write) is skipped; a
+    malformed line anywhere else is a ConfigError naming the file and line."""
+    return [rec for _, rec in _parse(Path(path))[0]]
 
 
 def device_peak_flops() -> Optional[float]:
@@ -49,21 +81,24 @@ class MetricsLog:
             # The run id lives in the run folder, so a restarted job resumes the same wandb run.
             id_file = run_dir / "wandb_id"
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
-            id_file.write_text(run_id)
+            atomic_write_text(id_file, run_id)
             self._wandb = wandb.init(project=project, name=name, id=run_id, resume="allow", mode=wandb_mode,
                                      dir=str(run_dir), config=config)
 
     def _forget_after(self, step: int) -> int:
         """Drop records past ``step``, where this (re)start begins: they describe steps whose weights were lost
         (a kill after the last checkpoint) and are about to be trained again, so the file keeps every step once.
-        Rewritten atomically; returns how many records were dropped."""
+        A torn last line of a killed run goes too, and so does a damaged line anywhere (rank 0 alone reads this
+        file: stopping here would leave the other ranks waiting). Rewritten atomically, the kept lines byte for
+        byte; returns how many lines were dropped (the trainer reports it)."""
         if not self.path.exists():
             return 0
-        lines = self.path.read_text().splitlines()
-        keep = [line for line in lines if _step_of(line) <= step]   # a torn last line of a killed run goes too
-        if len(keep) < len(lines):
-            atomic_write_bytes(self.path, "".join(line + "\n" for line in keep).encode())
-        return len(lines) - len(keep)
+        records, torn = _parse(self.path, strict=False)
+        keep = [line for line, rec in records if rec.get("step", 0) <= step]
+        dropped = len(records) + torn - len(keep)
+        if dropped:
+            atomic_write_bytes(self.path, b"".join(line + b"\n" for line in keep))
+        return dropped
 
     def log(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
@@ -75,14 +110,6 @@ class MetricsLog:
         self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
-
-
-def _step_of(line: str) -> float:
-    """The step of a metrics record; infinity for a line that is not one (so it is never kept past a restart)."""
-    try:
-        return json.loads(line).get("step", 0)
-    except (ValueError, AttributeError):
-        return math.inf
 
 
 class NullLog:

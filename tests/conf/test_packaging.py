@@ -31,8 +31,11 @@ def test_wheel_builds_quietly_with_every_yaml(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {p.relative_to(ROOT).as_posix() for d in ("model", "run", "sweep")
                 for p in (ROOT / "conf" / d).glob("*.yaml")}
-    expected |= {p.relative_to(ROOT).as_posix() for name in PACKAGES for p in (ROOT / name).glob("*.py")}
-    assert {"conf/run/tiny_cpu.yaml", "conf/model/tiny_mor_ec.yaml", "conf/sweep/tiny_lr.yaml"} <= expected
+    # every module at any depth: pretrain/ has subpackages (training/, sweep/, ...), a forgotten one breaks installs
+    expected |= {p.relative_to(ROOT).as_posix() for name in PACKAGES for p in (ROOT / name).rglob("*.py")
+                 if "__pycache__" not in p.parts}
+    assert {"conf/run/tiny_cpu.yaml", "conf/model/tiny_mor_ec.yaml", "conf/sweep/tiny_lr.yaml",
+            "pretrain/training/trainer.py", "pretrain/sweep/spec.py", "conf/files.py"} <= expected
     assert not expected - names, f"missing from the wheel: {sorted(expected - names)}"
 
 

@@ -33,7 +33,8 @@ def test_inspect_bad_override_is_one_line_without_traceback():
     assert lines == ["error: override 'n_kv_heads=4': n_kv_heads: n_heads=15 is not divisible by n_kv_heads=4"]
 
 
-@pytest.mark.parametrize("module", ["model.inspect", "model.bench", "pretrain.tools.demo", "pretrain.tools.bench", "pretrain.train",
+@pytest.mark.parametrize("module", ["model.inspect", "pretrain.train", "pretrain.sweep", "pretrain.tools.demo",
+                                    "pretrain.tools.bench", "pretrain.tools.model_bench", "pretrain.tools.data_bench",
                                     "pretrain.tools.plot"])
 def test_entry_points_have_help(module):
     res = run("-m", module, "--help")

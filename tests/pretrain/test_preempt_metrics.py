@@ -1,13 +1,17 @@
 """A scheduler's signal during start-up is kept, not fatal; on a restart the metrics file forgets the steps that
-are trained again, so it holds every step once."""
+are trained again, so it holds every step once; the one metrics reader skips a torn last line (a run killed
+mid-write) and stops on a damaged one, and the plot draws a killed run."""
 from __future__ import annotations
 
 import json
 import os
 import signal
 
+import pytest
+
+from conf.errors import ConfigError
 from pretrain.training import preempt
-from pretrain.training.metrics import MetricsLog
+from pretrain.training.metrics import MetricsLog, read_metrics
 
 
 def test_signal_during_startup_counts_at_the_first_step():
@@ -37,3 +41,31 @@ def test_restart_drops_records_past_the_resumed_step(tmp_path):
     fresh = MetricsLog(tmp_path / "new", wandb_mode="disabled", project="p", name="n", config={})
     assert fresh.dropped == 0
     fresh.close()
+
+
+def test_read_metrics_skips_a_torn_last_line_and_names_a_damaged_one(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert read_metrics(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    path.write_bytes('{"step": 1, "loss": 2.0}\n{"step": 2, "note": "é"}'.encode()[:-3])  # cut inside "é"
+    assert read_metrics(path) == [{"step": 1, "loss": 2.0}]
+    # the same cut in the middle of the file is damage, not a kill: one line naming the file and the line
+    path.write_text('{"step": 1, "loss": 2.0}\n\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
+    with pytest.raises(ConfigError) as info:
+        read_metrics(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}:3: not a metrics record") and "\n" not in msg, msg
+    path.write_text('[1, 2]\n{"step": 3, "loss": 1.0}\n')
+    with pytest.raises(ConfigError, match=r":1: not a metrics record \(a JSON list, not an object\)"):
+        read_metrics(path)
+
+
+def test_plot_draws_a_run_killed_mid_write(tmp_path, capsys):
+    from pretrain.tools.plot import main
+    recs = [{"step": s, "loss": 3.0 / s, "rec1/kept_frac": 0.6, "rec1/gate_mean": 0.4} for s in range(1, 6)]
+    recs.insert(3, {"step": 3, "val_loss": 1.2})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"step": 6, "lo')
+    assert main([str(tmp_path)]) == 0
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+    assert capsys.readouterr().out.strip() == str(tmp_path / "curves.png")
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.sweep.plan import expand, load_sweep
+from pretrain.sweep.spec import expand, load_sweep
 from tests.pretrain.fixtures import make_shards
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,8 +109,8 @@ def test_missing_data_is_a_warning_in_a_dry_run_and_an_error_for_a_submission(tm
 
 
 @pytest.mark.parametrize("body,where,key", [
-    ("gird:\n  optim.lr: [1]\n", ":3:", "gird: unknown key; did you mean 'grid'?"),
-    ("slurm:\n  tasks_per_node: two\n", ":4:", "slurm.tasks_per_node: expected int, got 'two'"),
+    ("gird:\n  optim.lr: [1]\n", ":3:", "gird: unknown key (did you mean 'grid'?)"),
+    ("slurm:\n  tasks_per_node: two\n", ":4:", "slurm.tasks_per_node: expected int, got str 'two'"),
     ("grid: {optim.lr: 0.1}\n", ":3:", "grid.optim.lr: expected a non-empty list"),
     ("overrides: {name: x}\n", ":3:", "overrides.name: set by the sweep"),
     ("overrides: {data.path: DATA}\ngrid: {optim.lr: [1.0e-3, -1.0]}\n", ": point bad-1-lr-1.0:",

@@ -1,10 +1,12 @@
 """Training-step throughput of model configs, measured in one process so the ratios are fair.
 
-    python -m model.bench 360m_vanilla 360m_mor_ec [--batch 16] [--seq-len 2048] [--steps 10] [--compile]
+    python -m pretrain.tools.model_bench 360m_vanilla 360m_mor_ec [--batch 16] [--seq-len 2048] [--steps 10] [--compile]
 
 Each config trains ``--steps`` timed steps (after warm-up) of forward + backward + fused AdamW in bf16 autocast
 with fp32 master weights on random tokens. Prints tokens/s, model TFLOP/s (from model/flops.py, causal
-attention), MFU against the stated peak, peak memory, and each config's speed relative to the first one.
+attention), MFU against the stated peak, peak memory, and each config's speed relative to the first one. The model
+alone, without the distributed engine (for that: pretrain.tools.bench); a tool, not part of model/, because it
+sets up megatron's one-process world from pretrain.parallel.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 
 from conf import cli_errors, load_config
 from model.attention import flash_available
+from model.config import ModelConfig
 from model.flops import param_counts, training_flops
 from model.layers import make_parallel_config
 from model.mor import MoRModel
@@ -63,7 +66,7 @@ def bench_one(cfg, *, batch: int, seq_len: int, steps: int, warmup: int, compile
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m model.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pretrain.tools.model_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("configs", nargs="+", help="YAML files or presets; the first one is the baseline")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=2048)
@@ -75,9 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every config")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("error: model.bench needs a CUDA GPU")
+        raise SystemExit("error: pretrain.tools.model_bench needs a CUDA GPU")
     with cli_errors():
-        cfgs = [load_config(c, args.set) for c in args.configs]
+        cfgs = [load_config(c, args.set, schema=ModelConfig) for c in args.configs]
     init_single_process()
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  flash-attn: {flash_available()}  "
           f"batch {args.batch} x seq {args.seq_len}  compile={args.compile}", flush=True)
