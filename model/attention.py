@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from conf.errors import ConfigError
+
 try:  # flash-attn is optional and GPU-only
     from flash_attn import flash_attn_func as _flash_attn_func
 except Exception:  # noqa: BLE001 - any import failure means "not available"
@@ -22,10 +24,11 @@ def flash_available() -> bool:
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:
-    """Pick the kernel for ``requested`` in {auto, sdpa, flash} on ``device``."""
+    """Pick the kernel for ``requested`` in {auto, sdpa, flash} on ``device``: auto is flash-attn on CUDA when it
+    is importable, SDPA otherwise; flash without flash-attn or CUDA is an error."""
     if requested == "flash":
         if not flash_available():
-            raise RuntimeError("attention_backend=flash needs flash-attn and a CUDA device; use sdpa or auto")
+            raise ConfigError("model.attention_backend: flash needs flash-attn and a CUDA device; use sdpa or auto")
         return "flash"
     if requested == "auto" and device.type == "cuda" and flash_available():
         return "flash"
@@ -34,7 +37,10 @@ def resolve_backend(requested: str, device: torch.device) -> str:
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "sdpa",
                      key_active: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Causal attention over (B, S, H, D) inputs, returning (B, S, H, D)."""
+    """Causal attention over (B, S, H, D) inputs, returning (B, S, H, D). ``auto`` is resolved here per call for
+    models used directly; the trainer resolves it once for the whole model (model/layers.py)."""
+    if backend == "auto":
+        backend = resolve_backend("auto", q.device)
     if backend == "flash" and key_active is None and q.dtype in (torch.float16, torch.bfloat16):
         return _flash_attn_func(q, k, v, causal=True)  # native GQA and BSHD layout
     h, hkv = q.shape[2], k.shape[2]

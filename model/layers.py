@@ -18,7 +18,7 @@ from megatron.core import ModelParallelConfig, parallel_state
 from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
                                            copy_to_tensor_model_parallel_region)
 
-from model.attention import causal_attention
+from model.attention import causal_attention, resolve_backend
 from model.config import ModelConfig
 
 
@@ -161,3 +161,15 @@ class TransformerLayer(nn.Module):
                 key_active: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = x + self.attn(self.attn_norm(x), rope, key_active)
         return h + self.mlp(self.mlp_norm(h))
+
+
+def use_attention_backend(model: nn.Module, device: torch.device) -> str:
+    """Resolve the model's ``attention_backend`` (auto, sdpa, flash) for ``device`` once and set every attention
+    layer to the result, so that ``auto`` is decided at start-up and not per call. Returns the kernel's name."""
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    if not layers:
+        return "none"
+    backend = resolve_backend(layers[0].backend, device)
+    for m in layers:
+        m.backend = backend
+    return backend

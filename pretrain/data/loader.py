@@ -82,6 +82,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader
 
+from conf.errors import ConfigError
 from data_prep.shards import MANIFEST, Manifest
 from model.loss import IGNORE_INDEX
 from pretrain.data.readers import Layout, Readers, RoundRobin, ShardError
@@ -242,3 +243,17 @@ class TokenLoader:
             shutdown = getattr(source, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
+
+
+def split_loader(cfg, split: str, *, dp_rank: int, dp_size: int) -> TokenLoader:
+    """The loader a run (``cfg``: pretrain.config.RunConfig) reads ``split`` with: ``train`` shuffles forever with
+    the run's seed and workers; any other split is read once, in order, in this process. A folder that cannot be
+    read is a ConfigError naming data.path."""
+    train = split == "train"
+    try:
+        return TokenLoader(cfg.data.path, split=split, micro_batch_size=cfg.parallel.micro_batch_size,
+                           seed=cfg.data.seed if train else 0, dp_rank=dp_rank, dp_size=dp_size,
+                           num_workers=cfg.data.num_workers if train else 0, shuffle=train,
+                           epochs=None if train else 1)
+    except ValueError as e:
+        raise ConfigError(f"data.path: {e}") from None

@@ -174,6 +174,27 @@ def clip_grad_norm(model: MoRModel, layout, max_norm: float) -> torch.Tensor:
     return norm
 
 
+# ---- the schedule ---------------------------------------------------------------------------------------------
+def _schedule(model: MoRModel, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
+              forward_only: bool) -> list[dict]:
+    """megatron's schedule over ``micro_batches`` (all of one shape); the last stage gets one dict per micro-batch."""
+    b, t = micro_batches[0][0].shape
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
+        num_microbatches=len(micro_batches), seq_length=packed_rows(model.cfg, model.pp_size, b, t),
+        micro_batch_size=b, forward_only=forward_only)
+
+
+def pipeline_forward_only(model: MoRModel, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """The language-model loss of each batch, in order, on the last stage (an empty list on the others)."""
+    out: list[torch.Tensor] = []
+    # The pipeline's p2p buffers have one shape per schedule call: a short last batch gets a call of its own.
+    for shape in dict.fromkeys(bt[0].shape for bt in batches):
+        group = [bt for bt in batches if bt[0].shape == shape]
+        out += [r["lm_loss"] for r in _schedule(model, group, forward_only=True)]
+    return out
+
+
 # ---- one optimizer step ---------------------------------------------------------------------------------------
 def forward_step(data_iterator: Iterator, model: MoRModel):
     tokens, labels = next(data_iterator)
@@ -192,12 +213,7 @@ def pipeline_forward_backward(model: MoRModel, layout, micro_batches: Sequence[t
                               *, max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward + backward over ``micro_batches`` with 1F1B, replica grads summed, DP-averaged and clipped.
     Returns the mean loss (on the last stage; zero elsewhere) and the global gradient norm before clipping."""
-    tokens = micro_batches[0][0]
-    b, t = tokens.shape
-    fb = get_forward_backward_func()
-    results = fb(forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
-                 num_microbatches=len(micro_batches), seq_length=packed_rows(model.cfg, model.pp_size, b, t),
-                 micro_batch_size=b, forward_only=False)
+    results = _schedule(model, micro_batches, forward_only=False)
     reduce_replica_grads(model, layout)
     average_data_parallel_grads(model)
     norm = clip_grad_norm(model, layout, max_grad_norm)

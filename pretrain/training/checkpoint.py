@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_prep.shards import atomic_write_bytes
+from conf.files import atomic_write_bytes
 from pretrain.training import faults
 
 LATEST = "latest"
@@ -156,7 +156,7 @@ def save(engine, root: Path, step: int, trainer_state: dict[str, Any], rank_stat
             shutil.rmtree(staging)
         staging.mkdir()
     _barrier()
-    engine.save_checkpoint(str(staging), tag="engine", save_latest=False)
+    engine.save(staging)
     torch.save(rank_state, staging / f"trainer-rank-{rank}.pt")
     if rank == 0:
         torch.save(trainer_state, staging / "trainer.pt")
@@ -334,8 +334,7 @@ def load_engine(engine, path: Path) -> dict[str, Any]:
     why, rank_state = None, None
     try:
         faults.point("resume.load")
-        engine.load_checkpoint(str(path), tag="engine", load_module_strict=True, load_optimizer_states=True,
-                               load_lr_scheduler_states=False)
+        engine.load(path)
         rank_state = torch.load(rank_file, weights_only=False)
     except Exception as e:  # noqa: BLE001 - any failure to read is reported the same way, on every rank
         why = f"{e.__class__.__name__}: {' '.join(str(e).split())[:160]}"

@@ -1,8 +1,9 @@
-"""The training loop: DeepSpeed engine over the parallel model, LR schedule, checkpoints, preemption, metrics.
+"""The training loop: the step, its accounting, and the callbacks that hang on it.
 
-One optimizer step = micro_batch_size × accumulation × DP sequences. With PP = 1 each micro-batch goes through
-the engine (forward, backward, step; DeepSpeed accumulates, reduces and clips at the boundary); with PP > 1 the
-step runs megatron's 1F1B schedule (pretrain/parallel/pipeline.py).
+One optimizer step = micro_batch_size × accumulation × DP sequences, run by the engine seam
+(pretrain/parallel/engine.py), which owns everything that depends on the layout. Per-step features — the
+routing step hooks, the spike monitor, metrics, validation, checkpoints, preemption — are callbacks
+(pretrain/training/callbacks.py), called in order after every step.
 
 A non-finite loss (any rank, any micro-batch) is handled per ``on_nonfinite``: ``skip`` finishes the step with
 zero gradients and a learning rate of 0 — the weights do not move, the optimizer's moment estimates age by one
@@ -17,9 +18,7 @@ IGNORE_INDEX labels and counts nowhere.
 from __future__ import annotations
 
 import math
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -30,18 +29,18 @@ from megatron.core import parallel_state as ps
 from conf import config_to_dict
 from conf.errors import ConfigError
 from model.flops import training_flops
+from pretrain.config import RunConfig
+from pretrain.data.loader import label_count, load_manifest, split_loader
+from pretrain.parallel.engine import Engine
+from pretrain.parallel.layout import init_distributed
 from pretrain.training import checkpoint as ckpt
 from pretrain.training import faults
-from pretrain.config import RunConfig
-from pretrain.data.loader import TokenLoader, label_count, load_manifest
-from pretrain.training.metrics import MetricsLog, NullLog, Progress, device_peak_flops, format_line, mfu
-from pretrain.parallel.layout import grad_accumulation_steps, init_distributed
-from pretrain.parallel.pipeline import (build_stage, clip_grad_norm, finish_pipeline_step, pipeline_forward_backward,
-                               replica_layout, sync_replicas)
-from pretrain.training.preempt import REQUEUE_EXIT_CODE, PreemptionFlag
+from pretrain.training.callbacks import Callback, default_callbacks
+from pretrain.training.evaluate import validation_loss
+from pretrain.training.metrics import MetricsLog, NullLog, Progress, device_peak_flops
+from pretrain.training.preempt import PreemptionFlag
 from pretrain.training.resume import resume
 from pretrain.training.schedule import lr_multiplier
-from pretrain.parallel.zero import build_engine, param_groups
 
 NONFINITE_EXIT_CODE = 3
 
@@ -65,31 +64,18 @@ class Trainer:
         self.device = self.layout.device
         self.is_main = self.layout.rank == 0
         precision = cfg.train.precision
-        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
-        model = build_stage(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel,
-                            use_cpu_initialization=self.device.type == "cpu").to(self.device)
-        model.activation_checkpointing = cfg.train.activation_checkpointing
-        self.model = model
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                           betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                           fused=self.device.type == "cuda")
-        self.engine = build_engine(model, self.optimizer, cfg.parallel, self.layout, grad_clip=cfg.optim.grad_clip,
-                                   bf16=self.bf16)
-        if cfg.train.compile and self.device.type == "cuda":
-            self.engine.compile()
+        bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.engine = Engine(cfg, self.layout, bf16=bf16)
+        self.model = self.engine.model
+        if self.is_main:
+            self.print(f"attention: {self.engine.attention_backend} (model.attention_backend="
+                       f"{cfg.model.attention_backend})")
         faults.point("startup.engine")
-        self.replicas = replica_layout(cfg.model) if self.layout.pp > 1 else []
-        sync_replicas(model, self.replicas)
-        self.gas = grad_accumulation_steps(cfg.parallel, self.layout.dp)
-        try:
-            self.loader = TokenLoader(cfg.data.path, split="train", micro_batch_size=cfg.parallel.micro_batch_size,
-                                      seed=cfg.data.seed, dp_rank=ps.get_data_parallel_rank(),
-                                      dp_size=self.layout.dp, num_workers=cfg.data.num_workers, shuffle=True)
-        except ValueError as e:
-            raise ConfigError(f"data.path: {e}") from None
+        self.loader = split_loader(cfg, "train", dp_rank=ps.get_data_parallel_rank(), dp_size=self.layout.dp)
         self.run_dir = Path(cfg.out_dir) / cfg.name
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.step, self.tokens, self.loss_ema = 0, 0, None
+        self.step, self.tokens = 0, 0
+        self.callbacks: list[Callback] = default_callbacks(cfg)
         # Non-finite steps: the run's total, the current run of them, and the newest checkpoint saved before it
         # began (pruning keeps that one).
         self.skipped, self.consecutive_skips, self.guard_step = 0, 0, None
@@ -111,13 +97,18 @@ class Trainer:
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def state(self) -> dict:
         """The run-level part of a checkpoint (rank 0 writes it as trainer.pt)."""
-        return {"step": self.step, "tokens": self.tokens, "loss_ema": self.loss_ema,
-                "config": config_to_dict(self.cfg), "tokenizer_sha256": self.manifest.tokenizer.get("sha256"),
-                "world_size": self.layout.world, "skipped": self.skipped,
-                "consecutive_skips": self.consecutive_skips, "guard_step": self.guard_step}
+        state = {"step": self.step, "tokens": self.tokens,
+                 "config": config_to_dict(self.cfg), "tokenizer_sha256": self.manifest.tokenizer.get("sha256"),
+                 "world_size": self.layout.world, "skipped": self.skipped,
+                 "consecutive_skips": self.consecutive_skips, "guard_step": self.guard_step}
+        for cb in self.callbacks:
+            state.update(cb.state())
+        return state
 
     def load_state(self, state: dict) -> None:
-        self.step, self.tokens, self.loss_ema = state["step"], state["tokens"], state["loss_ema"]
+        self.step, self.tokens = state["step"], state["tokens"]
+        for cb in self.callbacks:
+            cb.load_state(state)
         self.skipped = state.get("skipped", 0)
         self.consecutive_skips = state.get("consecutive_skips", 0)
         self.guard_step = state.get("guard_step")
@@ -131,56 +122,18 @@ class Trainer:
         return path
 
     # ---- one optimizer step -----------------------------------------------------------------------------------
-    def _set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
-    def _all_finite(self, value: torch.Tensor) -> bool:
-        flag = torch.isfinite(value.detach().float()).all().float().reshape(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
-
     def train_step(self, inject_nan: bool = False) -> dict:
         lr = self.cfg.optim.lr * lr_multiplier(self.step, self.cfg.train.steps, self.cfg.schedule)
-        self._set_lr(lr)
-        micro = [next(self.batches) for _ in range(self.gas)]
+        self.engine.set_lr(lr)
+        micro = [next(self.batches) for _ in range(self.engine.micro_batches)]
         micro = [(t.to(self.device), y.to(self.device)) for t, y in micro]
         real = sum(label_count(y) for _, y in micro).float()   # padding is no token
-        stats: dict = {}
-        if self.layout.pp > 1:
-            loss, norm = pipeline_forward_backward(self.model, self.replicas, micro,
-                                                   max_grad_norm=self.cfg.optim.grad_clip)
-            loss = loss.to(self.device)
-            dist.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())  # only the last stage has it
-            finite = math.isfinite(norm.item()) and math.isfinite(loss.item()) and not inject_nan
-            if not finite:
-                for p in self.model.parameters():
-                    p.grad = torch.zeros_like(p.data)
-                self._set_lr(0.0)
-            finish_pipeline_step(self.engine)
-        else:
-            total, finite = torch.zeros((), device=self.device), True
-            for i, (tokens, labels) in enumerate(micro):
-                out = self.engine(tokens, labels)
-                loss_i = out.loss * float("nan") if inject_nan else out.loss
-                finite = finite and self._all_finite(loss_i)
-                if not finite:  # contribute zero gradients from here on, and step with lr 0
-                    loss_i = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
-                    self._set_lr(0.0)
-                self.engine.backward(loss_i)
-                if i == self.gas - 1 and self.cfg.parallel.zero_stage == 0:
-                    # Plain DP keeps whole gradients in p.grad: measure the norm before the engine clips it.
-                    norm = clip_grad_norm(self.model, [], 0.0)
-                self.engine.step()
-                total += out.loss.detach().float() / self.gas
-                stats = out.router_stats
-            loss = total
-            if self.cfg.parallel.zero_stage > 0:  # ZeRO keeps its partitions' norm from the step
-                norm = torch.tensor(float(self.engine.get_global_grad_norm() or 0.0))
-        both = torch.stack([loss.float(), real.to(loss.device)])
+        out = self.engine.train_step(micro, inject_nan=inject_nan)
+        both = torch.stack([out.loss.float(), real.to(out.loss.device)])
         dist.all_reduce(both, group=ps.get_data_parallel_group())
-        return {"loss": both[0].item() / self.layout.dp, "lr": lr if finite else 0.0, "grad_norm": float(norm),
-                "finite": finite, "step_tokens": int(both[1].item()), **{k: float(v) for k, v in stats.items()}}
+        return {"loss": both[0].item() / self.layout.dp, "lr": lr if out.finite else 0.0,
+                "grad_norm": out.grad_norm, "finite": out.finite, "step_tokens": int(both[1].item()),
+                **out.router_stats}
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def _nonfinite(self, rec: dict, progress: Progress) -> Optional[int]:
@@ -209,55 +162,30 @@ class Trainer:
     def fit(self, *, nan_at_step: Optional[int] = None) -> int:
         """Train to cfg.train.steps; returns the process exit code (0, REQUEUE_EXIT_CODE, NONFINITE_EXIT_CODE).
         Call ``close()`` when done with the trainer."""
-        cfg = self.cfg
-        window_start, window_tokens = time.perf_counter(), 0
-        progress = Progress(self.print, show=self.is_main, total=cfg.train.steps, initial=self.step)
+        self.progress = Progress(self.print, show=self.is_main, total=self.cfg.train.steps, initial=self.step)
         try:
-            while self.step < cfg.train.steps:
+            while self.step < self.cfg.train.steps:
+                for cb in self.callbacks:
+                    cb.step_start(self)
                 inject = faults.before_step(self.step, self.layout.rank) or nan_at_step == self.step
                 rec = self.train_step(inject_nan=inject)
                 if not rec["finite"] or not math.isfinite(rec["grad_norm"]):
-                    code = self._nonfinite(rec, progress)
+                    code = self._nonfinite(rec, self.progress)
                     if code is not None:
                         return code
                 else:
                     self.consecutive_skips = 0
                 self.step += 1
                 self.tokens += rec["step_tokens"]
-                window_tokens += rec["step_tokens"]
-                if rec["finite"]:
-                    self.loss_ema = rec["loss"] if self.loss_ema is None else 0.95 * self.loss_ema + 0.05 * rec["loss"]
-                    if rec["loss"] > cfg.logging.spike_factor * self.loss_ema:
-                        progress.say(f"step {self.step}: loss spike {rec['loss']:.3f} "
-                                     f"(running mean {self.loss_ema:.3f})")
-                progress.update(self.step, rec)
-                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
-                    elapsed = time.perf_counter() - window_start
-                    tok_s = window_tokens / max(elapsed, 1e-9)
-                    rec.update(step=self.step, tokens=self.tokens, tokens_per_s=tok_s, skipped_steps=self.skipped,
-                               mfu=mfu(tok_s, self.flops_per_token, self.peak, self.layout.world),
-                               mem_gb=(torch.cuda.max_memory_allocated() / 2**30) if self.device.type == "cuda"
-                               else None)
-                    self.metrics.log(rec)
-                    if self.is_main:
-                        progress.say(format_line(rec))
-                    window_start, window_tokens = time.perf_counter(), 0
-                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
-                    self.evaluate(progress.say)
-                stop = self.preempt.should_stop(self.device)
-                if stop or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
-                    self.save()
-                if stop:
-                    if self.is_main:
-                        got = self.preempt.received
-                        why = signal.Signals(got).name if got is not None else "a signal to another rank"
-                        progress.say(f"preempted: saved step {self.step}; exiting for requeue ({why})")
-                    return REQUEUE_EXIT_CODE
-            if self.last_saved != self.step:
-                self.save()
+                for cb in self.callbacks:
+                    code = cb.step_end(self, rec)
+                    if code is not None:
+                        return code
+            for cb in self.callbacks:
+                cb.train_end(self)
             return 0
         finally:
-            progress.close()
+            self.progress.close()
 
     def close(self) -> None:
         self.metrics.close()
@@ -268,8 +196,8 @@ class Trainer:
         """Mean validation loss over the real tokens of up to eval_batches micro-batches per DP rank."""
         if not self.manifest.splits.get("val"):
             return None
-        from pretrain.training.evaluate import validation_loss
-        loss = validation_loss(self, self.cfg.train.eval_batches)
+        loader = split_loader(self.cfg, "val", dp_rank=ps.get_data_parallel_rank(), dp_size=self.layout.dp)
+        loss = validation_loss(self.engine, loader, self.cfg.train.eval_batches)
         self.metrics.log({"step": self.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))})
         if self.is_main:
             (say or self.print)(f"step {self.step:>6d}  val loss {loss:.4f}  ppl {math.exp(min(loss, 50.0)):.2f}")

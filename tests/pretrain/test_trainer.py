@@ -11,6 +11,7 @@ import torch
 
 from conf import config_to_dict, load_config
 from conf.errors import ConfigError
+from model.config import ModelConfig
 from model.flops import training_flops
 from pretrain.config import RunConfig
 from pretrain.training.metrics import mfu
@@ -222,7 +223,7 @@ def test_nan_loss_stops_the_run_when_configured(tmp_path, data):
 
 
 def test_mfu_is_tokens_per_second_times_flops_per_token_over_peak():
-    cfg = load_config("360m_mor_ec")
+    cfg = load_config("360m_mor_ec", schema=ModelConfig)
     f = training_flops(cfg, 2048).training_per_token
     assert mfu(100_000, f, 989e12, 1) == pytest.approx(100_000 * f / 989e12)
     assert mfu(800_000, f, 989e12, 8) == pytest.approx(mfu(100_000, f, 989e12, 1))

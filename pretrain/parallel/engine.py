@@ -1,0 +1,157 @@
+"""The model as the engine runs it: the one seam between the training loop and the parallel layout.
+
+Under every layout (TP × PP × DP, ZeRO 0-3) the loop, validation and checkpoints see the same few calls:
+
+    engine = Engine(cfg, layout, bf16=...)     this rank's stage, the optimizer, the DeepSpeed engine
+    engine.set_lr(lr)
+    engine.begin_step(step) ... engine.end_step(applied)   routing state that moves once per optimizer step
+    result = engine.train_step(micro_batches)  forward, backward and optimizer step over the micro-batches
+    sums = engine.eval_sums(batches)           forward only: (sum of per-token losses, real tokens)
+    engine.save(folder) / engine.load(folder)  this rank's model and optimizer state
+
+With PP = 1 each micro-batch goes through DeepSpeed's engine (forward, backward, step: DeepSpeed accumulates,
+reduces over data-parallel ranks and clips at the boundary). With PP > 1 megatron's 1F1B schedule runs the
+micro-batches (pipeline.py) and DeepSpeed only steps the optimizer. DeepSpeed's API is used here and in zero.py
+only; nothing above this module branches on the pipeline or the ZeRO stage.
+
+A non-finite loss on any rank, in any micro-batch, makes the step a no-op that still completes every collective:
+the rest of the micro-batches contribute zero gradients and the optimizer steps with a learning rate of 0 (the
+weights do not move; the moment estimates age by one step).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from model.layers import use_attention_backend
+from pretrain.config import RunConfig
+from pretrain.parallel.layout import Layout, grad_accumulation_steps
+from pretrain.parallel.pipeline import (build_stage, clip_grad_norm, finish_pipeline_step, pipeline_forward_backward,
+                                        pipeline_forward_only, replica_layout, sync_replicas)
+from pretrain.parallel.zero import build_engine, param_groups
+
+Batch = tuple[torch.Tensor, torch.Tensor]   # (tokens, labels), each (B, T)
+_TAG = "engine"                             # DeepSpeed's sub-folder inside a checkpoint folder
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor        # mean loss over this rank's micro-batches (pipeline: every stage has it)
+    grad_norm: float          # global norm before clipping
+    finite: bool              # False: the step was a no-op (see the module docstring)
+    router_stats: dict[str, float] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, cfg: RunConfig, layout: Layout, *, bf16: bool):
+        self.cfg, self.layout, self.device = cfg, layout, layout.device
+        model = build_stage(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel,
+                            use_cpu_initialization=self.device.type == "cpu").to(self.device)
+        model.activation_checkpointing = cfg.train.activation_checkpointing
+        # decided once, here, for the device the model runs on (the trainer logs it)
+        self.attention_backend = use_attention_backend(model, self.device)
+        self.model = model
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                           betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                           fused=self.device.type == "cuda")
+        self._ds = build_engine(model, self.optimizer, cfg.parallel, layout, grad_clip=cfg.optim.grad_clip,
+                                bf16=bf16)
+        if cfg.train.compile and self.device.type == "cuda":
+            self._ds.compile()
+        self.pipelined = layout.pp > 1
+        self.replicas = replica_layout(cfg.model) if self.pipelined else []
+        sync_replicas(model, self.replicas)
+        self.micro_batches = grad_accumulation_steps(cfg.parallel, layout.dp)
+
+    # ---- the optimizer step -------------------------------------------------------------------------------------
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def begin_step(self, step: int) -> None:
+        """Before optimizer step ``step`` (0-based): routing warm-ups read it."""
+        self.model.begin_step(step)
+
+    def end_step(self, applied: bool) -> dict[str, float]:
+        """After the optimizer step (collective over the data-parallel group): routing state that moves once per
+        step, e.g. the loss-free balancing bias; ``applied`` False (a skipped step) leaves it where it was.
+        Returns what to log."""
+        return self.model.end_step(applied=applied)
+
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        flag = torch.isfinite(value.detach().float()).all().float().reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def train_step(self, micro: Sequence[Batch], *, inject_nan: bool = False) -> StepResult:
+        """One optimizer step over ``micro`` (this rank's micro-batches, already on the device)."""
+        if self.pipelined:
+            return self._pipeline_step(micro, inject_nan)
+        total, finite, stats = torch.zeros((), device=self.device), True, {}
+        zero = self.cfg.parallel.zero_stage
+        for i, (tokens, labels) in enumerate(micro):
+            out = self._ds(tokens, labels)
+            loss_i = out.loss * float("nan") if inject_nan else out.loss
+            finite = finite and self._all_finite(loss_i)
+            if not finite:  # contribute zero gradients from here on, and step with lr 0
+                loss_i = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+                self.set_lr(0.0)
+            self._ds.backward(loss_i)
+            if i == len(micro) - 1 and zero == 0:
+                # Plain DP keeps whole gradients in p.grad: measure the norm before the engine clips it.
+                norm = clip_grad_norm(self.model, [], 0.0)
+            self._ds.step()
+            total += out.loss.detach().float() / len(micro)
+            stats = out.router_stats
+        if zero > 0:  # ZeRO keeps its partitions' norm from the step
+            norm = torch.tensor(float(self._ds.get_global_grad_norm() or 0.0))
+        return StepResult(total, float(norm), finite, {k: float(v) for k, v in stats.items()})
+
+    def _pipeline_step(self, micro: Sequence[Batch], inject_nan: bool) -> StepResult:
+        loss, norm = pipeline_forward_backward(self.model, self.replicas, micro,
+                                               max_grad_norm=self.cfg.optim.grad_clip)
+        loss = loss.to(self.device)
+        dist.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())  # only the last stage has it
+        finite = math.isfinite(norm.item()) and math.isfinite(loss.item()) and not inject_nan
+        if not finite:
+            for p in self.model.parameters():
+                p.grad = torch.zeros_like(p.data)
+            self.set_lr(0.0)
+        finish_pipeline_step(self._ds)
+        return StepResult(loss, float(norm), finite)
+
+    # ---- evaluation -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def eval_sums(self, batches: Sequence[Batch], count) -> torch.Tensor:
+        """Forward only over this rank's ``batches``: (sum over batches of mean loss × real tokens, real tokens),
+        the same on every rank of this data-parallel replica. ``count(labels)`` gives a batch's real tokens."""
+        self.model.eval()
+        total = torch.zeros(2, device=self.device)
+        if self.pipelined:
+            for (_, labels), lm_loss in zip(batches, pipeline_forward_only(self.model, batches)):
+                n = count(labels).float()
+                total += torch.stack([lm_loss.float().to(self.device) * n, n])
+            dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())   # only the last stage has them
+        else:
+            for tokens, labels in batches:
+                out = self._ds(tokens, labels)
+                n = count(labels).float()
+                total += torch.stack([out.lm_loss.detach().float() * n, n])
+        self.model.train()
+        return total
+
+    # ---- state ------------------------------------------------------------------------------------------------------
+    def save(self, folder: Path) -> None:
+        """Collective: this rank's model and optimizer shards into ``folder``."""
+        self._ds.save_checkpoint(str(folder), tag=_TAG, save_latest=False)
+
+    def load(self, folder: Path) -> None:
+        """Collective: the model and optimizer state that ``save`` wrote, under the same layout."""
+        self._ds.load_checkpoint(str(folder), tag=_TAG, load_module_strict=True, load_optimizer_states=True,
+                                 load_lr_scheduler_states=False)
