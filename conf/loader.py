@@ -14,15 +14,15 @@ import difflib
 import os
 import re
 import sys
-import types
 import typing
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence, Union
+from typing import Any, Iterator, Sequence
 
 import yaml
 
 from conf.errors import ConfigError
+from conf.tree import Entry, Tree, describe, display, one_line, plain_to_tree
+from conf.typed import Builder
 
 CONF_DIR = Path(__file__).resolve().parent
 PRESET_DIR = CONF_DIR / "model"   # where a bare name given to load_config is looked up
@@ -37,35 +37,11 @@ _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
-@dataclass
-class _Entry:
-    value: Any  # a plain YAML value (lists are leaves), or a _Tree for a mapping
-    where: str  # "file:line" or "override 'k=v'": where this key was last set
-
-
-_Tree = dict[str, _Entry]
-
-
-def _display(path: Path) -> str:
-    """Path as the user would type it: relative to the working directory when inside it."""
-    rel = os.path.relpath(path)
-    return str(path) if rel.startswith("..") else rel
-
-
-def _suggest(word: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(options)})"
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 # ---- reading files ------------------------------------------------------------------------------------------
-def _tree_from_node(loader: _Loader, node: yaml.MappingNode, fname: str, prefix: str) -> _Tree:
+def _tree_from_node(loader: _Loader, node: yaml.MappingNode, fname: str, prefix: str) -> Tree:
     # Merge keys (<<: *anchor) are expanded in place first so their lines point at the anchor's definition.
     loader.flatten_mapping(node)
-    tree: _Tree = {}
+    tree: Tree = {}
     for key_node, value_node in node.value:
         where = f"{fname}:{key_node.start_mark.line + 1}"
         if not isinstance(key_node, yaml.ScalarNode):
@@ -75,14 +51,14 @@ def _tree_from_node(loader: _Loader, node: yaml.MappingNode, fname: str, prefix:
         if key in tree:
             raise ConfigError(f"{where}: {prefix}{key}: duplicate key (first set at {tree[key].where})")
         if isinstance(value_node, yaml.MappingNode):
-            tree[key] = _Entry(_tree_from_node(loader, value_node, fname, f"{prefix}{key}."), where)
+            tree[key] = Entry(_tree_from_node(loader, value_node, fname, f"{prefix}{key}."), where)
         else:
-            tree[key] = _Entry(loader.construct_object(value_node, deep=True), where)
+            tree[key] = Entry(loader.construct_object(value_node, deep=True), where)
     return tree
 
 
-def _read_yaml(path: Path) -> _Tree:
-    fname = _display(path)
+def _read_yaml(path: Path) -> Tree:
+    fname = display(path)
     try:
         text = path.read_text()
     except OSError as e:
@@ -98,24 +74,24 @@ def _read_yaml(path: Path) -> _Tree:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{fname}{line}: invalid YAML: {_one_line(getattr(e, 'problem', None) or e)}") from None
+        raise ConfigError(f"{fname}{line}: invalid YAML: {one_line(getattr(e, 'problem', None) or e)}") from None
     finally:
         loader.dispose()
 
 
-def _merge(base: _Tree, top: _Tree) -> _Tree:
+def _merge(base: Tree, top: Tree) -> Tree:
     """Deep merge: ``top`` wins; mappings merge key by key, anything else (lists included) is replaced."""
     out = dict(base)
     for key, entry in top.items():
         old = out.get(key)
         if old is not None and isinstance(old.value, dict) and isinstance(entry.value, dict):
-            out[key] = _Entry(_merge(old.value, entry.value), entry.where)
+            out[key] = Entry(_merge(old.value, entry.value), entry.where)
         else:
             out[key] = entry
     return out
 
 
-def _load_file(path: Path, stack: tuple[Path, ...] = ()) -> _Tree:
+def _load_file(path: Path, stack: tuple[Path, ...] = ()) -> Tree:
     path = path.resolve()
     tree = _read_yaml(path)
     inherit = tree.pop("inherit", None)
@@ -124,15 +100,15 @@ def _load_file(path: Path, stack: tuple[Path, ...] = ()) -> _Tree:
     parents = inherit.value if isinstance(inherit.value, list) else [inherit.value]
     if not parents or not all(isinstance(p, str) and p for p in parents):
         raise ConfigError(f"{inherit.where}: inherit: expected a file name or a list of names, "
-                          f"got {_describe(inherit.value)}")
-    merged: _Tree = {}
+                          f"got {describe(inherit.value)}")
+    merged: Tree = {}
     for parent in parents:  # later parents win over earlier ones, the file itself over all of them
         ppath = (path.parent / parent).resolve()
         if ppath == path or ppath in stack:
-            chain = " -> ".join(_display(p) for p in (*stack, path, ppath))
+            chain = " -> ".join(display(p) for p in (*stack, path, ppath))
             raise ConfigError(f"{inherit.where}: inherit: cycle {chain}")
         if not ppath.is_file():
-            raise ConfigError(f"{inherit.where}: inherit: file not found: {_display(ppath)}")
+            raise ConfigError(f"{inherit.where}: inherit: file not found: {display(ppath)}")
         merged = _merge(merged, _load_file(ppath, (*stack, path)))
     return _merge(merged, tree)
 
@@ -162,7 +138,7 @@ def _resolve(path_or_name: str | os.PathLike[str], folder: Path = PRESET_DIR) ->
     if not path.is_file():
         close = difflib.get_close_matches(text, _names(folder), n=5, cutoff=0.0)
         raise ConfigError(f"unknown preset {text!r}; closest: {', '.join(close) or '(none)'} "
-                          f"(presets live in {_display(folder)}/)")
+                          f"(presets live in {display(folder)}/)")
     return path
 
 
@@ -177,11 +153,11 @@ def run_file(name_or_path: str | os.PathLike[str]) -> Path:
     path = RUN_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise ConfigError(f"unknown run {name_or_path!r}; known runs: {', '.join(_names(RUN_DIR)) or '(none)'} "
-                          f"(run files live in {_display(RUN_DIR)}/; or give a path)")
+                          f"(run files live in {display(RUN_DIR)}/; or give a path)")
     return path
 
 
-def _expand_presets(tree: _Tree, schema: type, base: Path) -> _Tree:
+def _expand_presets(tree: Tree, schema: type, base: Path) -> Tree:
     """A dataclass-typed key given as a string names a config to load there: ``model: 360m_mor_ec`` (a file of the
     folder named like the key, conf/model/) or ``model: ../model/my.yaml`` (a file, relative to the including
     file). Where conf/ has no such folder the string is left for the builder to reject as a non-mapping."""
@@ -198,29 +174,16 @@ def _expand_presets(tree: _Tree, schema: type, base: Path) -> _Tree:
                 continue
             target = (base / text) if looks_like_path and not Path(text).is_absolute() else text
             try:
-                out[key] = _Entry(_expand_presets(_load_file(_resolve(target, folder)), tp, base), entry.where)
+                out[key] = Entry(_expand_presets(_load_file(_resolve(target, folder)), tp, base), entry.where)
             except ConfigError as e:
-                raise ConfigError(f"{entry.where}: {key}: {_one_line(str(e))}") from None
+                raise ConfigError(f"{entry.where}: {key}: {one_line(str(e))}") from None
         elif isinstance(entry.value, dict):
-            out[key] = _Entry(_expand_presets(entry.value, tp, base), entry.where)
+            out[key] = Entry(_expand_presets(entry.value, tp, base), entry.where)
     return out
 
 
 # ---- overrides ----------------------------------------------------------------------------------------------
-def _plain_to_tree(value: dict[Any, Any], where: str) -> _Tree:
-    return {str(k): _Entry(_plain_to_tree(v, where) if isinstance(v, dict) else v, where) for k, v in value.items()}
-
-
-def _tree_to_plain(value: Any) -> Any:
-    """A located tree (or a value holding one) back to plain dicts, for keys typed ``dict`` or ``Any``."""
-    if isinstance(value, dict):
-        return {k: _tree_to_plain(e.value if isinstance(e, _Entry) else e) for k, e in value.items()}
-    if isinstance(value, list):
-        return [_tree_to_plain(v) for v in value]
-    return value
-
-
-def _apply_override(tree: _Tree, text: str) -> _Tree:
+def _apply_override(tree: Tree, text: str) -> Tree:
     where = f"override {text!r}"
     key, eq, raw = text.partition("=")
     parts = key.strip().split(".")
@@ -229,138 +192,12 @@ def _apply_override(tree: _Tree, text: str) -> _Tree:
     try:
         value = yaml.load(raw, Loader=_Loader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: value is not valid YAML: {_one_line(getattr(e, 'problem', None) or e)}") from None
+        raise ConfigError(f"{where}: value is not valid YAML: {one_line(getattr(e, 'problem', None) or e)}") from None
     # Build {a: {b: value}} and merge it like one more inherited layer, so an override of a mapping merges too.
-    leaf = _Entry(_plain_to_tree(value, where) if isinstance(value, dict) else value, where)
+    leaf = Entry(plain_to_tree(value, where) if isinstance(value, dict) else value, where)
     for part in reversed(parts[1:]):
-        leaf = _Entry({part: leaf}, where)
+        leaf = Entry({part: leaf}, where)
     return _merge(tree, {parts[0]: leaf})
-
-
-# ---- building typed objects ---------------------------------------------------------------------------------
-def _describe(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, dict):
-        return "mapping"
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
-
-
-def _type_name(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
-    if origin is list:
-        return f"list of {_type_name(args[0])}"
-    if dataclasses.is_dataclass(tp) or tp is dict or origin is dict:
-        return "mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-class _Builder:
-    """Turns a located tree into dataclasses; keeps the root so validate() errors can be traced to a source."""
-
-    def __init__(self, root: _Tree, top_file: str) -> None:
-        self.root, self.top_file = root, top_file
-
-    def where_of(self, dotted: str) -> str:
-        """Where a dotted key was set; the top file when it was left at its default. A key may itself hold dots
-        (``grid: {optim.lr: [...]}``), and inside a list the list's own place is the best there is."""
-        parts = re.sub(r"\[\d+\]", "", dotted).split(".")
-
-        def walk(node: Any, i: int, where: str) -> str:
-            if i == len(parts) or not isinstance(node, dict):
-                return where
-            for j in range(len(parts), i, -1):  # the longest key first: "optim.lr" before "optim"
-                name = ".".join(parts[i:j])
-                if name in node:
-                    return walk(node[name].value, j, node[name].where)
-            return self.top_file
-
-        return walk(self.root, 0, self.top_file)
-
-    def build(self, cls: type, tree: _Tree, prefix: str, where: str) -> Any:
-        hints = typing.get_type_hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-        kwargs: dict[str, Any] = {}
-        for key, entry in tree.items():
-            if key not in fields:
-                raise ConfigError(f"{entry.where}: {prefix}{key}: unknown key{_suggest(key, list(fields))}")
-            kwargs[key] = self.convert(hints[key], entry.value, f"{prefix}{key}", entry.where)
-        for name, f in fields.items():
-            if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{where}: {prefix}{name}: missing required key")
-        obj = cls(**kwargs)
-        validate = getattr(obj, "validate", None)
-        if callable(validate):
-            try:
-                validate()
-            except ConfigError as e:
-                # validate() names the offending key first ("key: message"); point at where that key was set.
-                msg = str(e)
-                m = re.match(r"([A-Za-z_][\w.]*(?:\[\d+\][\w.]*)*):\s*(.*)", msg, re.S)
-                if m is None:
-                    raise ConfigError(f"{where}: {_one_line(msg)}") from None
-                key = prefix + m.group(1)
-                raise ConfigError(f"{self.where_of(key)}: {key}: {_one_line(m.group(2))}") from None
-        return obj
-
-    def convert(self, tp: Any, value: Any, key: str, where: str) -> Any:
-        def bad() -> ConfigError:
-            return ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {_describe(value)}")
-
-        origin, args = typing.get_origin(tp), typing.get_args(tp)
-        if tp is Any:  # free-form (a sweep's overrides): any YAML value, checked by whoever reads it
-            return _tree_to_plain(value)
-        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-            if not isinstance(value, dict):
-                raise bad()
-            return self.build(tp, value, f"{key}.", where)
-        if tp is dict or origin is dict:
-            if not isinstance(value, dict):
-                raise bad()
-            item = args[1] if args else Any
-            return {k: self.convert(item, e.value, f"{key}.{k}", e.where) for k, e in value.items()}
-        if origin in (Union, types.UnionType):
-            if value is None and type(None) in args:
-                return None
-            options = [a for a in args if a is not type(None)]
-            if len(options) != 1:
-                raise TypeError(f"{key}: unsupported annotation {tp} (only Optional[X] unions)")
-            return self.convert(options[0], value, key, where)
-        if origin is Literal:
-            # type() check too: True == 1 must not satisfy Literal[1], nor 1 satisfy Literal[True].
-            if any(value == a and type(value) is type(a) for a in args):
-                return value
-            close = difflib.get_close_matches(value, [str(a) for a in args], n=1) if isinstance(value, str) else []
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {_describe(value)}{hint}")
-        if tp is list or origin is list:
-            if not isinstance(value, list):
-                raise bad()
-            # Lists are leaves of the tree, so mappings inside them are plain dicts: give them the list's location.
-            item = args[0] if args else Any
-            return [self.convert(item, _plain_to_tree(v, where) if isinstance(v, dict) else v, f"{key}[{i}]",
-                                 where) for i, v in enumerate(value)]
-        # Scalars. bool is a subclass of int in Python, but `n_layers: true` is a mistake, not 1.
-        if tp is bool:
-            ok = isinstance(value, bool)
-        elif tp is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif tp is float:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return float(value)
-            ok = isinstance(value, float)
-        elif tp is str:
-            ok = isinstance(value, str)
-        else:  # a schema bug, not a user mistake: fail loudly rather than let a value through unchecked
-            raise TypeError(f"{key}: unsupported annotation {tp}")
-        if not ok:
-            raise bad()
-        return value
 
 
 # ---- public API ---------------------------------------------------------------------------------------------
@@ -379,21 +216,21 @@ def load_config(path_or_name: str | os.PathLike[str], overrides: Sequence[str] =
     if section is not None and section in tree:
         entry = tree[section]
         if not isinstance(entry.value, dict):
-            raise ConfigError(f"{entry.where}: {section}: expected mapping, got {_describe(entry.value)}")
+            raise ConfigError(f"{entry.where}: {section}: expected mapping, got {describe(entry.value)}")
         tree = entry.value
     base = path.resolve().parent
     tree = _expand_presets(tree, schema, base)
     for text in overrides:
         tree = _apply_override(tree, text)
         tree = _expand_presets(tree, schema, base)  # an override may name a preset: model=360m_vanilla
-    top = _display(path.resolve())
-    return _Builder(tree, top).build(schema, tree, "", top)
+    top = display(path.resolve())
+    return Builder(tree, top).build(schema, tree, "", top)
 
 
 def build_dataclass(schema: type, values: dict[str, Any], where: str = "<dict>") -> Any:
     """A validated ``schema`` from a plain nested dict (e.g. one saved with ``config_to_dict``)."""
-    tree = _plain_to_tree(values, where)
-    return _Builder(tree, where).build(schema, tree, "", where)
+    tree = plain_to_tree(values, where)
+    return Builder(tree, where).build(schema, tree, "", where)
 
 
 def config_to_dict(obj: Any) -> Any:
@@ -419,7 +256,7 @@ def cli_errors() -> Iterator[None]:
     try:
         yield
     except ConfigError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
