@@ -1,4 +1,5 @@
-"""Mixture-of-Recursions model: config, megatron-core layers, sharing, routers, assembly, FLOPs."""
+"""Mixture-of-Recursions model: config, megatron-core layers, sharing, routing (one module per variant), the
+forward program and its assembly, FLOPs."""
 import warnings
 
 # megatron-core warns at import when the optional Transformer Engine / Apex kernels are absent; we use neither.
