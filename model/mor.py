@@ -192,17 +192,25 @@ class MoRModel(nn.Module):
         self.input_tensor = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                loss_mask: Optional[torch.Tensor] = None):
+                loss_mask: Optional[torch.Tensor] = None, *, causal_routing: bool = False):
         """tokens, labels, loss_mask: (B, T). Returns the mean next-token loss over loss_mask when labels given;
         labels equal to model.loss.IGNORE_INDEX (padding) count nowhere.
+
+        ``causal_routing``: route as a deployed model does — every token decides from its own state whether it
+        runs each recursion step (model/routing/*: ``continues``), so no position reads a later one. Training
+        routing (the default) is the paper's: expert-choice picks the top-k of the whole sequence.
 
         On a pipeline stage other than the last, returns the packed state tensor for the next stage instead.
         """
         b, t = tokens.shape
         start, end = self.op_range
+        if causal_routing and self.pp_size > 1:
+            raise NotImplementedError("causal_routing across pipeline stages is not implemented yet")
         kept = self.router.kept_tokens(t)  # both sides of a stage boundary agree: same config, step and mode
         if self.is_first:
             s = {"h": self.embedding(tokens), "aux": torch.zeros((), device=tokens.device)}
+            if causal_routing:
+                s["_causal"] = True
         else:
             s = unpack(self.input_tensor, state_spec(self.cfg, start, b, t, kept), torch.float32)
         stats: dict[str, torch.Tensor] = {}

@@ -149,6 +149,8 @@ class ExpertChoiceRouting(Routing):
         return h.scatter_add(1, idx[..., None].expand(-1, -1, h.shape[-1]), update.to(h.dtype))
 
     def run_op(self, op: Op, s: dict, stats: dict) -> Optional[dict[str, torch.Tensor]]:
+        if s.get("_causal"):
+            return self._run_causal_op(op, s, stats)
         b, t, d = s["h"].shape
         r = op.step
         if op.kind == "ec_route":
@@ -176,7 +178,33 @@ class ExpertChoiceRouting(Routing):
         return super().run_op(op, s, stats)
 
     def stream(self, step: int, s: dict, compact: bool) -> Stream:
+        if s.get("_causal"):  # whole rows; attention among the tokens still running (and each token itself)
+            return Stream("x", key_active=s["active"])
         return Stream("x", positions=s["idx"])  # the kept tokens, already compacted at ec_route
+
+    # ---- causal routing (inference) -------------------------------------------------------------------------
+    # Each token decides alone whether it runs step r (``continues``), so no token's path depends on a later
+    # token. State: ``active`` (B, T) bool, the tokens running this step (a token that stopped never runs
+    # again), ``gate`` (B, T), ``x`` (B, T, d) the rows the block runs on, ``x0`` for residual gating.
+    def _run_causal_op(self, op: Op, s: dict, stats: dict) -> Optional[dict[str, torch.Tensor]]:
+        r = op.step
+        if op.kind == "ec_route":
+            activation, threshold = _ACTIVATION[self.func]
+            g = activation(self.routers[r](s["h"], self.temperature).squeeze(-1))
+            before = s.pop("active", None)
+            active = g >= threshold if before is None else before & (g >= threshold)
+            s.update(active=active, gate=self.alpha * g, x=s["h"])
+            if self.gating == "residual":
+                s["x0"] = s["x"]
+            stats[f"r{r + 1}/kept_frac"] = active.float().mean().detach()
+            return None
+        x, gate, active = s.pop("x"), s.pop("gate"), s["active"]
+        g = gate[..., None].to(x.dtype)
+        update = g * x if self.gating == "weighted" else g * (x - s.pop("x0"))
+        s["h"] = s["h"] + torch.where(active[..., None], update, torch.zeros_like(update)).to(s["h"].dtype)
+        if r == self.nr - 1:
+            s.pop("active")
+        return {"active": active, "h": s["h"], "gate": gate}
 
     # ---- inference --------------------------------------------------------------------------------------------
     def continues(self, step: int, h: torch.Tensor) -> torch.Tensor:
