@@ -31,6 +31,7 @@ from megatron.core import parallel_state as ps
 
 from model.layers import use_attention_backend
 from pretrain.config import RunConfig
+from pretrain.data.loader import label_count
 from pretrain.parallel.layout import Layout, grad_accumulation_steps
 from pretrain.parallel.pipeline import (build_stage, clip_grad_norm, finish_pipeline_step, pipeline_forward_backward,
                                         pipeline_forward_only, replica_layout, sync_replicas)
@@ -128,20 +129,20 @@ class Engine:
 
     # ---- evaluation -----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def eval_sums(self, batches: Sequence[Batch], count) -> torch.Tensor:
+    def eval_sums(self, batches: Sequence[Batch]) -> torch.Tensor:
         """Forward only over this rank's ``batches``: (sum over batches of mean loss × real tokens, real tokens),
-        the same on every rank of this data-parallel replica. ``count(labels)`` gives a batch's real tokens."""
+        the same on every rank of this data-parallel replica (padding labels count nowhere)."""
         self.model.eval()
         total = torch.zeros(2, device=self.device)
         if self.pipelined:
             for (_, labels), lm_loss in zip(batches, pipeline_forward_only(self.model, batches)):
-                n = count(labels).float()
+                n = label_count(labels).float()
                 total += torch.stack([lm_loss.float().to(self.device) * n, n])
             dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())   # only the last stage has them
         else:
             for tokens, labels in batches:
                 out = self._ds(tokens, labels)
-                n = count(labels).float()
+                n = label_count(labels).float()
                 total += torch.stack([out.lm_loss.detach().float() * n, n])
         self.model.train()
         return total

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from pretrain.data.loader import TokenLoader, label_count
+from pretrain.data.loader import TokenLoader
 from pretrain.parallel.engine import Engine
 
 
@@ -20,6 +20,6 @@ def validation_loss(engine: Engine, loader: TokenLoader, max_batches: int) -> fl
         if i >= max_batches:
             break
         batches.append((tokens.to(engine.device), labels.to(engine.device)))
-    total = engine.eval_sums(batches, label_count)
+    total = engine.eval_sums(batches)
     dist.all_reduce(total, group=ps.get_data_parallel_group())
     return (total[0] / total[1].clamp(min=1)).item()
