@@ -3,6 +3,9 @@
 All entry points take batch-first tensors q (B, S, H, D) and k, v (B, S, Hkv, D) and are always causal. An
 optional ``key_active`` mask (B, S) removes inactive tokens from the keys; token-choice routing uses it for the
 recursion steps where only part of the sequence is still running.
+
+Keys that are not the queries' own (recursive KV sharing, KV caches) go through ``masked_attention`` with a mask
+built from positions (``position_mask``): a query sees a key iff the key is valid and not after it.
 """
 from __future__ import annotations
 
@@ -59,4 +62,28 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backe
         diag = torch.eye(s, dtype=torch.bool, device=q.device)
         mask = causal & (key_active[:, None, None, :] | diag)
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, Sq, Sk) bool: key j is visible to query i iff k_pos[j] <= q_pos[i] and k_valid[j]. A query that would see
+    no key at all (padding, or a token that does not run this step: its output is never read) sees key 0 instead,
+    so that softmax has no empty row (NaN in the forward pass would reach the gradients)."""
+    mask = k_pos[:, None, :] <= q_pos[:, :, None]
+    if k_valid is not None:
+        mask = mask & k_valid[:, None, :]
+    empty = ~mask.any(dim=-1, keepdim=True)
+    first = torch.zeros_like(mask)
+    first[..., 0] = True
+    return mask | (empty & first)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of q (B, Sq, H, D) over k, v (B, Sk, Hkv, D) where ``mask`` (B, Sq, Sk) is True; (B, Sq, H, D)."""
+    h, hkv = q.shape[2], k.shape[2]
+    if h != hkv:
+        k = k.repeat_interleave(h // hkv, dim=2)
+        v = v.repeat_interleave(h // hkv, dim=2)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).to(q.dtype),
+                                         v.transpose(1, 2).to(q.dtype), attn_mask=mask[:, None])
     return out.transpose(1, 2)

@@ -39,8 +39,12 @@ class RouterConfig:
     temperature: float = 1.0
     # Expert-choice: BCE auxiliary loss on router logits (target 1 for kept tokens), summed over steps.
     aux_loss_coef: float = 0.001
-    # Expert-choice: a separate router per step trained on detached inputs, for causal inference (not yet).
+    # Expert-choice: a separate router per step, trained on detached inputs to predict the top-k choice, that the
+    # causal inference rule reads instead of the main router (the paper's "auxiliary router").
     aux_router: bool = False
+    # Coefficient of the auxiliary router's BCE loss. It never reaches the model's weights (detached inputs); kept
+    # small so that its gradients weigh little in the global clipping norm (AdamW makes its scale matter little).
+    aux_router_coef: float = 0.001
     # Router z-loss coefficient. None: the variant's default, 0 for expert-choice, 1e-5 for token-choice.
     z_loss_coef: Optional[float] = None
     # Token-choice load balancing: Switch-style loss, or a bias on the depth choice nudged towards balance.
@@ -74,8 +78,9 @@ class ModelConfig:
     num_recursions: int = 1
     routing: Routing = "none"
     router: RouterConfig = field(default_factory=RouterConfig)
-    # Recursive KV sharing at inference: later recursions reuse the first recursion's keys and values (not yet:
-    # validation rejects true until the inference path exists).
+    # Recursive KV sharing: every recursion step after the first attends to the keys and values that the first
+    # step made (layer j of step r reads layer j of step 1), in training and at inference, so only the first
+    # step's KV cache is kept. It changes the model: train with it to use it.
     kv_sharing: bool = False
     # Attention kernel: auto picks flash-attn on GPU when installed, else PyTorch SDPA.
     attention_backend: Literal["auto", "sdpa", "flash"] = "auto"
@@ -167,8 +172,10 @@ class ModelConfig:
         need(rc.bal_warmup_step >= 0, "router.bal_warmup_step", f"must be >= 0, got {rc.bal_warmup_step}")
         need(rc.bal_warmup_step == 0 or self.routing == "token_choice", "router.bal_warmup_step",
              "the balancing warm-up applies to token-choice routing only; leave it 0")
-        # Both switches exist for the causal inference path; until it does, they would train or build nothing used.
-        need(not rc.aux_router, "router.aux_router", "the auxiliary router serves causal inference routing, "
-             "which is not implemented yet; leave it false")
-        need(not self.kv_sharing, "kv_sharing", "recursive KV sharing is not implemented yet; leave it false")
+        need(not rc.aux_router or self.routing == "expert_choice", "router.aux_router",
+             "the auxiliary router predicts expert-choice decisions; leave it false for other routings")
+        need(rc.aux_router_coef >= 0, "router.aux_router_coef", f"must be >= 0, got {rc.aux_router_coef}")
+        need(not self.kv_sharing or self.num_recursions >= 2, "kv_sharing",
+             "recursive KV sharing reuses the first recursion's keys and values in later ones: it needs "
+             "num_recursions >= 2")
         return self

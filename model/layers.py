@@ -18,7 +18,7 @@ from megatron.core import ModelParallelConfig, parallel_state
 from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
                                            copy_to_tensor_model_parallel_region)
 
-from model.attention import causal_attention, resolve_backend
+from model.attention import causal_attention, masked_attention, resolve_backend
 from model.config import ModelConfig
 
 
@@ -101,6 +101,13 @@ def seq_parallel_linear(linear: nn.Module, x: torch.Tensor, sequence_parallel: b
     return linear(x.transpose(0, 1).contiguous())[0].transpose(0, 1)
 
 
+# Where a layer's attention takes its keys and values from, when not only from its own input: called with the
+# layer's own (k, v) after RoPE (B, S, Hkv_local, D), returns (keys, values, mask (B, S, Sk)) to attend over, or
+# None for plain causal attention over (k, v). Recursive KV sharing (model/kv_sharing.py) and the inference KV
+# caches (model/inference/cache.py) implement it.
+KeySource = Callable[[torch.Tensor, torch.Tensor], Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, out_std: float):
         super().__init__()
@@ -118,7 +125,7 @@ class Attention(nn.Module):
                                       skip_bias_add=False, tp_group=tp_group())
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                key_active: Optional[torch.Tensor] = None) -> torch.Tensor:
+                key_active: Optional[torch.Tensor] = None, kv: Optional[KeySource] = None) -> torch.Tensor:
         qkv = seq_parallel_linear(self.qkv, x, self.sp)  # with SP: (B, S/TP, D) in, (B, S, ...) out
         b, s, _ = qkv.shape
         qkv = qkv.view(b, s, self.kv_local, self.q_per_kv + 2, self.head_dim)
@@ -126,7 +133,11 @@ class Attention(nn.Module):
         k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = causal_attention(q, k, v, backend=self.backend, key_active=key_active)
+        keys = kv(k, v) if kv is not None else None
+        if keys is None:
+            out = causal_attention(q, k, v, backend=self.backend, key_active=key_active)
+        else:
+            out = masked_attention(q, *keys)
         return seq_parallel_linear(self.proj, out.reshape(b, s, -1), self.sp)
 
 
@@ -158,8 +169,8 @@ class TransformerLayer(nn.Module):
         self.mlp = SwiGLU(cfg, mp, out_std)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                key_active: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = x + self.attn(self.attn_norm(x), rope, key_active)
+                key_active: Optional[torch.Tensor] = None, kv: Optional[KeySource] = None) -> torch.Tensor:
+        h = x + self.attn(self.attn_norm(x), rope, key_active, kv)
         return h + self.mlp(self.mlp_norm(h))
 
 

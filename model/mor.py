@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from functools import partial
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn as nn
@@ -27,10 +28,14 @@ from megatron.core.tensor_parallel import (ColumnParallelLinear, VocabParallelEm
 from model.config import ModelConfig
 from model.layers import (RMSNorm, Rotary, TransformerLayer, make_parallel_config, normal_init, tp_group,
                           tp_world_size)
+from model.kv_sharing import ReadFirstStep, SaveFirstStep
 from model.loss import lm_cross_entropy
 from model.program import Op, build_program, pack, packed_rows, stage_ranges, state_spec, unpack
 from model.routing import Routing, Stream, build_routing
 from model.sharing import build_plan
+
+if TYPE_CHECKING:
+    from model.inference.cache import KVCache
 
 
 @dataclass
@@ -85,6 +90,8 @@ class MoRModel(nn.Module):
         self.activation_checkpointing = False  # recompute each layer in backward (set by the trainer)
         # Tests and debugging set this to a list to record each recursion step's state (see _record).
         self.trace: Optional[list[dict[str, torch.Tensor]]] = None
+        # Recursive KV sharing: unrolled positions of the first-step layers whose keys later steps read.
+        self.kv_sources = {op.kv_from for op in self.program if op.kv_from >= 0}
 
     def _record(self, **state: torch.Tensor) -> None:
         if self.trace is not None:
@@ -98,12 +105,26 @@ class MoRModel(nn.Module):
             h = self.layers[str(i)](h, rope, key_active)
         return h
 
-    def _layer(self, i: int, x: torch.Tensor, rope, active) -> torch.Tensor:
+    def _layer(self, i: int, x: torch.Tensor, rope, active, kv=None) -> torch.Tensor:
         layer = self.layers[str(i)]
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            # keep only the layer's input; recompute its activations in backward
-            return torch.utils.checkpoint.checkpoint(layer, x, rope, active, use_reentrant=False)
-        return layer(x, rope, active)
+            # keep only the layer's input; recompute its activations in backward (a first-step layer under KV
+            # sharing writes its keys into the state again then: the same values)
+            return torch.utils.checkpoint.checkpoint(layer, x, rope, active, kv, use_reentrant=False)
+        return layer(x, rope, active, kv)
+
+    def _key_source(self, op: Op, s: dict, positions: torch.Tensor, active: Optional[torch.Tensor], n: int):
+        """Where layer op ``op`` takes keys and values from besides its own input: the inference KV cache, or
+        recursive KV sharing's first-step keys (model/kv_sharing.py); None for its own, causally."""
+        cache = s.get("_cache")
+        if cache is not None:
+            valid = s["_valid"] if active is None else s["_valid"] & active
+            return cache.source(op, positions, valid)
+        if op.kv_from >= 0:
+            return ReadFirstStep(s, op.kv_from, positions)
+        if op.pos in self.kv_sources:
+            return SaveFirstStep(s, op.pos, positions, active, n)
+        return None
 
     # ---- the op interpreter -----------------------------------------------------------------------------------
     def _op(self, op: Op, s: dict, stats: dict) -> None:
@@ -132,22 +153,25 @@ class MoRModel(nn.Module):
         return cached[1]
 
     def _plain_layer(self, op: Op, s: dict) -> None:
-        stream = self._stream(op, s, compact=self.cfg.tc_compact)
+        # a KV cache appends whole rows under a mask: never a gathered subsequence
+        stream = self._stream(op, s, compact=self.cfg.tc_compact and "_cache" not in s)
         x = s[stream.key]
         if stream.positions is None:  # the rows' own positions: one RoPE for the whole forward pass
             if "_pos_rope" not in s:
                 b, n = x.shape[:2]
-                s["_pos_rope"] = self.rotary(torch.arange(n, device=x.device).expand(b, n))
-            rope = s["_pos_rope"]
+                s.setdefault("_positions", torch.arange(n, device=x.device).expand(b, n))
+                s["_pos_rope"] = self.rotary(s["_positions"])
+            positions, rope = s["_positions"], s["_pos_rope"]
         else:  # the step's tokens at their original positions: one RoPE per step
             if "_step_rope" not in s:
                 s["_step_rope"] = self.rotary(stream.positions)
-            rope = s["_step_rope"]
+            positions, rope = stream.positions, s["_step_rope"]
+        kv = self._key_source(op, s, positions, stream.key_active, positions.shape[1])
         if stream.index is None:
-            s[stream.key] = self._layer(op.layer, x, rope, stream.key_active)
+            s[stream.key] = self._layer(op.layer, x, rope, stream.key_active, kv)
             return
         where = stream.index[..., None].expand(-1, -1, x.shape[-1])
-        y = self._layer(op.layer, torch.gather(x, 1, where), rope, stream.key_active)
+        y = self._layer(op.layer, torch.gather(x, 1, where), rope, stream.key_active, kv)
         # Rows outside the index keep their value (compact token-choice: those tokens' y is never read again).
         s[stream.key] = x.scatter(1, where, y)
 
@@ -172,15 +196,17 @@ class MoRModel(nn.Module):
                 active = F.pad(active, (0, pad)) if active is not None else None
             local = scatter_to_sequence_parallel_region(full.transpose(0, 1).contiguous(), group=tp_group())
             s.update(_sp_key=stream.key, _sp_x=local.transpose(0, 1), _sp_len=n, _sp_rope=self.rotary(positions),
-                     _sp_active=active)
-        s["_sp_x"] = self._layer(op.layer, s["_sp_x"], s["_sp_rope"], s["_sp_active"])
+                     _sp_active=active, _sp_pos=positions)
+        # the padding rows are keys of no real token; shared keys keep only the first n rows
+        kv = self._key_source(op, s, s["_sp_pos"], s["_sp_active"], s["_sp_len"])
+        s["_sp_x"] = self._layer(op.layer, s["_sp_x"], s["_sp_rope"], s["_sp_active"], kv)
 
     def _sp_gather(self, s: dict) -> None:
         key = s.pop("_sp_key", None)
         if key is None:
             return
         local, n = s.pop("_sp_x"), s.pop("_sp_len")
-        s.pop("_sp_rope"), s.pop("_sp_active")
+        s.pop("_sp_rope"), s.pop("_sp_active"), s.pop("_sp_pos")
         # Everything after this point is computed identically on every TP rank: backward splits the gradient.
         full = gather_from_sequence_parallel_region(local.transpose(0, 1).contiguous(),
                                                     tensor_parallel_output_grad=False, group=tp_group())
@@ -192,7 +218,8 @@ class MoRModel(nn.Module):
         self.input_tensor = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                loss_mask: Optional[torch.Tensor] = None, *, causal_routing: bool = False):
+                loss_mask: Optional[torch.Tensor] = None, *, causal_routing: bool = False,
+                cache: Optional["KVCache"] = None, lengths: Optional[torch.Tensor] = None):
         """tokens, labels, loss_mask: (B, T). Returns the mean next-token loss over loss_mask when labels given;
         labels equal to model.loss.IGNORE_INDEX (padding) count nowhere.
 
@@ -200,26 +227,39 @@ class MoRModel(nn.Module):
         runs each recursion step (model/routing/*: ``continues``), so no position reads a later one. Training
         routing (the default) is the paper's: expert-choice picks the top-k of the whole sequence.
 
+        ``cache`` (model/inference/cache.py; implies causal routing, one process): ``tokens`` continue each row
+        of the cache at its current length; only the first ``lengths`` (B,) tokens of a row are real (default
+        all), the rest is padding that is neither cached nor seen. The cache advances by ``lengths``.
+
         On a pipeline stage other than the last, returns the packed state tensor for the next stage instead.
         """
         b, t = tokens.shape
         start, end = self.op_range
-        if causal_routing and self.pp_size > 1:
-            raise NotImplementedError("causal_routing across pipeline stages is not implemented yet")
+        causal_routing = causal_routing or cache is not None
         kept = self.router.kept_tokens(t)  # both sides of a stage boundary agree: same config, step and mode
+        spec = partial(state_spec, self.cfg, batch=b, seq_len=t, kept=kept, causal=causal_routing,
+                       tp=tp_world_size())
         if self.is_first:
             s = {"h": self.embedding(tokens), "aux": torch.zeros((), device=tokens.device)}
-            if causal_routing:
-                s["_causal"] = True
         else:
-            s = unpack(self.input_tensor, state_spec(self.cfg, start, b, t, kept), torch.float32)
+            s = unpack(self.input_tensor, spec(start), torch.float32)
+        if causal_routing:
+            s["_causal"] = True
+        if cache is not None:
+            if self.pp_size > 1 or tp_world_size() > 1:
+                raise NotImplementedError("a KV cache runs the model in one process (tensor and pipeline parallel "
+                                          "size 1); load the checkpoint with pretrain.generate")
+            lengths = torch.full((b,), t, device=tokens.device) if lengths is None else lengths.to(tokens.device)
+            s.update(_cache=cache, _positions=cache.positions(t), _valid=cache.valid(t, lengths))
         stats: dict[str, torch.Tensor] = {}
         for op in self.program[start:end]:
             self._op(op, s, stats)
         self._sp_gather(s)
+        if cache is not None:
+            cache.advance(lengths)
         if not self.is_last:
-            rows = packed_rows(self.cfg, self.pp_size, b, t)
-            return pack(s, state_spec(self.cfg, end, b, t, kept), rows, self.pipeline_dtype)
+            rows = packed_rows(self.cfg, self.pp_size, b, t, tp_world_size())
+            return pack(s, spec(end), rows, self.pipeline_dtype)
         h = self.final_norm(s["h"])
         weight = self.embedding.weight if self.cfg.tie_embeddings else None
         logits, _ = self.output_layer(h, weight=weight)

@@ -28,13 +28,19 @@ __all__ = ["Op", "build_program", "pack", "packed_rows", "stage_ranges", "state_
 
 
 def build_program(cfg: ModelConfig) -> list[Op]:
-    """Layer ops in unrolled order, with the routing variant's ops around the recursion steps."""
+    """Layer ops in unrolled order, with the routing variant's ops around the recursion steps. With recursive KV
+    sharing, the j-th layer of every recursion step after the first attends to the keys and values that the j-th
+    layer of the first step made (``kv_from``)."""
     plan, routing = build_plan(cfg), routing_class(cfg)
-    ops = [Op("layer", -1, i) for i in plan.prelude] + routing.entry_ops(cfg)
+    first = len(plan.prelude)  # unrolled position of the first step's first layer
+    ops = [Op("layer", -1, i, pos=p) for p, i in enumerate(plan.prelude)] + routing.entry_ops(cfg)
     for r, ids in enumerate(plan.steps):
         opening, closing = routing.step_ops(cfg, r)
-        ops += opening + [Op("layer", r, i) for i in ids] + closing
-    return ops + [Op("layer", -1, i) for i in plan.coda]
+        at = first + r * len(ids)
+        ops += opening + [Op("layer", r, i, pos=at + j, kv_from=first + j if cfg.kv_sharing and r > 0 else -1)
+                          for j, i in enumerate(ids)] + closing
+    coda_at = first + sum(len(ids) for ids in plan.steps)
+    return ops + [Op("layer", -1, i, pos=coda_at + p) for p, i in enumerate(plan.coda)]
 
 
 # ---- pipeline stages --------------------------------------------------------------------------------------------
@@ -68,17 +74,27 @@ def stage_ranges(cfg: ModelConfig, pp: int, seq_len: Optional[int] = None) -> li
 
 
 # ---- state between ops --------------------------------------------------------------------------------------
-def state_spec(cfg: ModelConfig, upto: int, batch: int, seq_len: int,
-               kept: Optional[Sequence[int]] = None) -> StateSpec:
+def state_spec(cfg: ModelConfig, upto: int, batch: int, seq_len: int, kept: Optional[Sequence[int]] = None, *,
+               causal: bool = False, tp: int = 1) -> StateSpec:
     """The state alive after the first ``upto`` ops of the program (before op ``upto``): key -> (shape,
     is_integer). ``kept``: tokens each recursion step keeps in this forward pass (``MoRModel.router.kept_tokens``;
-    expert-choice's capacity warm-up changes them); default the largest of the run, which sizes the buffers."""
+    expert-choice's capacity warm-up changes them); default the largest of the run, which sizes the buffers.
+    ``causal``: the forward pass routes causally (``MoRModel.forward(causal_routing=True)``). ``tp``: the tensor-
+    parallel size (shared keys and values hold this rank's kv heads)."""
     routing = routing_class(cfg)
     kept = routing.max_kept_tokens(cfg, seq_len) if kept is None else kept
     spec: StateSpec = {"h": ((batch, seq_len, cfg.d_model), False), "aux": ((), False)}
-    for op in build_program(cfg)[:upto]:
+    program = build_program(cfg)
+    for op in program[:upto]:
         if op.kind != "layer":
-            routing.state_after(cfg, op, spec, batch, seq_len, kept)
+            routing.state_after(cfg, op, spec, batch, seq_len, kept, causal)
+    # Recursive KV sharing: the first step's keys and values, alive while a later layer still reads them.
+    for src in sorted({op.kv_from for op in program[upto:] if op.kv_from >= 0}):
+        if any(op.pos == src for op in program[:upto]):
+            n = routing.stream_len(cfg, 0, seq_len, kept, causal)
+            kv = (batch, n, cfg.n_kv_heads // tp, cfg.head_dim)
+            spec.update({f"kv{src}_k": (kv, False), f"kv{src}_v": (kv, False), f"kv{src}_pos": ((batch, n), True),
+                         f"kv{src}_valid": ((batch, n), True)})
     return spec
 
 
@@ -89,12 +105,14 @@ def _numel(shape: tuple[int, ...], is_int: bool) -> int:
     return math.prod(shape) * (2 if is_int else 1)
 
 
-def packed_rows(cfg: ModelConfig, pp: int, batch: int, seq_len: int) -> int:
+def packed_rows(cfg: ModelConfig, pp: int, batch: int, seq_len: int, tp: int = 1) -> int:
     """Rows R of the (R, B, d_model) tensor that carries the state across every stage boundary of this layout, in
-    every forward pass of the run (state_spec's default ``kept`` is the largest)."""
+    every forward pass of the run (state_spec's default ``kept`` is the largest), training or causal routing."""
     most = 0
     for _, end in stage_ranges(cfg, pp, seq_len)[:-1]:
-        most = max(most, sum(_numel(s, i) for s, i in state_spec(cfg, end, batch, seq_len).values()))
+        for causal in (False, True):
+            spec = state_spec(cfg, end, batch, seq_len, causal=causal, tp=tp)
+            most = max(most, sum(_numel(s, i) for s, i in spec.values()))
     return max(1, math.ceil(most / (batch * cfg.d_model)))
 
 

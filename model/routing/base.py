@@ -39,6 +39,8 @@ class Op:
     step: int = -1        # recursion step (0-based); -1 outside the recursions
     layer: int = -1       # unique layer index, for "layer" ops
     closes: bool = False  # closes a recursion step: stays on the pipeline stage that runs the step's last layer
+    pos: int = -1         # "layer" ops: position in the unrolled stack (each has its own KV cache at inference)
+    kv_from: int = -1     # recursive KV sharing: attend to the keys/values of the layer op at this position
 
 
 @dataclass
@@ -125,8 +127,14 @@ class Routing(nn.Module):
 
     @classmethod
     def state_after(cls, cfg: ModelConfig, op: Op, spec: StateSpec, batch: int, seq_len: int,
-                    kept: Sequence[int]) -> None:
-        """Update ``spec`` in place to the state alive after routing op ``op``; ``kept`` as kept_tokens()."""
+                    kept: Sequence[int], causal: bool = False) -> None:
+        """Update ``spec`` in place to the state alive after routing op ``op``; ``kept`` as kept_tokens();
+        ``causal``: in a forward pass with causal routing."""
+
+    @classmethod
+    def stream_len(cls, cfg: ModelConfig, step: int, seq_len: int, kept: Sequence[int], causal: bool) -> int:
+        """Rows of the stream the layers of recursion ``step`` run on (sizes shared keys/values between stages)."""
+        return seq_len
 
     @classmethod
     def max_kept_tokens(cls, cfg: ModelConfig, seq_len: int) -> list[int]:

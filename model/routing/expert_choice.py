@@ -16,8 +16,11 @@ step's router and f the shared block:
   ``residual`` gates only the block's update: H ← H + g·(f(H) - H).
 - Auxiliary loss: BCE of the raw logit θ_r^T H_t^r against "kept" (1) / "not kept" (0), averaged over the
   step's candidates and summed over steps (whatever G is); optional router z-loss, mean of logit².
-- Inference (continues): a token runs step r iff G(logit) ≥ ½ (sigmoid) or ≥ 0 (tanh), i.e. logit ≥ 0 — what
-  the BCE loss trains the router to predict, without looking at other tokens.
+- Inference (continues, causal routing): a token runs step r iff G(logit) ≥ ½ (sigmoid) or ≥ 0 (tanh), i.e.
+  logit ≥ 0 — what the BCE loss trains the router to predict, without looking at other tokens — and it ran step
+  r-1. With ``router.aux_router`` the logit is the auxiliary router's: one more ``Linear(d, 1)`` per step, trained
+  by its own BCE against the top-k choice (``router.aux_router_coef``) on detached inputs, so it never changes the
+  model. Training routing logs, per step, the fraction the rule sends on and its agreement with top-k.
 """
 from __future__ import annotations
 
@@ -59,10 +62,10 @@ class ExpertChoiceRouting(Routing):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         rc = cfg.router
-        self.aux_coef, self.gating = rc.aux_loss_coef, rc.gating
+        self.aux_coef, self.aux_router_coef, self.gating = rc.aux_loss_coef, rc.aux_router_coef, rc.gating
         self.routers = nn.ModuleList(RouterHead(cfg.d_model, 1, rc.arch) for _ in range(cfg.num_recursions))
-        # Causal-inference routers trained on detached inputs, so they never change the main model. Config
-        # validation keeps them off until the inference path that uses them exists.
+        # Causal-inference routers trained on detached inputs, so they never change the main model; with them the
+        # inference rule reads these instead of the main routers.
         self.aux_routers = (nn.ModuleList(RouterHead(cfg.d_model, 1, rc.arch) for _ in range(cfg.num_recursions))
                             if rc.aux_router else None)
 
@@ -73,19 +76,27 @@ class ExpertChoiceRouting(Routing):
 
     @classmethod
     def state_after(cls, cfg: ModelConfig, op: Op, spec: StateSpec, batch: int, seq_len: int,
-                    kept: Sequence[int]) -> None:
+                    kept: Sequence[int], causal: bool = False) -> None:
         d = cfg.d_model
         if op.kind == "ec_route":
-            k = kept[op.step]
+            k = seq_len if causal else kept[op.step]  # causal routing runs whole rows with an active mask
             spec.pop("cand", None)
-            spec.update(x=((batch, k, d), False), idx=((batch, k), True), gate=((batch, k), False))
+            spec.update(x=((batch, k, d), False), gate=((batch, k), False))
+            spec.update(active=((batch, k), True)) if causal else spec.update(idx=((batch, k), True))
             if cfg.router.gating == "residual":
                 spec["x0"] = ((batch, k, d), False)
         elif op.kind == "ec_merge":
             for key in ("x", "x0", "idx", "gate"):
                 spec.pop(key, None)
             if op.step < cfg.num_recursions - 1:
-                spec["cand"] = ((batch, kept[op.step]), True)
+                spec.update(active=((batch, seq_len), True)) if causal else spec.update(cand=((batch, kept[op.step]),
+                                                                                              True))
+            else:
+                spec.pop("active", None)
+
+    @classmethod
+    def stream_len(cls, cfg: ModelConfig, step: int, seq_len: int, kept: Sequence[int], causal: bool) -> int:
+        return seq_len if causal else kept[step]
 
     @classmethod
     def max_kept_tokens(cls, cfg: ModelConfig, seq_len: int) -> list[int]:
@@ -130,15 +141,25 @@ class ExpertChoiceRouting(Routing):
         target = torch.zeros_like(logits).scatter_(1, sel, 1.0)
         return ExpertChoiceStep(sel, torch.gather(gate_all, 1, sel), logits, target)
 
-    def losses(self, step: int, h_cand: torch.Tensor, out: ExpertChoiceStep) -> dict[str, torch.Tensor]:
+    def losses(self, step: int, out: ExpertChoiceStep,
+               aux_logits: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Loss terms of one step, each already multiplied by its coefficient, averaged over the candidates."""
         terms = {"bce": self.aux_coef * F.binary_cross_entropy_with_logits(out.logits, out.target)}
         if self.z_coef > 0:
             terms["z"] = self.z_coef * out.logits.square().mean()
-        if self.aux_routers is not None:
-            aux_logits = self.aux_routers[step](h_cand.detach(), self.temperature).squeeze(-1)
-            terms["aux_router_bce"] = F.binary_cross_entropy_with_logits(aux_logits, out.target)
+        if aux_logits is not None:
+            terms["aux_router_bce"] = self.aux_router_coef * F.binary_cross_entropy_with_logits(aux_logits,
+                                                                                               out.target)
         return terms
+
+    def rule_logits(self, step: int, h: torch.Tensor, router_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The logits the inference rule reads at step ``step``: the auxiliary router's (on detached inputs: it
+        learns to predict the main router's choices without changing the model) or the main router's."""
+        if self.aux_routers is not None:
+            return self.aux_routers[step](h.detach(), self.temperature).squeeze(-1)
+        if router_logits is not None:
+            return router_logits
+        return self.routers[step](h, self.temperature).squeeze(-1)
 
     def write_back(self, h: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor,
                    x0: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -158,15 +179,21 @@ class ExpertChoiceRouting(Routing):
             cand = s.pop("cand", None)
             h_cand = s["h"] if cand is None else torch.gather(s["h"], 1, cand[..., None].expand(-1, -1, d))
             step = self.select(r, h_cand, k)
+            rule = self.rule_logits(r, h_cand, step.logits)
             idx = step.sel if cand is None else torch.gather(cand, 1, step.sel)  # original positions, sorted
             s.update(idx=idx, gate=step.gate, x=torch.gather(s["h"], 1, idx[..., None].expand(-1, -1, d)))
             if self.gating == "residual":
                 s["x0"] = s["x"]
-            terms = self.losses(r, h_cand, step)
+            terms = self.losses(r, step, rule if self.aux_routers is not None else None)
             s["aux"] = s["aux"] + sum(terms.values())
             s["_logits"] = step.logits  # for the trace only: never crosses a stage
             stats[f"r{r + 1}/kept_frac"] = torch.tensor(k / t)
             stats[f"r{r + 1}/gate_mean"] = step.gate.detach().mean()
+            # What the inference rule would do with these candidates: the fraction it sends on, and how often it
+            # agrees with top-k (the paper's "sampling accuracy"), averaged over the step's candidates.
+            goes_on = (rule.detach() >= 0).float()
+            stats[f"r{r + 1}/rule_continue_frac"] = goes_on.mean()
+            stats[f"r{r + 1}/sampling_acc"] = (goes_on == step.target).float().mean()
             stats.update({f"r{r + 1}/{n}": v.detach() for n, v in terms.items()})
             return None
         if op.kind == "ec_merge":
@@ -179,7 +206,7 @@ class ExpertChoiceRouting(Routing):
 
     def stream(self, step: int, s: dict, compact: bool) -> Stream:
         if s.get("_causal"):  # whole rows; attention among the tokens still running (and each token itself)
-            return Stream("x", key_active=s["active"])
+            return Stream("x", key_active=s["active"].bool())
         return Stream("x", positions=s["idx"])  # the kept tokens, already compacted at ec_route
 
     # ---- causal routing (inference) -------------------------------------------------------------------------
@@ -189,16 +216,17 @@ class ExpertChoiceRouting(Routing):
     def _run_causal_op(self, op: Op, s: dict, stats: dict) -> Optional[dict[str, torch.Tensor]]:
         r = op.step
         if op.kind == "ec_route":
-            activation, threshold = _ACTIVATION[self.func]
-            g = activation(self.routers[r](s["h"], self.temperature).squeeze(-1))
+            activation = _ACTIVATION[self.func][0]
+            logits = self.routers[r](s["h"], self.temperature).squeeze(-1)
+            goes_on = self.rule_logits(r, s["h"], logits) >= 0  # G(logit) >= G(0)
             before = s.pop("active", None)
-            active = g >= threshold if before is None else before & (g >= threshold)
-            s.update(active=active, gate=self.alpha * g, x=s["h"])
+            active = goes_on if before is None else before.bool() & goes_on
+            s.update(active=active, gate=self.alpha * activation(logits), x=s["h"])
             if self.gating == "residual":
                 s["x0"] = s["x"]
             stats[f"r{r + 1}/kept_frac"] = active.float().mean().detach()
             return None
-        x, gate, active = s.pop("x"), s.pop("gate"), s["active"]
+        x, gate, active = s.pop("x"), s.pop("gate"), s["active"].bool()
         g = gate[..., None].to(x.dtype)
         update = g * x if self.gating == "weighted" else g * (x - s.pop("x0"))
         s["h"] = s["h"] + torch.where(active[..., None], update, torch.zeros_like(update)).to(s["h"].dtype)
@@ -208,5 +236,4 @@ class ExpertChoiceRouting(Routing):
 
     # ---- inference --------------------------------------------------------------------------------------------
     def continues(self, step: int, h: torch.Tensor) -> torch.Tensor:
-        activation, threshold = _ACTIVATION[self.func]
-        return activation(self.routers[step](h, self.temperature).squeeze(-1)) >= threshold
+        return self.rule_logits(step, h) >= 0

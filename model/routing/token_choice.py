@@ -76,7 +76,7 @@ class TokenChoiceRouting(Routing):
 
     @classmethod
     def state_after(cls, cfg: ModelConfig, op: Op, spec: StateSpec, batch: int, seq_len: int,
-                    kept: Sequence[int]) -> None:
+                    kept: Sequence[int], causal: bool = False) -> None:
         full = (batch, seq_len, cfg.d_model)
         if op.kind == "tc_route":
             spec.update(h1=(full, False), depth=((batch, seq_len), True), gate=((batch, seq_len), False))

@@ -12,8 +12,9 @@ micro-batches) → sum replica grads → average over data-parallel ranks → cl
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from functools import partial
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -176,29 +177,63 @@ def clip_grad_norm(model: MoRModel, layout, max_norm: float) -> torch.Tensor:
 
 # ---- the schedule ---------------------------------------------------------------------------------------------
 def _schedule(model: MoRModel, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
-              forward_only: bool) -> list[dict]:
-    """megatron's schedule over ``micro_batches`` (all of one shape); the last stage gets one dict per micro-batch."""
+              forward_only: bool, causal_routing: bool = False,
+              router_stats: Optional[list[dict[str, torch.Tensor]]] = None) -> list[dict]:
+    """megatron's schedule over ``micro_batches`` (all of one shape); the last stage gets one dict per micro-batch.
+    ``causal_routing``: every stage routes as a deployed model does (MoRModel.forward). ``router_stats``: a list
+    that receives, on every stage, the router statistics this stage computed for each micro-batch, in order."""
     b, t = micro_batches[0][0].shape
+    rows = packed_rows(model.cfg, model.pp_size, b, t, ps.get_tensor_model_parallel_world_size())
     return get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
-        num_microbatches=len(micro_batches), seq_length=packed_rows(model.cfg, model.pp_size, b, t),
+        forward_step_func=partial(forward_step, causal_routing=causal_routing, router_stats=router_stats),
+        data_iterator=iter(micro_batches), model=[model], num_microbatches=len(micro_batches), seq_length=rows,
         micro_batch_size=b, forward_only=forward_only)
 
 
-def pipeline_forward_only(model: MoRModel, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    """The language-model loss of each batch, in order, on the last stage (an empty list on the others)."""
+def pipeline_forward_only(model: MoRModel, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
+                          causal_routing: bool = False,
+                          router_stats: Optional[list[dict[str, torch.Tensor]]] = None) -> list[torch.Tensor]:
+    """The language-model loss of each batch, in order, on the last stage (an empty list on the others).
+    ``router_stats``: a list that receives, on every stage, one dict per batch (same order) of the router
+    statistics that this stage's routing ops computed (empty on a stage without one)."""
     out: list[torch.Tensor] = []
     # The pipeline's p2p buffers have one shape per schedule call: a short last batch gets a call of its own.
     for shape in dict.fromkeys(bt[0].shape for bt in batches):
         group = [bt for bt in batches if bt[0].shape == shape]
-        out += [r["lm_loss"] for r in _schedule(model, group, forward_only=True)]
+        out += [r["lm_loss"] for r in _schedule(model, group, forward_only=True, causal_routing=causal_routing,
+                                                router_stats=router_stats)]
     return out
 
 
+@contextmanager
+def _stage_router_stats(model: MoRModel, into: Optional[list[dict[str, torch.Tensor]]]):
+    """Appends to ``into`` the router statistics of the one forward pass run inside. Only the last stage returns
+    them (MoROutput); the others return the packed state. So, for that call, the op interpreter
+    (MoRModel._op, which every routing op gets the pass's ``stats`` dict through) is wrapped to keep that dict."""
+    if into is None:
+        yield
+        return
+    seen: dict[str, dict] = {}
+    run_op = model._op
+
+    def keep(op, s, stats):
+        seen["stats"] = stats
+        return run_op(op, s, stats)
+
+    model._op = keep
+    try:
+        yield
+    finally:
+        del model._op   # the class's method again
+    into.append({k: v.detach() for k, v in seen.get("stats", {}).items()})
+
+
 # ---- one optimizer step ---------------------------------------------------------------------------------------
-def forward_step(data_iterator: Iterator, model: MoRModel):
+def forward_step(data_iterator: Iterator, model: MoRModel, causal_routing: bool = False,
+                 router_stats: Optional[list[dict[str, torch.Tensor]]] = None):
     tokens, labels = next(data_iterator)
-    out = model(tokens, labels if model.is_last else None)
+    with _stage_router_stats(model, router_stats):
+        out = model(tokens, labels if model.is_last else None, causal_routing=causal_routing)
     if not model.is_last:
         return out, None
     return out.loss, partial(_loss_func, out)

@@ -31,6 +31,9 @@ VARIANTS = {
     "vanilla": lambda: tiny(sharing="none", n_layers=4, init_std=INIT_STD),
     "mor_ec": lambda: tiny(routing="expert_choice", sharing="middle_cycle", init_std=INIT_STD),
     "mor_tc": lambda: tiny(routing="token_choice", sharing="middle_cycle", init_std=INIT_STD),
+    # recursive KV sharing: later steps attend to the first step's keys, which cross stage cuts with the state
+    "mor_ec_kv": lambda: tiny(routing="expert_choice", sharing="middle_cycle", init_std=INIT_STD, kv_sharing=True),
+    "mor_tc_kv": lambda: tiny(routing="token_choice", sharing="cycle", init_std=INIT_STD, kv_sharing=True),
 }
 
 

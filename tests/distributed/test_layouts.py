@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed.harness import assert_matches, run_layout
+from model.program import stage_ranges, state_spec
+from tests.distributed.harness import SEQ, VARIANTS, assert_matches, run_layout
 
 ALL = ["vanilla", "mor_ec", "mor_tc"]
 
@@ -30,3 +31,24 @@ def test_layout_matches_single_process(tmp_path, world, parallel):
     if parallel.get("pipeline_parallel", 1) > 1:
         # the shared block's layers sit on several stages: they are replicas, and stayed identical
         assert any(name.startswith("layers.") for name in results["mor_ec"][1]["replicated"])
+
+
+@pytest.mark.parametrize("world,parallel", [
+    pytest.param(2, {"tensor_parallel": 2, "sequence_parallel": True, "zero_stage": 0, "micro_batch_size": 2},
+                 id="tp2-sp"),
+    pytest.param(2, {"pipeline_parallel": 2, "zero_stage": 0, "micro_batch_size": 1}, id="pp2"),
+    pytest.param(4, {"tensor_parallel": 2, "pipeline_parallel": 2, "zero_stage": 1, "micro_batch_size": 1},
+                 id="tp2-pp2-zero1"),
+])
+def test_kv_sharing_layout_matches_single_process(tmp_path, world, parallel):
+    """Recursive KV sharing trains alike under TP (the kv heads split), SP (keys of the padded, scattered
+    sequence) and PP with a cut inside a recursion step (the first step's keys and values cross it)."""
+    variants = ["mor_ec_kv", "mor_tc_kv"]
+    pp = parallel.get("pipeline_parallel", 1)
+    if pp > 1:
+        for v in variants:
+            cfg = VARIANTS[v]()
+            cuts = [end for _, end in stage_ranges(cfg, pp, SEQ)[:-1]]
+            assert any(k.startswith("kv") for c in cuts for k in state_spec(cfg, c, 1, SEQ)), v
+    for variant, (ref, got) in run_layout(tmp_path, world, parallel, variants).items():
+        assert_matches(ref, got), variant

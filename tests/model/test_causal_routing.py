@@ -7,10 +7,12 @@ import torch
 
 from model.config import RouterConfig
 from model.mor import MoRModel
+from model.program import packed_rows, stage_ranges, state_spec
 from tests.model.helpers import SHARP_STD, tiny
 
 KINDS = [("expert_choice", "middle_cycle"), ("expert_choice", "cycle"), ("token_choice", "middle_cycle"),
-         ("none", "middle_cycle"), ("none", "none")]
+         ("none", "middle_cycle"), ("none", "none"), ("expert_choice", "middle_cycle", "kv"),
+         ("expert_choice", "middle_cycle", "aux"), ("token_choice", "sequence", "kv"), ("none", "cycle", "kv")]
 
 
 def _pair(vocab=128, b=2, t=32, cut=16, seed=0):
@@ -35,10 +37,11 @@ def _model(routing, sharing, **kw):
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: "-".join(k))
 @pytest.mark.parametrize("func", ["sigmoid", "tanh"])
 def test_the_future_never_changes_the_past(kind, func):
-    routing, sharing = kind
+    routing, sharing, *extra = kind
     if routing != "expert_choice" and func == "tanh":
         pytest.skip("tanh is an expert-choice gate")
-    model = _model(routing, sharing, router=RouterConfig(func=func) if routing == "expert_choice" else RouterConfig())
+    router = (RouterConfig(func=func, aux_router="aux" in extra) if routing == "expert_choice" else RouterConfig())
+    model = _model(routing, sharing, router=router, kv_sharing="kv" in extra)
     a, z = _pair()
     la, lz = _logits(model, a, causal_routing=True), _logits(model, z, causal_routing=True)
     assert torch.equal(la[:, :16], lz[:, :16])
@@ -101,7 +104,26 @@ def test_when_every_token_goes_on_it_equals_training_routing_at_full_capacity(ga
                                rtol=1e-5, atol=1e-5)
 
 
-def test_causal_routing_over_pipeline_stages_is_refused():
-    model = MoRModel(tiny(), pp_rank=0, pp_size=2)
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
-        model(_pair()[0], causal_routing=True)
+@pytest.mark.parametrize("kv_sharing", [False, True])
+@pytest.mark.parametrize("routing", ["expert_choice", "token_choice"])
+def test_causal_routing_over_pipeline_stages_equals_one_process(routing, kv_sharing):
+    """Stage 0 then stage 1 of a 2-stage split in this process, with the same weights, cut inside a recursion
+    step: the causal state (running tokens, gates, the shared first-step keys) crosses the cut."""
+    cfg = tiny(routing=routing, init_std=SHARP_STD, kv_sharing=kv_sharing)
+    full = _model(routing, "middle_cycle", kv_sharing=kv_sharing)
+    cut = stage_ranges(cfg, 2, 32)[0][1]
+    assert full.program[cut - 1].step >= 0 and full.program[cut].step >= 0   # inside the recursions
+    spec = state_spec(cfg, cut, 2, 32, causal=True)
+    assert ("active" in spec) == (routing == "expert_choice")
+    assert any(k.startswith("kv") for k in spec) == kv_sharing
+    stages = [MoRModel(cfg, pp_rank=r, pp_size=2).eval() for r in range(2)]
+    weights = full.state_dict()
+    for stage in stages:
+        stage.load_state_dict({k: weights[k] for k in stage.state_dict()})
+    tokens = _pair()[0]
+    with torch.no_grad():
+        packed = stages[0](tokens, causal_routing=True)
+        assert packed.shape[0] == packed_rows(cfg, 2, 2, 32)
+        stages[1].set_input_tensor(packed)
+        got = stages[1](tokens, causal_routing=True).logits
+    torch.testing.assert_close(got, _logits(full, tokens, causal_routing=True), rtol=0, atol=1e-5)

@@ -20,9 +20,10 @@ def _pair(**kw):
     return compact, dense
 
 
+@pytest.mark.parametrize("kv_sharing", [False, True])
 @pytest.mark.parametrize("t", [32, 200])          # 200: the compact length (a multiple of 64) is below t
-def test_compact_equals_masked_dense(t):
-    compact, dense = _pair()
+def test_compact_equals_masked_dense(t, kv_sharing):
+    compact, dense = _pair(kv_sharing=kv_sharing)
     torch.manual_seed(1)
     x = torch.randint(0, 128, (3, t + 1))
     compact.trace, dense.trace = [], []
