@@ -8,6 +8,8 @@ Forward FLOPs (a multiply-add is 2 FLOPs; elementwise work such as norms, RoPE a
     layer on n tokens      2·n·P_lin + attn(n)         P_lin = d·(H + 2·Hkv)·hd + H·hd·d + 3·d·F
     attn(n), causal        4·H·hd · n(n+1)/2           query-key pairs actually computed by a causal kernel
     attn(n), full          4·H·hd · n²                 the convention of torch's FlopCounterMode and PaLM's MFU
+    KV sharing, step r > 1 4·H·hd · n_r·(n_1+1)/2      its n_r queries attend to the first step's n_1 keys
+                           (4·H·hd · n_r·n_1 full)     (the layer still projects its own keys: counted in P_lin)
     head                   2·T·d·V
     expert-choice router   step r scores its n_{r-1} candidates: 2·n_{r-1}·d (n_0 = T), ×2 with aux routers
     token-choice router    2·T·d·Nr
@@ -79,6 +81,11 @@ def training_flops(cfg: ModelConfig, seq_len: int, *, causal: bool = True,
     runs = [(t, len(plan.prelude) + len(plan.coda))] + [(n, len(ids)) for n, ids in zip(n_steps, plan.steps)]
     layers = sum(lin * n * count for n, count in runs)
     attention = sum(_attn(cfg, n, causal) * count for n, count in runs)
+    if cfg.kv_sharing:  # steps after the first: queries of step r against the first step's keys
+        n1 = n_steps[0]
+        for n, ids in list(zip(n_steps, plan.steps))[1:]:
+            shared = 4.0 * cfg.n_heads * cfg.head_dim * (n * (n1 + 1) / 2 if causal else n * n1)
+            attention += (shared - _attn(cfg, n, causal)) * len(ids)
     d = cfg.d_model
     routers = routing_class(cfg).router_flops(cfg, seq_len, n_steps)
     head = 2.0 * t * d * cfg.vocab_size

@@ -20,8 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 load_config = functools.partial(conf.load_config, schema=ModelConfig)
 PRESETS = sorted(PRESET_DIR.glob("*.yaml"))
 SCALES = ["tiny", "135m", "360m", "730m", "1b7"]
-# (the *_mor_ec_kvshare presets return with recursive KV sharing; until then kv_sharing=true is an error)
-VARIANTS = ["vanilla", "recursive", "mor_ec", "mor_tc"]
+VARIANTS = ["vanilla", "recursive", "mor_ec", "mor_tc", "mor_ec_kvshare"]
 
 
 @pytest.fixture
@@ -89,8 +88,9 @@ def test_preset_loads_and_validates(path: Path) -> None:
     assert load_config(path) == cfg  # by path as well as by name
     variant = path.stem.split("_", 1)[1]
     assert (cfg.sharing, cfg.num_recursions) == (("none", 1) if variant == "vanilla" else ("middle_cycle", 3))
-    assert cfg.routing == {"mor_ec": "expert_choice", "mor_tc": "token_choice"}.get(variant, "none")
-    assert cfg.kv_sharing is False
+    assert cfg.routing == {"mor_ec": "expert_choice", "mor_ec_kvshare": "expert_choice",
+                           "mor_tc": "token_choice"}.get(variant, "none")
+    assert cfg.kv_sharing is (variant == "mor_ec_kvshare")
 
 
 @pytest.mark.parametrize("scale,vanilla_layers,mor_layers,d_model,heads,kv_heads,ffn,vocab,seq", [

@@ -48,11 +48,12 @@ def measured_training_flops(model: MoRModel, batch: int, seq_len: int) -> float:
 
 
 @pytest.mark.parametrize("kind", [("none", "none"), ("none", "middle_cycle"), ("expert_choice", "middle_cycle"),
-                                  ("expert_choice", "cycle")])
+                                  ("expert_choice", "cycle"), ("expert_choice", "middle_cycle", "kv"),
+                                  ("none", "cycle", "kv")])
 def test_counter_agrees_with_torch_flop_counter(kind):
     # FlopCounterMode counts attention as a full T x T product, so compare with causal=False.
-    routing, sharing = kind
-    cfg = tiny(routing=routing, sharing=sharing)
+    routing, sharing, *kv = kind
+    cfg = tiny(routing=routing, sharing=sharing, kv_sharing=bool(kv))
     measured = measured_training_flops(MoRModel(cfg), batch=2, seq_len=24)
     assert measured == pytest.approx(training_flops(cfg, 24, causal=False).training_per_token, rel=1e-9)
 

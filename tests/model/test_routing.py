@@ -88,7 +88,7 @@ def test_expert_choice_losses_match_hand_values():
     step = router.select(0, h, k=2)
     assert step.sel.tolist() == [[0, 3]]
     assert torch.allclose(step.gate, 0.1 * torch.sigmoid(torch.tensor([[2.0, 3.0]])))
-    terms = router.losses(0, h, step)
+    terms = router.losses(0, step, None)
 
     def sp(x):  # softplus: BCE(logit, 1) = sp(-x), BCE(logit, 0) = sp(x)
         return torch.log1p(torch.exp(torch.tensor(x)))

@@ -70,7 +70,7 @@ def test_expert_choice_tanh_gate_keeps_the_top_k_of_alpha_tanh_and_bce_reads_raw
     assert close(step.gate, [[0.1 * math.tanh(2.0), 0.1 * math.tanh(3.0)]])
     bce = (math.log1p(math.exp(-2.0)) + math.log1p(math.exp(-1.0)) + math.log1p(math.exp(0.5))
            + math.log1p(math.exp(-3.0))) / 4   # targets 1, 0, 0, 1 on the logits themselves
-    assert close(routing.losses(0, h, step)["bce"], 0.001 * bce)
+    assert close(routing.losses(0, step, None)["bce"], 0.001 * bce)
 
 
 def test_token_choice_sigmoid_scores_each_depth_alone():
@@ -271,10 +271,10 @@ def test_without_router_every_token_continues():
 
 # ---- validation ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw,message", [
-    (dict(router=RouterConfig(aux_router=True)),
-     "router.aux_router: the auxiliary router serves causal inference routing, which is not implemented yet; "
-     "leave it false"),
-    (dict(kv_sharing=True), "kv_sharing: recursive KV sharing is not implemented yet; leave it false"),
+    (dict(routing="token_choice", router=RouterConfig(aux_router=True)),
+     "router.aux_router: the auxiliary router predicts expert-choice decisions; leave it false for other routings"),
+    (dict(router=RouterConfig(aux_router_coef=-1.0)), "router.aux_router_coef: must be >= 0"),
+    (dict(nr=1, routing="none", kv_sharing=True), "kv_sharing: recursive KV sharing reuses the first recursion's "),
     (dict(router=RouterConfig(func="softmax")), "router.func: 'softmax' is not an activation of "
                                                 "routing=expert_choice; choose from sigmoid, tanh"),
     (dict(routing="token_choice", router=RouterConfig(func="tanh")),
