@@ -90,6 +90,7 @@ class MoRModel(nn.Module):
         self.activation_checkpointing = False  # recompute each layer in backward (set by the trainer)
         # Tests and debugging set this to a list to record each recursion step's state (see _record).
         self.trace: Optional[list[dict[str, torch.Tensor]]] = None
+        self.last_router_stats: dict[str, torch.Tensor] = {}
         # Recursive KV sharing: unrolled positions of the first-step layers whose keys later steps read.
         self.kv_sources = {op.kv_from for op in self.program if op.kv_from >= 0}
 
@@ -255,6 +256,8 @@ class MoRModel(nn.Module):
         for op in self.program[start:end]:
             self._op(op, s, stats)
         self._sp_gather(s)
+        # the statistics of this stage's routing ops, also where no MoROutput carries them (a pipeline stage)
+        self.last_router_stats = {k: v.detach() for k, v in stats.items()}
         if cache is not None:
             cache.advance(lengths)
         if not self.is_last:

@@ -16,9 +16,9 @@ step's router and f the shared block:
   ``residual`` gates only the block's update: H ← H + g·(f(H) - H).
 - Auxiliary loss: BCE of the raw logit θ_r^T H_t^r against "kept" (1) / "not kept" (0), averaged over the
   step's candidates and summed over steps (whatever G is); optional router z-loss, mean of logit².
-- Inference (continues, causal routing): a token runs step r iff G(logit) ≥ ½ (sigmoid) or ≥ 0 (tanh), i.e.
-  logit ≥ 0 — what the BCE loss trains the router to predict, without looking at other tokens — and it ran step
-  r-1. With ``router.aux_router`` the logit is the auxiliary router's: one more ``Linear(d, 1)`` per step, trained
+- Inference (continues, causal routing): a token runs step r iff it ran step r-1 and G(logit) ≥ ½ (sigmoid) or
+  ≥ 0 (tanh), i.e. logit ≥ 0 — what the BCE loss trains the router to predict, without looking at other tokens.
+  A step of capacity 1 (step 1 by default) keeps every candidate in training, and so at inference too. With ``router.aux_router`` the logit is the auxiliary router's: one more ``Linear(d, 1)`` per step, trained
   by its own BCE against the top-k choice (``router.aux_router_coef``) on detached inputs, so it never changes the
   model. Training routing logs, per step, the fraction the rule sends on and its agreement with top-k.
 """
@@ -152,14 +152,20 @@ class ExpertChoiceRouting(Routing):
                                                                                                out.target)
         return terms
 
-    def rule_logits(self, step: int, h: torch.Tensor, router_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The logits the inference rule reads at step ``step``: the auxiliary router's (on detached inputs: it
-        learns to predict the main router's choices without changing the model) or the main router's."""
+    def rule(self, step: int, h: torch.Tensor, router_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The inference rule at step ``step`` for tokens h (..., d): bool, True where the token goes on. A step
+        of capacity 1 keeps every candidate in training, so every token that reached it runs it. Otherwise the
+        token goes on iff G(logit) ≥ G(0), the logit being the auxiliary router's (on detached inputs: it learns
+        to predict the main router's choices without changing the model) or the main router's."""
+        if self.cfg.capacities[step] >= 1.0:
+            return torch.ones(h.shape[:-1], dtype=torch.bool, device=h.device)
         if self.aux_routers is not None:
-            return self.aux_routers[step](h.detach(), self.temperature).squeeze(-1)
-        if router_logits is not None:
-            return router_logits
-        return self.routers[step](h, self.temperature).squeeze(-1)
+            logits = self.aux_routers[step](h.detach(), self.temperature).squeeze(-1)
+        elif router_logits is not None:
+            logits = router_logits
+        else:
+            logits = self.routers[step](h, self.temperature).squeeze(-1)
+        return logits >= 0
 
     def write_back(self, h: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor,
                    x0: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -179,19 +185,20 @@ class ExpertChoiceRouting(Routing):
             cand = s.pop("cand", None)
             h_cand = s["h"] if cand is None else torch.gather(s["h"], 1, cand[..., None].expand(-1, -1, d))
             step = self.select(r, h_cand, k)
-            rule = self.rule_logits(r, h_cand, step.logits)
+            aux_logits = (self.aux_routers[r](h_cand.detach(), self.temperature).squeeze(-1)
+                          if self.aux_routers is not None else None)
             idx = step.sel if cand is None else torch.gather(cand, 1, step.sel)  # original positions, sorted
             s.update(idx=idx, gate=step.gate, x=torch.gather(s["h"], 1, idx[..., None].expand(-1, -1, d)))
             if self.gating == "residual":
                 s["x0"] = s["x"]
-            terms = self.losses(r, step, rule if self.aux_routers is not None else None)
+            terms = self.losses(r, step, aux_logits)
             s["aux"] = s["aux"] + sum(terms.values())
             s["_logits"] = step.logits  # for the trace only: never crosses a stage
             stats[f"r{r + 1}/kept_frac"] = torch.tensor(k / t)
             stats[f"r{r + 1}/gate_mean"] = step.gate.detach().mean()
             # What the inference rule would do with these candidates: the fraction it sends on, and how often it
             # agrees with top-k (the paper's "sampling accuracy"), averaged over the step's candidates.
-            goes_on = (rule.detach() >= 0).float()
+            goes_on = self.rule(r, h_cand.detach(), step.logits.detach()).float()
             stats[f"r{r + 1}/rule_continue_frac"] = goes_on.mean()
             stats[f"r{r + 1}/sampling_acc"] = (goes_on == step.target).float().mean()
             stats.update({f"r{r + 1}/{n}": v.detach() for n, v in terms.items()})
@@ -218,7 +225,7 @@ class ExpertChoiceRouting(Routing):
         if op.kind == "ec_route":
             activation = _ACTIVATION[self.func][0]
             logits = self.routers[r](s["h"], self.temperature).squeeze(-1)
-            goes_on = self.rule_logits(r, s["h"], logits) >= 0  # G(logit) >= G(0)
+            goes_on = self.rule(r, s["h"], logits)
             before = s.pop("active", None)
             active = goes_on if before is None else before.bool() & goes_on
             s.update(active=active, gate=self.alpha * activation(logits), x=s["h"])
@@ -236,4 +243,4 @@ class ExpertChoiceRouting(Routing):
 
     # ---- inference --------------------------------------------------------------------------------------------
     def continues(self, step: int, h: torch.Tensor) -> torch.Tensor:
-        return self.rule_logits(step, h) >= 0
+        return self.rule(step, h)

@@ -6,7 +6,7 @@ Under every layout (TP × PP × DP, ZeRO 0-3) the loop, validation and checkpoin
     engine.set_lr(lr)
     engine.begin_step(step) ... engine.end_step(applied)   routing state that moves once per optimizer step
     result = engine.train_step(micro_batches)  forward, backward and optimizer step over the micro-batches
-    sums = engine.eval_sums(batches)           forward only: (sum of per-token losses, real tokens)
+    sums = engine.eval_sums(batches, causal_routing=...)   forward only: loss and router statistic sums
     engine.save(folder) / engine.load(folder)  this rank's model and optimizer state
 
 With PP = 1 each micro-batch goes through DeepSpeed's engine (forward, backward, step: DeepSpeed accumulates,
@@ -47,6 +47,37 @@ class StepResult:
     grad_norm: float          # global norm before clipping
     finite: bool              # False: the step was a no-op (see the module docstring)
     router_stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EvalSums:
+    """What ``Engine.eval_sums`` adds up over one rank's batches (validation adds these over data-parallel ranks)."""
+    loss: torch.Tensor                              # (2,): Σ batch's mean lm loss × its real tokens, Σ real tokens
+    stats: dict[str, tuple[float, float]]           # router statistic -> (Σ batch value × positions, Σ positions)
+
+
+def _weigh_stats(per_batch: Sequence[dict[str, torch.Tensor]], positions: Sequence[int]
+                 ) -> dict[str, tuple[float, float]]:
+    """Router statistics are means over a batch's positions (all B·T, or a step's B·k candidates, k fixed by T).
+    Validation batches share one T, so weighing each batch by B·T pools them exactly: the mean over every
+    position (or candidate) of all batches, as one big batch would give."""
+    out: dict[str, tuple[float, float]] = {}
+    for stats, n in zip(per_batch, positions, strict=True):
+        for k, v in stats.items():
+            s, w = out.get(k, (0.0, 0.0))
+            out[k] = (s + float(v) * n, w + n)
+    return out
+
+
+def merge_stat_sums(parts: Sequence[dict[str, tuple[float, float]]]) -> dict[str, tuple[float, float]]:
+    """Sums of several ranks' weighed statistics, added in the order given (the same on every rank that merges
+    the same list, so the result is bit-identical everywhere)."""
+    out: dict[str, tuple[float, float]] = {}
+    for part in parts:
+        for k, (s, w) in part.items():
+            s0, w0 = out.get(k, (0.0, 0.0))
+            out[k] = (s0 + s, w0 + w)
+    return out
 
 
 class Engine:
@@ -129,23 +160,33 @@ class Engine:
 
     # ---- evaluation -----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def eval_sums(self, batches: Sequence[Batch]) -> torch.Tensor:
-        """Forward only over this rank's ``batches``: (sum over batches of mean loss × real tokens, real tokens),
-        the same on every rank of this data-parallel replica (padding labels count nowhere)."""
+    def eval_sums(self, batches: Sequence[Batch], *, causal_routing: bool = False) -> EvalSums:
+        """Forward only over this rank's ``batches``, routed as in training or, with ``causal_routing``, as a
+        deployed model routes (MoRModel.forward). The same on every rank of this data-parallel replica."""
         self.model.eval()
         total = torch.zeros(2, device=self.device)
+        stats: list[dict[str, torch.Tensor]] = []    # per batch: its router statistics
         if self.pipelined:
-            for (_, labels), lm_loss in zip(batches, pipeline_forward_only(self.model, batches)):
+            # every stage gets the statistics of its own routing ops; the loss only the last stage
+            losses = pipeline_forward_only(self.model, batches, causal_routing=causal_routing, router_stats=stats)
+            for (_, labels), lm_loss in zip(batches, losses):
                 n = label_count(labels).float()
                 total += torch.stack([lm_loss.float().to(self.device) * n, n])
             dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())   # only the last stage has them
         else:
             for tokens, labels in batches:
-                out = self._ds(tokens, labels)
+                out = self._ds(tokens, labels, causal_routing=causal_routing)
                 n = label_count(labels).float()
                 total += torch.stack([out.lm_loss.detach().float() * n, n])
+                stats.append(out.router_stats)
         self.model.train()
-        return total
+        # The short last batch is listed last in both paths (pipeline_forward_only groups batches by shape).
+        weighed = _weigh_stats(stats, [tokens.numel() for tokens, _ in batches])
+        if self.pipelined:  # each routing op runs on one stage: put the stages' statistics together
+            gathered: list = [None] * ps.get_pipeline_model_parallel_world_size()
+            dist.all_gather_object(gathered, weighed, group=ps.get_pipeline_model_parallel_group())
+            weighed = merge_stat_sums(gathered)
+        return EvalSums(total, weighed)
 
     # ---- state ------------------------------------------------------------------------------------------------------
     def save(self, folder: Path) -> None:

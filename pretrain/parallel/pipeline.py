@@ -12,7 +12,6 @@ micro-batches) → sum replica grads → average over data-parallel ranks → cl
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
 from functools import partial
 from typing import Iterator, Optional, Sequence
 
@@ -205,35 +204,13 @@ def pipeline_forward_only(model: MoRModel, batches: Sequence[tuple[torch.Tensor,
     return out
 
 
-@contextmanager
-def _stage_router_stats(model: MoRModel, into: Optional[list[dict[str, torch.Tensor]]]):
-    """Appends to ``into`` the router statistics of the one forward pass run inside. Only the last stage returns
-    them (MoROutput); the others return the packed state. So, for that call, the op interpreter
-    (MoRModel._op, which every routing op gets the pass's ``stats`` dict through) is wrapped to keep that dict."""
-    if into is None:
-        yield
-        return
-    seen: dict[str, dict] = {}
-    run_op = model._op
-
-    def keep(op, s, stats):
-        seen["stats"] = stats
-        return run_op(op, s, stats)
-
-    model._op = keep
-    try:
-        yield
-    finally:
-        del model._op   # the class's method again
-    into.append({k: v.detach() for k, v in seen.get("stats", {}).items()})
-
-
 # ---- one optimizer step ---------------------------------------------------------------------------------------
 def forward_step(data_iterator: Iterator, model: MoRModel, causal_routing: bool = False,
                  router_stats: Optional[list[dict[str, torch.Tensor]]] = None):
     tokens, labels = next(data_iterator)
-    with _stage_router_stats(model, router_stats):
-        out = model(tokens, labels if model.is_last else None, causal_routing=causal_routing)
+    out = model(tokens, labels if model.is_last else None, causal_routing=causal_routing)
+    if router_stats is not None:  # every stage's own: the routing ops it ran (a stage returns no MoROutput)
+        router_stats.append(model.last_router_stats)
     if not model.is_last:
         return out, None
     return out.loss, partial(_loss_func, out)

@@ -1,7 +1,9 @@
 """Draw a run's curves from its metrics.jsonl: ``python -m pretrain.tools.plot RUN_DIR [--out FILE.png]``.
 
-Top: training loss (and validation loss where evaluated) against step. Bottom: each recursion step's kept
-fraction (expert-choice: its capacity; token-choice: the share of tokens still running) and mean gate.
+Top: training loss and, where evaluated, validation loss under training routing (top-k over the sequence,
+``val_loss``) and under inference routing (each token decides alone, ``val_loss_causal``) against step. Bottom:
+each recursion step's kept fraction (expert-choice: its capacity; token-choice: the share of tokens still
+running) and mean gate.
 """
 from __future__ import annotations
 
@@ -38,7 +40,12 @@ def plot(run_dir: Path, out: Path) -> Path:
     ax = axes[0][0]
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-",
+                label="validation loss (training routing)")
+        causal = [r for r in val if "val_loss_causal" in r]   # runs from before it was logged have none
+        if causal:
+            ax.plot([r["step"] for r in causal], [r["val_loss_causal"] for r in causal], "s--",
+                    label="validation loss (causal routing)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(run_dir.name)

@@ -97,14 +97,15 @@ class MetricsLogger(Callback):
 
 
 class Validation(Callback):
-    """Validation loss every ``every`` steps (0: never)."""
+    """Validation every ``every`` steps (0: never): the loss under training routing and under a deployed model's
+    causal routing, and what the inference rule does per recursion step (pretrain/training/evaluate.py)."""
 
     def __init__(self, every: int):
         self.every = every
 
     def step_end(self, trainer, rec: dict[str, Any]) -> None:
         if self.every and trainer.step % self.every == 0:
-            trainer.evaluate(trainer.progress.say)
+            trainer.validate(trainer.progress.say)
 
 
 class Checkpointing(Callback):

@@ -1,25 +1,112 @@
-"""Validation loss and perplexity on the manifest's validation split."""
+"""Validation on the manifest's validation split, under both routings.
+
+Expert-choice routing keeps the top-k tokens of the whole sequence at each recursion step ("training routing";
+the paper's code evaluates with it too), so a token's path depends on later tokens. A deployed model routes
+causally: each token continues iff its router (or auxiliary router) logit is ≥ 0, hierarchically
+(MoRModel.forward ``causal_routing``). Validation runs the same batches both ways and reports both losses,
+never one in place of the other:
+
+    val_loss            training routing (top-k over the sequence) — what the paper's code reports
+    val_loss_causal     inference routing (each token decides alone) — what a deployed model gets
+
+and, per recursion step r (1-based), from the training-routing pass: the fraction of the step's candidates that
+the inference rule would send on (``val_r{r}_rule_continue``) and how often it agrees with top-k
+(``val_r{r}_sampling_acc``, the paper's "sampling accuracy"); from the causal pass: the fraction of all tokens
+that run step r (``val_r{r}_causal_kept``).
+"""
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from pretrain.data.loader import TokenLoader
-from pretrain.parallel.engine import Engine
+from pretrain.parallel.engine import Batch, Engine, EvalSums, merge_stat_sums
+
+# Routings whose training forward pass is causal already (token-choice picks each token's depth from its own
+# state; no router: every token runs every step): their causal pass would repeat the training one exactly, so it
+# is skipped and both losses are the same number. Any other routing gets its own causal pass.
+CAUSAL_ALREADY = frozenset({"none", "token_choice"})
+
+
+@dataclass
+class StepStats:
+    """One recursion step's routing on the validation batches (None: the routing has no such statistic)."""
+    rule_continue: float | None   # training pass: fraction of the step's candidates the inference rule sends on
+    sampling_acc: float | None    # training pass: agreement of the inference rule with top-k on those candidates
+    causal_kept: float | None     # causal pass: fraction of all tokens that run this step
+
+
+@dataclass
+class ValidationMetrics:
+    loss: float                   # training routing (expert-choice: top-k over the sequence; the paper's code)
+    loss_causal: float            # inference routing: each token decides alone (what a deployed model gets)
+    steps: list[StepStats] = field(default_factory=list)   # r = 1, 2, ...
+
+    def record(self) -> dict[str, float]:
+        """The metrics.jsonl / wandb names (README: "Validation: two routings")."""
+        rec = {"val_loss": self.loss, "val_ppl": _ppl(self.loss),
+               "val_loss_causal": self.loss_causal, "val_ppl_causal": _ppl(self.loss_causal)}
+        for r, st in enumerate(self.steps, 1):
+            for name, value in (("rule_continue", st.rule_continue), ("sampling_acc", st.sampling_acc),
+                                ("causal_kept", st.causal_kept)):
+                if value is not None:
+                    rec[f"val_r{r}_{name}"] = value
+        return rec
+
+    def line(self, step: int) -> str:
+        """The log line: both losses, each named by its routing, then per step what the inference rule does."""
+        causal = self.loss_causal
+        parts = [f"step {step:>6d}", f"val loss {self.loss:.4f} ppl {_ppl(self.loss):.2f} [training routing]",
+                 f"val loss causal {causal:.4f} ppl {_ppl(causal):.2f} [causal routing, as deployed]"]
+        labels = [(label, attr) for label, attr in (("rule on", "rule_continue"), ("sampling acc", "sampling_acc"),
+                                                    ("causal kept", "causal_kept"))
+                  if any(getattr(st, attr) is not None for st in self.steps)]
+        if labels:
+            values = ["/".join("-" if getattr(st, a) is None else f"{getattr(st, a):.3f}" for _, a in labels)
+                      for st in self.steps]
+            parts.append("/".join(label for label, _ in labels) + ": "
+                         + "  ".join(f"r{r} {v}" for r, v in enumerate(values, 1)))
+        return "  ".join(parts)
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+def _all_ranks(sums: EvalSums) -> tuple[float, dict[str, float]]:
+    """One pass over every DP rank's batches: (mean loss per real token, router statistic -> pooled mean);
+    identical on every rank (for the statistics every rank adds the same gathered list in rank order)."""
+    total = sums.loss.clone()
+    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    parts: list = [None] * ps.get_data_parallel_world_size()
+    dist.all_gather_object(parts, sums.stats, group=ps.get_data_parallel_group())
+    stats = {k: s / w for k, (s, w) in merge_stat_sums(parts).items() if w > 0}
+    return (total[0] / total[1].clamp(min=1)).item(), stats
 
 
 @torch.no_grad()
-def validation_loss(engine: Engine, loader: TokenLoader, max_batches: int) -> float:
-    """Mean next-token loss (without router losses) per real token over the first ``max_batches`` micro-batches
-    of each DP rank's share of the validation split, all DP ranks together; identical on every rank. Batches
-    weigh by their real tokens (padding labels count nowhere), so a short or padded last batch counts as much as
-    it holds."""
+def validate(engine: Engine, loader: Iterable[Batch], max_batches: int) -> ValidationMetrics:
+    """Both routings over the first ``max_batches`` micro-batches of each DP rank's share of the validation split
+    (``loader``: this rank's TokenLoader over it), all DP ranks together; identical on every rank. Losses are the
+    mean next-token loss (without router losses) per real token: batches weigh by their real tokens (padding
+    labels count nowhere), so a short or padded last batch counts as much as it holds. Per-step fractions pool
+    every position (or candidate) of every batch."""
     batches = []
     for i, (tokens, labels) in enumerate(loader):
         if i >= max_batches:
             break
         batches.append((tokens.to(engine.device), labels.to(engine.device)))
-    total = engine.eval_sums(batches)
-    dist.all_reduce(total, group=ps.get_data_parallel_group())
-    return (total[0] / total[1].clamp(min=1)).item()
+    loss, stats = _all_ranks(engine.eval_sums(batches))
+    # Token-choice's causal kept fractions are then its training pass's depth loads: the same tokens run.
+    loss_causal, causal_stats = ((loss, stats) if engine.cfg.model.routing in CAUSAL_ALREADY
+                                 else _all_ranks(engine.eval_sums(batches, causal_routing=True)))
+    steps = [StepStats(stats.get(f"r{r}/rule_continue_frac"), stats.get(f"r{r}/sampling_acc"),
+                       causal_stats.get(f"r{r}/kept_frac"))
+             for r in range(1, engine.cfg.model.num_recursions + 1)]
+    if not any(v is not None for st in steps for v in vars(st).values()):
+        steps = []   # no router (vanilla, recursive): nothing to report per step
+    return ValidationMetrics(loss, loss_causal, steps)

@@ -36,7 +36,7 @@ from pretrain.parallel.layout import init_distributed
 from pretrain.training import checkpoint as ckpt
 from pretrain.training import faults
 from pretrain.training.callbacks import Callback, default_callbacks
-from pretrain.training.evaluate import validation_loss
+from pretrain.training.evaluate import ValidationMetrics, validate
 from pretrain.training.metrics import MetricsLog, NullLog, Progress, device_peak_flops
 from pretrain.training.preempt import PreemptionFlag
 from pretrain.training.resume import resume
@@ -192,16 +192,24 @@ class Trainer:
         self.preempt.uninstall()
 
     @torch.no_grad()
-    def evaluate(self, say=None) -> Optional[float]:
-        """Mean validation loss over the real tokens of up to eval_batches micro-batches per DP rank."""
+    def validate(self, say=None) -> Optional[ValidationMetrics]:
+        """Validation under both routings (training's top-k and a deployed model's causal routing) over the real
+        tokens of up to eval_batches micro-batches per DP rank; logged to metrics.jsonl and as one line.
+        Collective. None when the data has no validation split."""
         if not self.manifest.splits.get("val"):
             return None
         loader = split_loader(self.cfg, "val", dp_rank=ps.get_data_parallel_rank(), dp_size=self.layout.dp)
-        loss = validation_loss(self.engine, loader, self.cfg.train.eval_batches)
-        self.metrics.log({"step": self.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))})
+        result = validate(self.engine, loader, self.cfg.train.eval_batches)
+        self.metrics.log({"step": self.step, **result.record()})
         if self.is_main:
-            (say or self.print)(f"step {self.step:>6d}  val loss {loss:.4f}  ppl {math.exp(min(loss, 50.0)):.2f}")
-        return loss
+            (say or self.print)(result.line(self.step))
+        return result
+
+    def evaluate(self, say=None) -> Optional[float]:
+        """``validate`` returning only the training-routing loss (val_loss), for callers that want one number;
+        validate() has the causal-routing loss too."""
+        result = self.validate(say)
+        return None if result is None else result.loss
 
 
 def run(cfg: RunConfig) -> int:

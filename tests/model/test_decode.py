@@ -111,8 +111,10 @@ def test_each_step_caches_only_its_tokens(name):
 def _forced_depth_model(depths: list[int], kv_sharing: bool) -> MoRModel:
     """An expert-choice model whose tokens run hand-made depths: the block is the identity (zero output
     projections), so h stays a multiple of the embedding; token t's embedding is (x_t, 1, 0, ...), and router r
-    reads x_t - θ_r, so token t runs step r iff x_t ≥ θ_r."""
-    model = MoRModel(tiny(routing="expert_choice", sharing="cycle", nr=3, kv_sharing=kv_sharing)).eval()
+    reads x_t - θ_r, so token t runs step r iff x_t ≥ θ_r (capacities below 1: at capacity 1 every token runs
+    the step)."""
+    model = MoRModel(tiny(routing="expert_choice", sharing="cycle", nr=3, kv_sharing=kv_sharing,
+                          router=RouterConfig(capacities=[0.9, 0.6, 0.3]))).eval()
     thresholds = torch.tensor([0.5, 1.5, 2.5])
     with torch.no_grad():
         for name, p in model.named_parameters():
