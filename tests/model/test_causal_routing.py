@@ -12,7 +12,9 @@ from tests.model.helpers import SHARP_STD, tiny
 
 KINDS = [("expert_choice", "middle_cycle"), ("expert_choice", "cycle"), ("token_choice", "middle_cycle"),
          ("none", "middle_cycle"), ("none", "none"), ("expert_choice", "middle_cycle", "kv"),
-         ("expert_choice", "middle_cycle", "aux"), ("token_choice", "sequence", "kv"), ("none", "cycle", "kv")]
+         ("expert_choice", "middle_cycle", "aux"), ("expert_choice", "middle_sequence", "aux", "kv"),
+         ("token_choice", "sequence", "kv"), ("token_choice", "middle_cycle", "kv"), ("none", "cycle", "kv"),
+         ("none", "sequence"), ("none", "middle_sequence", "kv")]
 
 
 def _pair(vocab=128, b=2, t=32, cut=16, seed=0):
@@ -34,12 +36,13 @@ def _model(routing, sharing, **kw):
     return MoRModel(tiny(routing=routing, sharing=sharing, init_std=SHARP_STD, **kw)).eval()
 
 
-@pytest.mark.parametrize("kind", KINDS, ids=lambda k: "-".join(k))
-@pytest.mark.parametrize("func", ["sigmoid", "tanh"])
-def test_the_future_never_changes_the_past(kind, func):
-    routing, sharing, *extra = kind
-    if routing != "expert_choice" and func == "tanh":
-        pytest.skip("tanh is an expert-choice gate")
+# expert-choice with both gates (tanh is an expert-choice gate only)
+CASES = [k + (f,) for k in KINDS for f in (("sigmoid", "tanh") if k[0] == "expert_choice" else ("default",))]
+
+
+@pytest.mark.parametrize("kind", CASES, ids=lambda k: "-".join(k))
+def test_the_future_never_changes_the_past(kind):
+    routing, sharing, *extra, func = kind
     router = (RouterConfig(func=func, aux_router="aux" in extra) if routing == "expert_choice" else RouterConfig())
     model = _model(routing, sharing, router=router, kv_sharing="kv" in extra)
     a, z = _pair()
