@@ -9,8 +9,9 @@ recursive models get one ordinary cache per layer op.
 
 Each buffer holds, per sequence of the batch, its tokens packed in arrival order — ``slots`` of them, plus one
 scratch slot where tokens that are not cached write their keys so that every write has a static shape — with
-their original positions and a count. Nothing in a decode step depends on a value on the host, so the step can be
-captured in a CUDA graph or compiled.
+their original positions and a count. With ``checks`` off, nothing in a decode step reads a value back to the
+host, so the step can be captured in a CUDA graph or compiled; with them on (the default) the cache says so, in
+one error, when a sequence passes ``max_len`` or a buffer its slots.
 """
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ class KVCache:
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", slots: Optional[Sequence[int]] = None):
-        self.cfg, self.batch, self.max_len = cfg, batch, max_len
+                 device: torch.device | str = "cpu", slots: Optional[Sequence[int]] = None, checks: bool = True):
+        self.cfg, self.batch, self.max_len, self.checks = cfg, batch, max_len, checks
         self.device = torch.device(device)
         self.layer_ops = [op for op in build_program(cfg) if op.kind == "layer"]
         if slots is not None and len(slots) != cfg.num_recursions:
@@ -68,7 +69,7 @@ class KVCache:
 
     def valid(self, n: int, lengths: torch.Tensor) -> torch.Tensor:
         """(B, n): which of the next ``n`` tokens are real; checks that they fit."""
-        if int((self.lengths + lengths).max()) > self.max_len:
+        if self.checks and int((self.lengths + lengths).max()) > self.max_len:
             raise ValueError(f"KV cache full: a sequence would pass max_len={self.max_len} tokens")
         return torch.arange(n, device=self.device) < lengths[:, None]
 
@@ -81,6 +82,8 @@ class KVCache:
 
     def advance(self, lengths: torch.Tensor) -> None:
         self.lengths += lengths.to(self.lengths)
+        if not self.checks:
+            return
         over = [pos for pos, buf in self.buffers.items() if int(buf.count.max()) > buf.k.shape[1] - 1]
         if over:
             raise ValueError(f"KV cache: the buffers of layer position(s) {over} overflowed their slots; "

@@ -82,3 +82,26 @@ def test_flash_attn_matches_sdpa_in_bf16():
     a = causal_attention(q, k, v, backend="flash")
     b = causal_attention(q, k, v, backend="sdpa")
     assert (a.float() - b.float()).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("kind", VARIANTS + [("expert_choice", "middle_cycle", "kv")])
+def test_decode_on_cuda_matches_the_full_forward_without_host_sync(kind):
+    """A decode step with the cache's checks off reads nothing back to the host (CUDA-graph ready); prefill and
+    decode equal the full causal forward on the GPU too (fp32)."""
+    from model.inference import KVCache, decode_step, prefill
+    routing, sharing, *kv = kind
+    model = MoRModel(tiny(routing=routing, sharing=sharing, init_std=0.1, kv_sharing=bool(kv))).cuda().eval()
+    seqs = torch.randint(0, 128, (3, 24), device="cuda")
+    with torch.no_grad():
+        full = model(seqs, causal_routing=True).logits
+        cache = KVCache(model.cfg, 3, 24, device="cuda", checks=False)
+        first = prefill(model, cache, [s[:8].tolist() for s in seqs])
+        torch.testing.assert_close(first, full[:, :8], rtol=0, atol=1e-4)
+        live = torch.ones(3, dtype=torch.bool, device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            steps = [decode_step(model, cache, seqs[:, i], live) for i in range(8, 24)]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 8:], rtol=0, atol=1e-4)
