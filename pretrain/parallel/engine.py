@@ -189,11 +189,20 @@ class Engine:
         return EvalSums(total, weighed)
 
     # ---- state ------------------------------------------------------------------------------------------------------
+    def _stage_folder(self, folder: Path) -> Path:
+        """Where this rank's DeepSpeed files go: ``folder``, or ``folder/stage-P`` for pipeline stage P. DeepSpeed
+        names its files by data-parallel and model-parallel rank, and the model-parallel rank our MPU reports is
+        the tensor-parallel one (pretrain/parallel/zero.py): without a folder per stage, the stages of a
+        pipeline would write the same file names over each other."""
+        if not self.pipelined:
+            return folder
+        return folder / f"stage-{ps.get_pipeline_model_parallel_rank()}"
+
     def save(self, folder: Path) -> None:
         """Collective: this rank's model and optimizer shards into ``folder``."""
-        self._ds.save_checkpoint(str(folder), tag=_TAG, save_latest=False)
+        self._ds.save_checkpoint(str(self._stage_folder(folder)), tag=_TAG, save_latest=False)
 
     def load(self, folder: Path) -> None:
         """Collective: the model and optimizer state that ``save`` wrote, under the same layout."""
-        self._ds.load_checkpoint(str(folder), tag=_TAG, load_module_strict=True, load_optimizer_states=True,
-                                 load_lr_scheduler_states=False)
+        self._ds.load_checkpoint(str(self._stage_folder(folder)), tag=_TAG, load_module_strict=True,
+                                 load_optimizer_states=True, load_lr_scheduler_states=False)

@@ -236,3 +236,21 @@ def test_every_file_of_a_saved_checkpoint_is_in_its_record(base):
                        if p.is_file() and p.name != "checkpoint.json")
         assert sorted(record["files"]) == files and record["step"] == int(folder.name.split("-")[1])
         assert all(set(v) == {"bytes", "sha256"} for v in record["files"].values())
+
+
+@pytest.mark.parametrize("layout", [["parallel.pipeline_parallel=2", "parallel.zero_stage=1"],
+                                    ["parallel.pipeline_parallel=2", "parallel.tensor_parallel=2",
+                                     "parallel.zero_stage=0"]], ids=["pp2-zero1", "tp2-pp2"])
+def test_a_pipeline_run_resumes_exactly(data, tmp_path, layout):
+    """Each stage saves its own module and optimizer state (stage folders: DeepSpeed names files by TP rank only, so
+    the stages would otherwise overwrite each other), and each stage loads its own back."""
+    world = 2 if "parallel.tensor_parallel=2" not in layout else 4
+    train(world, args(data, tmp_path, "straight", *layout), tmp_path, prefix="straight")
+    run_args = args(data, tmp_path, "run", *layout)
+    codes = train(world, run_args, tmp_path, env={"MOR_FAULT_SIGNAL_AT_STEP": "5"}, check=False, prefix="first")
+    assert codes == [75] * world
+    newest = tmp_path / "run" / "checkpoints" / NEWEST
+    assert sorted(p.name for p in newest.iterdir() if p.is_dir()) == ["stage-0", "stage-1"]
+    train(world, run_args, tmp_path, prefix="again")
+    assert f"resumed from {newest}" in (tmp_path / "again0.log").read_text()
+    assert losses(tmp_path / "run") == losses(tmp_path / "straight")
