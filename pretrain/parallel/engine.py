@@ -89,6 +89,11 @@ class Engine:
         # decided once, here, for the device the model runs on (the trainer logs it)
         self.attention_backend = use_attention_backend(model, self.device)
         self.model = model
+        self.pipelined = layout.pp > 1
+        self.replicas = replica_layout(cfg.model) if self.pipelined else []
+        # Before DeepSpeed wraps the model: ZeRO-1/2 copy the parameters into their fp32 partitions there, and the
+        # first step writes those back, so replicas made equal after it would part again (by 0.1 in 3 steps).
+        sync_replicas(model, self.replicas)
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                            betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                            fused=self.device.type == "cuda")
@@ -96,9 +101,6 @@ class Engine:
                                 bf16=bf16)
         if cfg.train.compile and self.device.type == "cuda":
             self._ds.compile()
-        self.pipelined = layout.pp > 1
-        self.replicas = replica_layout(cfg.model) if self.pipelined else []
-        sync_replicas(model, self.replicas)
         self.micro_batches = grad_accumulation_steps(cfg.parallel, layout.dp)
 
     # ---- the optimizer step -------------------------------------------------------------------------------------

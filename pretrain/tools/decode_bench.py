@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -71,8 +72,13 @@ def bench_one(model: MoRModel, *, batch: int, prompt: int, new: int, dtype: torc
 
 def _load(name: str, checkpoint: Optional[str], device: torch.device, dtype: torch.dtype) -> MoRModel:
     if checkpoint:
-        from pretrain.training.consolidate import load_model
-        model = load_model(checkpoint).model
+        from conf.errors import ConfigError
+        from pretrain.training.checkpoint import CheckpointError
+        from pretrain.training.consolidate import load
+        try:
+            model = load(Path(checkpoint)).model
+        except CheckpointError as e:
+            raise ConfigError(str(e)) from None
     else:
         torch.manual_seed(0)
         model = MoRModel(load_config(name, [], schema=ModelConfig))

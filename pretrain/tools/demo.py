@@ -8,7 +8,8 @@
    MODEL, a preset of conf/model/ (e.g. tiny_mor_tc) or a YAML path, replaces the run file's model, and the run
    then lives in runs/demo-MODEL, beside the default one in runs/demo; the data is shared;
 3. prints the validation loss against the unigram entropy of the validation tokens (what a model that ignores
-   context would reach), a greedy sample, and the run's metrics summary; writes curves.png in the run folder.
+   context would reach), a greedy sample from the run's newest checkpoint (loaded as ``python -m
+   pretrain.generate`` loads it), and the run's metrics summary; writes curves.png in the run folder.
 """
 from __future__ import annotations
 
@@ -71,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from conf import cli_errors, load_config, run_file
     from model.flops import param_counts
-    from model.generate import greedy
+    from model.inference import Sampling
     from pretrain.config import RunConfig
+    from pretrain.generate import complete, open_generator
     from pretrain.tools.plot import plot
     from pretrain.train import run_name_override
     from pretrain.training.trainer import Trainer
@@ -112,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"      validation loss {val:.3f} nats/token (perplexity {math.exp(val):.1f}); "
           f"unigram entropy of the same tokens {entropy:.3f} — {abs(entropy - val):.3f} nats "
           f"{'below' if val <= entropy else 'above'} it")
-    ids = greedy(trainer.model, sp.encode(PROMPT), 40, eos_id=sp.eos_id())
-    print(f"      greedy sample: {sp.decode(ids)!r}")
+    # from the checkpoint the run just saved, through the path `python -m pretrain.generate` takes
+    with cli_errors():
+        gen = open_generator(run_dir)
+        text = complete(gen, [PROMPT], 40, Sampling(temperature=0.0))[0]
+    print(f"      greedy sample: {PROMPT + text!r}")
     print("[4/4] summary")
     from pretrain.tools.plot import load_records
     recs = [r for r in load_records(run_dir / "metrics.jsonl") if "loss" in r and "event" not in r]
