@@ -134,6 +134,12 @@ COMMANDS: dict[str, Cmd] = {
         Cmd(RUN, "a tokenizer on the sample corpus, seconds"),
     "python -m data_prep.bench --tokenizer tok.model --repeat 80 --workers 1,2,4,8,12,16":
         Cmd(HELP, "a 16-core benchmark of many minutes"),
+    "python -m pretrain.generate runs/demo --prompt 'The state of our Union is' --greedy":
+        Cmd(HELP, "needs the trained run of make demo (the demo's own sample takes this path)"),
+    "python -m pretrain.generate runs/360m_mor_ec --prompts-file prompts.txt --temperature 0.8 --top-p 0.95 "
+    "--seed 1": Cmd(HELP, "a 360M run and the user's prompts"),
+    "python -m pretrain.tools.decode_bench tiny_vanilla tiny_mor_ec tiny_mor_ec_kvshare --batch 8 --prompt 32 "
+    "--new 96": Cmd(RUN, "tiny random models on the CPU, seconds"),
     "python -m data_prep.bench --tokenizer out/bench/mistral.model --repeat 40 --workers 1,8,16":
         Cmd(HELP, "a 16-core benchmark with a downloaded 32k model"),
 }

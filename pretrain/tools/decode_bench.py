@@ -40,8 +40,8 @@ def _depth(model: MoRModel, cache: KVCache) -> float:
     for op in cache.layer_ops:
         if op.step >= 0 and op.kv_from < 0 and op.step not in firsts:
             firsts[op.step] = cache.buffers[op.pos].count.sum()
-    if len(firsts) < model.cfg.num_recursions:  # KV sharing: later steps keep no cache, so no count
-        return float("nan")
+    if model.cfg.sharing == "none" or len(firsts) < model.cfg.num_recursions:
+        return float("nan")  # vanilla: no recursion; KV sharing: later steps keep no cache, so no count
     return float(sum(firsts.values()) / cache.lengths.sum())
 
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.tools.decode_bench", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("models", nargs="+", help="model presets (conf/model/NAME.yaml) or YAML paths; the first "
-                                                  "is the baseline of the ratios")
+                                                  "is the baseline of the ratios (with --checkpoint: labels)")
     parser.add_argument("--checkpoint", action="append", default=None,
                         help="a run or checkpoint folder per model, in order (weights, and the config they were "
                              "trained with, instead of the preset's random init)")
@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model':<28} {'prefill tok/s':>14} {'decode tok/s':>13} {'vs first':>9} {'KV MiB/seq':>11} "
           f"{'of full':>8} {'depth':>6}")
     for name, r in rows:
+        depth = "-" if r["depth"] != r["depth"] else f"{r['depth']:.2f}"  # NaN: not counted
         print(f"{name:<28} {r['prefill_tok_s']:>14,.0f} {r['decode_tok_s']:>13,.0f} {r['decode_tok_s'] / base:>9.2f} "
-              f"{r['kv_bytes_per_seq'] / 2**20:>11.3f} {r['kv_frac']:>8.3f} {r['depth']:>6.2f}")
+              f"{r['kv_bytes_per_seq'] / 2**20:>11.3f} {r['kv_frac']:>8.3f} {depth:>6}")
     return 0
 
 
