@@ -186,6 +186,23 @@ class Routing(nn.Module):
         """Whether each token of ``h`` (..., d) runs recursion step ``step`` (0-based), decided per token."""
         return torch.ones(h.shape[:-1], dtype=torch.bool, device=h.device)
 
+    # One token at a time, each row at its own step (the serving engine, model/inference/engine.py): the same
+    # arithmetic as causal routing in the forward pass, for rows h (n, d) whose steps ``step`` (n,) differ.
+    def token_enter(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-token routing state taken as the token enters the first recursion (rows of the returned tensors
+        follow h's)."""
+        return {}
+
+    def token_runs(self, step: torch.Tensor, h: torch.Tensor, st: dict[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(runs (n,) bool, gate (n,)): whether each token, having run the steps before ``step``, runs it."""
+        return torch.ones_like(step, dtype=torch.bool), torch.ones_like(step, dtype=torch.float32)
+
+    def token_update(self, step: torch.Tensor, h: torch.Tensor, y: torch.Tensor, st: dict[str, torch.Tensor],
+                     gate: torch.Tensor) -> torch.Tensor:
+        """The stream after a token ran ``step``: h before, y the block's output."""
+        return y
+
 
 def all_reduce_over_replicas(x: torch.Tensor) -> torch.Tensor:
     """Sum ``x`` over the pipeline stages and the data-parallel replicas (no-op in a single process).

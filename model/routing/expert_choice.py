@@ -244,3 +244,20 @@ class ExpertChoiceRouting(Routing):
     # ---- inference --------------------------------------------------------------------------------------------
     def continues(self, step: int, h: torch.Tensor) -> torch.Tensor:
         return self.rule(step, h)
+
+    def _per_step(self, heads: nn.ModuleList, step: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Each row's logit from the router of its own step: (n,)."""
+        logits = torch.stack([head(h, self.temperature).squeeze(-1) for head in heads], dim=-1)
+        return torch.gather(logits, -1, step[:, None]).squeeze(-1)
+
+    def token_runs(self, step: torch.Tensor, h: torch.Tensor, st: dict[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self._per_step(self.routers, step, h)
+        rule = self._per_step(self.aux_routers, step, h) if self.aux_routers is not None else logits
+        full = torch.tensor([c >= 1.0 for c in self.cfg.capacities], device=h.device)[step]
+        return full | (rule >= 0), self.alpha * _ACTIVATION[self.func][0](logits)
+
+    def token_update(self, step: torch.Tensor, h: torch.Tensor, y: torch.Tensor, st: dict[str, torch.Tensor],
+                     gate: torch.Tensor) -> torch.Tensor:
+        g = gate[..., None].to(y.dtype)
+        return h + (g * y if self.gating == "weighted" else g * (y - h)).to(h.dtype)

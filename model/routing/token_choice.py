@@ -223,3 +223,16 @@ class TokenChoiceRouting(Routing):
     def continues(self, step: int, h: torch.Tensor) -> torch.Tensor:
         """``h``: the tokens' stream entering the first recursion (not the stream at step r)."""
         return self._choose(self._scores(h)[2]).squeeze(-1) + 1 > step
+
+    def token_enter(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        route = self.route(h)
+        return {"h1": h, "depth": route.depth, "gate": route.gate}
+
+    def token_runs(self, step: torch.Tensor, h: torch.Tensor, st: dict[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        return st["depth"] > step, st["gate"]
+
+    def token_update(self, step: torch.Tensor, h: torch.Tensor, y: torch.Tensor, st: dict[str, torch.Tensor],
+                     gate: torch.Tensor) -> torch.Tensor:
+        leaving = st["h1"] + gate[..., None].to(y.dtype) * y
+        return torch.where((st["depth"] > step + 1)[..., None], y, leaving)
