@@ -218,7 +218,7 @@ class DepthBatchEngine:
                 self.phase[slot] = ENTER
 
     def _refill(self) -> None:
-        free = [s for s in range(self.slots) if self.owner[s] is None and self.queue]
+        free = [s for s in range(self.slots) if self.owner[s] is None][:len(self.queue)]
         if not free:
             return
         mask = torch.zeros(self.slots, dtype=torch.bool, device=self.device)

@@ -76,7 +76,7 @@ class RouterHead(nn.Module):
             x = h.float() / temperature
             for m in self.net.modules() if isinstance(self.net, nn.Sequential) else [self.net]:
                 if isinstance(m, nn.Linear):
-                    x = F.linear(x, m.weight.float())
+                    x = F.linear(x, m.weight.float(), None if m.bias is None else m.bias.float())
                 elif isinstance(m, nn.GELU):
                     x = F.gelu(x)
             return x

@@ -101,3 +101,10 @@ def test_the_block_batches_tokens_of_different_depths_together():
     assert any(mixed)
     # every token fed in was counted once: the prompts and every new token but the last of each request
     assert sum(engine.stats.depth_counts) == sum(len(r.prompt) + r.max_new_tokens - 1 for r in _requests(8, seed=1))
+
+
+def test_more_slots_than_requests():
+    model = _model(**VARIANTS["tc"])
+    requests = _requests(2, seed=4)
+    done = DepthBatchEngine(model, slots=5, max_len=32).run(requests)
+    assert [c.tokens for c in done] == [_alone(model, r)[0] for r in requests]
