@@ -140,6 +140,10 @@ COMMANDS: dict[str, Cmd] = {
     "--seed 1": Cmd(HELP, "a 360M run and the user's prompts"),
     "python -m pretrain.tools.decode_bench tiny_vanilla tiny_mor_ec tiny_mor_ec_kvshare --batch 8 --prompt 32 "
     "--new 96": Cmd(RUN, "tiny random models on the CPU, seconds"),
+    "python -m pretrain.serve_bench tiny_vanilla tiny_mor_ec --requests 64 --gen-mean 48 --gen-std 12 --batch 8 "
+    "--depths 0.34,0.33,0.33": Cmd(RUN, "tiny random models on the CPU, seconds"),
+    "python -m pretrain.serve_bench 360m_vanilla 360m_mor_ec --device cuda --dtype bf16 --batch max":
+        Cmd(HELP, "a GPU benchmark", check=_presets),
     "python -m data_prep.bench --tokenizer out/bench/mistral.model --repeat 40 --workers 1,8,16":
         Cmd(HELP, "a 16-core benchmark with a downloaded 32k model"),
 }

@@ -78,6 +78,10 @@ class DepthBatchEngine:
         self.coda = [op for op in layer_ops if op.step < 0 and op not in self.prelude]
         self.steps = self.model.plan.steps          # unique layer ids of each step, by position in the step
         self.nr = len(self.steps)
+        # (Nr,) unique layer at position j of each step; one id for all steps under cycle sharing
+        self.layer_of = [torch.tensor([ids[j] for ids in self.steps], device=p.device)
+                         for j in range(len(self.steps[0]))]
+        self.one_layer = [len(set(ids[j] for ids in self.steps)) == 1 for j in range(len(self.steps[0]))]
         s, d = slots, self.cfg.d_model
         self.phase = torch.zeros(s, dtype=torch.long, device=self.device)
         self.token = torch.zeros(s, dtype=torch.long, device=self.device)   # the token each slot feeds next
@@ -168,14 +172,14 @@ class DepthBatchEngine:
         stack = torch.zeros_like(step) if self.cfg.kv_sharing else step
         write = step == 0 if self.cfg.kv_sharing else torch.ones_like(step, dtype=torch.bool)
         for j in range(len(self.steps[0])):
-            ids = torch.tensor([ids[j] for ids in self.steps], device=self.device)[step]   # each row's layer
             kv_buf = self.cache.block[j]
-            if bool((ids == ids[0]).all()):     # cycle sharing: one call for every depth
-                x = self.model.layers[str(int(ids[0]))](x, rope, None,
-                                                        RowSource(kv_buf, (stack, rows), positions, write))
+            if self.one_layer[j]:     # cycle sharing: one call for every depth
+                x = self.model.layers[str(self.steps[0][j])](x, rope, None,
+                                                             RowSource(kv_buf, (stack, rows), positions, write))
                 continue
+            ids = self.layer_of[j][step]   # sequence sharing: each row's layer, one call per layer
             out = torch.empty_like(x)
-            for layer in torch.unique(ids).tolist():    # sequence sharing: one call per layer
+            for layer in torch.unique(ids).tolist():
                 m = ids == layer
                 rope_m = (rope[0][m], rope[1][m])
                 out[m] = self.model.layers[str(layer)](

@@ -254,7 +254,9 @@ class ExpertChoiceRouting(Routing):
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self._per_step(self.routers, step, h)
         rule = self._per_step(self.aux_routers, step, h) if self.aux_routers is not None else logits
-        full = torch.tensor([c >= 1.0 for c in self.cfg.capacities], device=h.device)[step]
+        if getattr(self, "_full", None) is None or self._full.device != h.device:
+            self._full = torch.tensor([c >= 1.0 for c in self.cfg.capacities], device=h.device)
+        full = self._full[step]   # steps of capacity 1: every token that reaches them runs them
         return full | (rule >= 0), self.alpha * _ACTIVATION[self.func][0](logits)
 
     def token_update(self, step: torch.Tensor, h: torch.Tensor, y: torch.Tensor, st: dict[str, torch.Tensor],
