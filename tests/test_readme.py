@@ -144,6 +144,9 @@ COMMANDS: dict[str, Cmd] = {
     "--depths 0.34,0.33,0.33": Cmd(RUN, "tiny random models on the CPU, seconds"),
     "python -m pretrain.serve_bench 360m_vanilla 360m_mor_ec --device cuda --dtype bf16 --batch max":
         Cmd(HELP, "a GPU benchmark", check=_presets),
+    "python -m pretrain.fewshot runs/demo --limit 100": Cmd(HELP, "needs the trained run of make demo"),
+    "python -m pretrain.fewshot runs/360m_mor_ec --tasks arc_easy,piqa --shots 5 --out runs/360m_mor_ec/eval":
+        Cmd(HELP, "a 360M run"),
     "python -m data_prep.bench --tokenizer out/bench/mistral.model --repeat 40 --workers 1,8,16":
         Cmd(HELP, "a 16-core benchmark with a downloaded 32k model"),
 }

@@ -4,7 +4,8 @@ Each request is a context and a continuation (token ids). The model reads contex
 routing through the KV cache's prefill (model/inference/decode.py), so no reported number comes from routing that
 reads the future; requests are batched by length (longest first, right-padded: padding is neither cached nor
 seen) and returned in their own order. A request longer than the model's ``max_seq_len`` keeps its last
-``max_seq_len`` tokens (the continuation whole), as lm-eval does.
+``max_seq_len`` + 1 tokens, as lm-eval does; a continuation longer than that window (lm-eval refuses it) is scored
+on the tokens the window holds after its first, and ``tokens`` says how many.
 """
 from __future__ import annotations
 
@@ -34,13 +35,10 @@ def score(model: MoRModel, requests: Sequence[tuple[Sequence[int], Sequence[int]
     for i, (context, continuation) in enumerate(requests):
         if not continuation:
             raise ValueError(f"request {i}: an empty continuation")
-        if len(continuation) >= limit:
-            raise ValueError(f"request {i}: a continuation of {len(continuation)} tokens does not fit "
-                             f"max_seq_len={limit} with any context")
-        ids = (list(context) + list(continuation))[-(limit + 1):]   # +1: the last token is only a target
-        if len(ids) == len(continuation):
+        if not context:
             raise ValueError(f"request {i}: a continuation needs at least one token before it (the context)")
-        seqs.append((ids, len(continuation)))
+        ids = (list(context) + list(continuation))[-(limit + 1):]   # +1: the last token is only a target
+        seqs.append((ids, min(len(continuation), len(ids) - 1)))
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     out: list[Optional[Scored]] = [None] * len(seqs)
     was_training = model.training

@@ -19,9 +19,9 @@ PACKAGES = ("conf", "model", "pretrain", "data_prep")
 # What each package may import of the others (itself always).
 MAY_IMPORT = {"conf": set(), "model": {"conf"}, "data_prep": {"conf"}, "pretrain": {"conf", "model", "data_prep"}}
 # The rooms of pretrain/, low to high: a module may import its own floor and the floors below.
-ROOMS = {"pretrain.config": 0, "pretrain.data": 0, "pretrain.parallel": 0, "pretrain.training": 1,
-         "pretrain.train": 2, "pretrain.generate": 2, "pretrain.sweep": 2, "pretrain.tools": 3,
-         "pretrain.serve_bench": 3}
+ROOMS = {"pretrain.config": 0, "pretrain.data": 0, "pretrain.parallel": 0, "pretrain.eval": 0,
+         "pretrain.training": 1, "pretrain.train": 2, "pretrain.generate": 2, "pretrain.sweep": 2, "pretrain.tools": 3,
+         "pretrain.serve_bench": 3, "pretrain.fewshot": 3}
 
 
 @dataclass(frozen=True)

@@ -82,5 +82,14 @@ def test_bad_requests_are_refused():
     model = _model()
     with pytest.raises(ValueError, match="empty continuation"):
         score(model, [([1, 2], [])])
-    with pytest.raises(ValueError, match="does not fit"):
-        score(model, [([1], list(range(40)))])
+    with pytest.raises(ValueError, match="needs at least one token before it"):
+        score(model, [([], [1, 2])])
+
+
+def test_a_continuation_longer_than_the_window_is_scored_on_what_fits():
+    model = _model(routing="expert_choice")
+    context, continuation = [1, 2, 3], list(range(10, 50))        # 43 tokens, max_seq_len 32
+    got = score(model, [(context, continuation)])[0]
+    window = (context + continuation)[-33:]
+    total, _ = _direct(model, window[:1], window[1:])
+    assert got.tokens == 32 and got.logprob == pytest.approx(total, abs=1e-4)

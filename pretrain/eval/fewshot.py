@@ -1,0 +1,88 @@
+"""Few-shot accuracy of one model on the tasks of pretrain/eval/tasks.py.
+
+Every choice of every item is scored as the loglikelihood of its continuation after its context
+(model/inference/score.py: causal routing, the KV cache's prefill). Tokenization follows lm-eval: the context
+(after the token that starts a document in the run's data) and context + continuation are encoded, and the
+continuation's tokens are what the second adds; a space that ends the context moves to the continuation.
+
+Metrics per task: ``acc`` — the choice with the highest loglikelihood is the gold one; ``acc_per_char`` — the
+same after dividing each loglikelihood by its continuation's length in characters (the package's
+"acc_per_char", lm-eval's acc_norm up to bytes vs characters); LAMBADA: ``acc`` — every token of the target word
+is the model's greedy choice. ``primary`` is the metric the task's config names (acc for LAMBADA), and the
+average over tasks is the mean of the primaries, as the paper averages its task accuracies.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional, Sequence
+
+from model.inference.score import score
+from model.mor import MoRModel
+from pretrain.eval.tasks import Task
+
+
+@dataclass
+class TaskResult:
+    task: str
+    shots: int
+    items: int
+    acc: float
+    acc_per_char: Optional[float]   # None for LAMBADA (one continuation)
+    primary: float
+    primary_metric: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def encode_pair(sp, context: str, continuation: str, doc_start: Optional[int]) -> tuple[list[int], list[int]]:
+    """Token ids of (context, continuation) as lm-eval splits them."""
+    trailing = len(context) - len(context.rstrip(" "))
+    if trailing:
+        context, continuation = context[:-trailing], context[-trailing:] + continuation
+    start = [doc_start] if doc_start is not None else []
+    ctx = sp.encode(context)
+    whole = sp.encode(context + continuation)
+    cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else sp.encode(continuation)
+    return start + ctx, cont or sp.encode(continuation)
+
+
+def evaluate(model: MoRModel, sp, doc_start: Optional[int], tasks: Sequence[Task], *, batch_size: int = 16,
+             progress: Optional[Callable[[int], None]] = None) -> list[TaskResult]:
+    results = []
+    for task in tasks:
+        pairs = [(item, encode_pair(sp, c, k, doc_start), k) for item in task.items for c, k in item.pairs]
+        scored = score(model, [p for _, p, _ in pairs], batch_size=batch_size, progress=progress)
+        right = right_per_char = 0
+        at = 0
+        for item in task.items:
+            n = len(item.pairs)
+            mine = scored[at:at + n]
+            texts = [k for _, _, k in pairs[at:at + n]]
+            at += n
+            if n == 1:   # LAMBADA: the target word, greedily
+                right += mine[0].greedy
+                continue
+            right += max(range(n), key=lambda j: mine[j].logprob) == item.gold
+            right_per_char += max(range(n), key=lambda j: mine[j].logprob / max(1, len(texts[j]))) == item.gold
+        count = max(1, len(task.items))
+        single = all(len(item.pairs) == 1 for item in task.items)
+        acc, per_char = right / count, (None if single else right_per_char / count)
+        primary = per_char if (task.primary_metric == "acc_per_char" and per_char is not None) else acc
+        results.append(TaskResult(task.name, task.shots, len(task.items), acc, per_char, primary,
+                                  "acc_per_char" if primary is per_char and per_char is not None else "acc"))
+    return results
+
+
+def average(results: Sequence[TaskResult]) -> float:
+    return sum(r.primary for r in results) / max(1, len(results))
+
+
+def markdown(results: Sequence[TaskResult]) -> str:
+    lines = ["| task | shots | items | acc | acc_per_char | primary |", "|---|---|---|---|---|---|"]
+    for r in results:
+        pc = "—" if r.acc_per_char is None else f"{r.acc_per_char:.4f}"
+        lines.append(f"| {r.task} | {r.shots} | {r.items} | {r.acc:.4f} | {pc} | {r.primary:.4f} "
+                     f"({r.primary_metric}) |")
+    lines.append(f"| **average** | | | | | **{average(results):.4f}** |")
+    return "\n".join(lines)

