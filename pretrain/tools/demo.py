@@ -9,7 +9,9 @@
    then lives in runs/demo-MODEL, beside the default one in runs/demo; the data is shared;
 3. prints the validation loss against the unigram entropy of the validation tokens (what a model that ignores
    context would reach), a greedy sample from the run's newest checkpoint (loaded as ``python -m
-   pretrain.generate`` loads it), and the run's metrics summary; writes curves.png in the run folder.
+   pretrain.generate`` loads it), 0-shot accuracy on the first FEWSHOT_LIMIT items of each few-shot task (as
+   ``python -m pretrain.fewshot --limit`` scores them), and the run's metrics summary; writes curves.png in the
+   run folder.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: pretrain/tools/demo.py
 CORPUS = ROOT / "data_prep" / "corpus"
 PROMPT = "The state of our Union is"
+FEWSHOT_LIMIT = 20   # items per task: ~15 s on 2 cores
 
 
 def tokenize(out: Path, seq_len: int, vocab: int) -> Path:
@@ -119,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         gen = open_generator(run_dir)
         text = complete(gen, [PROMPT], 40, Sampling(temperature=0.0))[0]
     print(f"      greedy sample: {PROMPT + text!r}")
+    from pretrain.eval.fewshot import average, evaluate
+    from pretrain.eval.tasks import TASKS, load_task
+    with cli_errors():
+        tasks = [load_task(name, 0, FEWSHOT_LIMIT) for name in TASKS]
+    results = evaluate(gen.model, gen.sp, gen.doc_start, tasks)
+    print(f"      0-shot, first {FEWSHOT_LIMIT} items per task (causal routing): "
+          + ", ".join(f"{r.task} {r.primary:.2f}" for r in results) + f"; average {average(results):.2f}")
     print("[4/4] summary")
     from pretrain.tools.plot import load_records
     recs = [r for r in load_records(run_dir / "metrics.jsonl") if "loss" in r and "event" not in r]
