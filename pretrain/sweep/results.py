@@ -23,16 +23,19 @@ from conf.files import atomic_write_text
 from pretrain.sweep.spec import Point, SweepConfig
 from pretrain.training.metrics import read_metrics
 
-COLUMNS = ("point", "overrides", "state", "job_id", "step", "loss", "val_loss", "tokens_per_s", "run_dir")
+COLUMNS = ("point", "overrides", "state", "job_id", "step", "loss", "val_loss", "downstream_avg", "tokens_per_s",
+           "run_dir")
 TOKS_WINDOW = 3  # training records averaged for tokens/s: the last few, after start-up noise is gone
 
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
-    """Final step, train loss, last val_loss and recent mean tokens/s of a run; empty values when absent.
+    """Final step, train loss, last val_loss, last downstream_avg (the in-loop downstream evaluation's average
+    accuracy) and recent mean tokens/s of a run; empty values when absent.
 
     A resumed run logs the steps after its checkpoint again, so "final" means the last record of the largest step.
     """
-    out: dict[str, Any] = {"step": None, "loss": None, "val_loss": None, "tokens_per_s": None}
+    out: dict[str, Any] = {"step": None, "loss": None, "val_loss": None, "downstream_avg": None,
+                           "tokens_per_s": None}
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return out
@@ -42,6 +45,8 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
             continue
         if "val_loss" in rec:
             out["val_loss"] = rec["val_loss"]
+        elif "downstream_avg" in rec:
+            out["downstream_avg"] = rec["downstream_avg"]
         elif "loss" in rec and "step" in rec:
             train.append(rec)
     if train:
@@ -87,7 +92,8 @@ def build_rows(points: list[Point], states: dict[str, str], job_ids: dict[str, s
         m = run_summary(p.run_dir)
         rows.append({"point": p.name, "overrides": " ".join(p.own_overrides), "state": states.get(p.name, ""),
                      "job_id": job_ids.get(p.name, ""), "step": _fmt(m["step"]), "loss": _fmt(m["loss"]),
-                     "val_loss": _fmt(m["val_loss"]), "tokens_per_s": _fmt(m["tokens_per_s"], 0),
+                     "val_loss": _fmt(m["val_loss"]), "downstream_avg": _fmt(m["downstream_avg"]),
+                     "tokens_per_s": _fmt(m["tokens_per_s"], 0),
                      "run_dir": str(p.run_dir)})
     return rows
 

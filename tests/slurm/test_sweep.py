@@ -133,10 +133,36 @@ def check_table(out: Path, state: str = "COMPLETED") -> list[dict[str, str]]:
     for r in rows:
         assert r["state"] == state and int(r["step"]) == STEPS, rows
         assert float(r["loss"]) > 0 and float(r["val_loss"]) > 0 and float(r["tokens_per_s"]) > 0, rows
+        assert "downstream_avg" in r, rows  # the column is there (empty unless the run evaluated downstream)
         assert steps_logged(Path(r["run_dir"])) == list(range(1, STEPS + 1))
     md = (out / "results.md").read_text()
     assert all(f"| {r['point']} |" in md for r in rows)
     return rows
+
+
+def test_the_table_has_the_last_downstream_average_and_is_empty_without_one(tmp_path):
+    """Downstream records (in-loop evaluation) fill downstream_avg with the last one's average; neither they nor
+    the validation records count as training records."""
+    from pretrain.sweep.results import COLUMNS, build_rows, run_summary, write_tables
+    from pretrain.sweep.spec import Point
+    runs = {"down": tmp_path / "down", "plain": tmp_path / "plain"}
+    for name, run_dir in runs.items():
+        run_dir.mkdir()
+        recs = [{"step": s, "loss": 3.0 / s, "tokens_per_s": 100.0} for s in (1, 2, 3, 4)]
+        recs += [{"step": 2, "val_loss": 2.5}, {"step": 4, "val_loss": 2.0}]
+        if name == "down":
+            recs += [{"step": s, "downstream_avg": avg, "downstream_piqa": avg, "downstream_piqa_acc": avg,
+                      "downstream_items": 50} for s, avg in ((2, 0.5), (4, 0.625))]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    summary = run_summary(runs["down"])
+    assert summary == {"step": 4, "loss": 0.75, "val_loss": 2.0, "downstream_avg": 0.625, "tokens_per_s": 100.0}
+    assert run_summary(runs["plain"])["downstream_avg"] is None
+    rows = build_rows([Point(n, [], [], d) for n, d in runs.items()], {}, {})
+    csv_path, md_path = write_tables(tmp_path / "out", rows)
+    assert [r["downstream_avg"] for r in table(tmp_path / "out")] == ["0.6250", ""]
+    md = md_path.read_text().splitlines()
+    assert md[0] == "| " + " | ".join(COLUMNS) + " |" and "downstream_avg" in COLUMNS
+    assert md[2].split(" | ")[COLUMNS.index("downstream_avg")] == "0.6250", md
 
 
 def test_local_executor_runs_two_points_of_two_ranks_and_tabulates(tmp_path, data):
