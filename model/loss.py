@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-from model.layers import tp_world_size
+from model.layers import tp_group, tp_world_size
 
 # The label of a position that counts nowhere: the padding of a split's last sample (pretrain/data/readers.py).
 # torch's own default ignore_index, so F.cross_entropy needs no extra argument to agree.
@@ -47,3 +47,25 @@ def lm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, loss_mask: O
     # clamp: a batch of nothing but padding (impossible from our shards, which keep a real label in the padded
     # sample) gives 0, not NaN; no host sync either way
     return (per_token * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def label_is_argmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the label's logit is the largest of its row (lm-eval's ``is_greedy``, token by token), over the
+    whole vocabulary when it is split over tensor-parallel ranks. Exact: the label's logit is one of the values the
+    maximum is taken over, and the ranks that do not hold it add zeros. ``IGNORE_INDEX`` labels give False."""
+    logits = logits.float()
+    ignored = labels == IGNORE_INDEX
+    if tp_world_size() == 1:
+        picked = logits.gather(-1, labels.masked_fill(ignored, 0)[..., None])[..., 0]
+        top = logits.amax(dim=-1)
+    else:
+        group = tp_group()
+        width = logits.shape[-1]
+        first = torch.distributed.get_rank(group) * width       # this rank's slice of the (padded) vocabulary
+        local = labels - first
+        mine = (local >= 0) & (local < width) & ~ignored
+        picked = logits.gather(-1, local.clamp(0, width - 1)[..., None])[..., 0].masked_fill(~mine, 0.0)
+        top = logits.amax(dim=-1)
+        torch.distributed.all_reduce(picked, group=group)
+        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=group)
+    return (picked >= top) & ~ignored

@@ -29,7 +29,7 @@ from model.config import ModelConfig
 from model.layers import (RMSNorm, Rotary, TransformerLayer, make_parallel_config, normal_init, tp_group,
                           tp_world_size)
 from model.kv_sharing import ReadFirstStep, SaveFirstStep
-from model.loss import lm_cross_entropy
+from model.loss import IGNORE_INDEX, label_is_argmax, lm_cross_entropy
 from model.program import Op, build_program, pack, packed_rows, stage_ranges, state_spec, unpack
 from model.routing import Routing, Stream, build_routing
 from model.sharing import build_plan
@@ -45,6 +45,10 @@ class MoROutput:
     aux_loss: torch.Tensor                 # router losses, coefficients applied, summed over steps
     logits: Optional[torch.Tensor] = None  # (B, T, V / TP) when no labels were given
     router_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars for logging
+    # forward(..., per_token=True): per position, log p(label) and whether the label is the argmax (0 and False
+    # where the label is IGNORE_INDEX) — what loglikelihood scoring needs, on any tensor-parallel size
+    token_logprob: Optional[torch.Tensor] = None
+    token_greedy: Optional[torch.Tensor] = None
 
 
 class MoRModel(nn.Module):
@@ -220,7 +224,7 @@ class MoRModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 loss_mask: Optional[torch.Tensor] = None, *, causal_routing: bool = False,
-                cache: Optional["KVCache"] = None, lengths: Optional[torch.Tensor] = None):
+                cache: Optional["KVCache"] = None, lengths: Optional[torch.Tensor] = None, per_token: bool = False):
         """tokens, labels, loss_mask: (B, T). Returns the mean next-token loss over loss_mask when labels given;
         labels equal to model.loss.IGNORE_INDEX (padding) count nowhere.
 
@@ -231,6 +235,9 @@ class MoRModel(nn.Module):
         ``cache`` (model/inference/cache.py; implies causal routing, one process): ``tokens`` continue each row
         of the cache at its current length; only the first ``lengths`` (B,) tokens of a row are real (default
         all), the rest is padding that is neither cached nor seen. The cache advances by ``lengths``.
+
+        ``per_token`` (with labels): the output also carries each position's log-probability of its label and
+        whether the label is the most likely token (MoROutput.token_logprob / token_greedy).
 
         On a pipeline stage other than the last, returns the packed state tensor for the next stage instead.
         """
@@ -270,8 +277,14 @@ class MoRModel(nn.Module):
         if labels is None:
             return MoROutput(None, None, aux_loss, logits, stats)
         # the mean over the labels that count: loss_mask, and never padding (labels IGNORE_INDEX, model/loss.py)
-        lm_loss = lm_cross_entropy(logits, labels, loss_mask=loss_mask, reduction="mean")
-        return MoROutput(lm_loss + aux_loss, lm_loss, aux_loss, None, stats)
+        if not per_token:
+            lm_loss = lm_cross_entropy(logits, labels, loss_mask=loss_mask, reduction="mean")
+            return MoROutput(lm_loss + aux_loss, lm_loss, aux_loss, None, stats)
+        token_loss = lm_cross_entropy(logits, labels)
+        weight = (labels != IGNORE_INDEX).float() * (1.0 if loss_mask is None else loss_mask.float())
+        lm_loss = (token_loss * weight).sum() / weight.sum().clamp(min=1.0)   # as reduction="mean" computes it
+        return MoROutput(lm_loss + aux_loss, lm_loss, aux_loss, None, stats, -token_loss.detach(),
+                         label_is_argmax(logits.detach(), labels))
 
     # ---- once per optimizer step (the trainer calls these on every rank) ---------------------------------------
     def begin_step(self, step: int) -> None:

@@ -50,6 +50,17 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """In-loop downstream evaluation (pretrain/training/downstream.py): few-shot accuracy on a fixed subset."""
+    downstream_every: int = 0          # steps; 0: never
+    downstream_limit: int = 50         # the first N items of each task (MMLU: spread over its subjects)
+    downstream_tasks: list[str] = field(default_factory=lambda: [
+        "arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "lambada", "mmlu"])
+    downstream_shots: int = 0          # examples in each prompt: 0 or 5 (LAMBADA: 0)
+    downstream_batch_size: int = 16    # sequences per forward pass on each data-parallel rank
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 500               # steps; 0 saves only at the end and on signals
     keep: int = 3                  # most recent complete checkpoints kept
@@ -73,6 +84,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     on_nonfinite: Literal["skip", "stop"] = "skip"   # a NaN/inf loss or gradient norm: skip the step, or stop
@@ -94,4 +106,20 @@ class RunConfig:
         need(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
         need(self.max_consecutive_skips >= 1, "max_consecutive_skips", "must be >= 1")
         need(self.train.log_every >= 1, "train.log_every", "must be >= 1")
+        ev = self.eval
+        need(ev.downstream_every >= 0, "eval.downstream_every", "must be >= 0 (0: never)")
+        need(ev.downstream_limit >= 1, "eval.downstream_limit", "must be >= 1")
+        need(ev.downstream_batch_size >= 1, "eval.downstream_batch_size", "must be >= 1")
+        need(bool(ev.downstream_tasks), "eval.downstream_tasks", "names no task")
+        if ev.downstream_every:   # the names and shots now, not at the first evaluation hours into the run
+            from pretrain.eval.tasks import load_task
+            for name in ev.downstream_tasks:
+                try:
+                    load_task(name, ev.downstream_shots, limit=1)
+                except ConfigError as e:   # the command's option names become the config's keys
+                    msg = str(e)
+                    for flag, key in (("--tasks: ", "eval.downstream_tasks: "),
+                                      ("--shots: ", "eval.downstream_shots: ")):
+                        msg = key + msg[len(flag):] if msg.startswith(flag) else msg
+                    raise ConfigError(msg if msg.startswith("eval.") else f"eval.downstream_tasks: {msg}") from None
         return self

@@ -26,19 +26,25 @@ class Scored:
     tokens: int      # continuation tokens scored
 
 
+def window(context: Sequence[int], continuation: Sequence[int], max_seq_len: int, index: int = 0
+           ) -> tuple[list[int], int]:
+    """(ids, n): the last ``max_seq_len`` + 1 tokens of context + continuation (the last token is only a target)
+    and how many of their last tokens are the continuation's that get scored. ``index`` names the request in
+    errors."""
+    if not continuation:
+        raise ValueError(f"request {index}: an empty continuation")
+    if not context:
+        raise ValueError(f"request {index}: a continuation needs at least one token before it (the context)")
+    ids = (list(context) + list(continuation))[-(max_seq_len + 1):]
+    return ids, min(len(continuation), len(ids) - 1)
+
+
 @torch.no_grad()
 def score(model: MoRModel, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, batch_size: int = 16,
           progress: Optional[Callable[[int], None]] = None) -> list[Scored]:
     """Scores of (context, continuation) pairs; ``progress(n)`` after each batch of n requests."""
-    limit = model.cfg.max_seq_len
-    seqs = []
-    for i, (context, continuation) in enumerate(requests):
-        if not continuation:
-            raise ValueError(f"request {i}: an empty continuation")
-        if not context:
-            raise ValueError(f"request {i}: a continuation needs at least one token before it (the context)")
-        ids = (list(context) + list(continuation))[-(limit + 1):]   # +1: the last token is only a target
-        seqs.append((ids, min(len(continuation), len(ids) - 1)))
+    seqs = [window(context, continuation, model.cfg.max_seq_len, i) for i, (context, continuation)
+            in enumerate(requests)]
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     out: list[Optional[Scored]] = [None] * len(seqs)
     was_training = model.training

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence
 
-from model.inference.score import score
+from model.inference.score import Scored, score
 from model.mor import MoRModel
 from pretrain.eval.tasks import Task
 
@@ -47,31 +47,39 @@ def encode_pair(sp, context: str, continuation: str, doc_start: Optional[int]) -
     return start + ctx, cont or sp.encode(continuation)
 
 
+def encode_task(sp, task: Task, doc_start: Optional[int]) -> list[tuple[list[int], list[int]]]:
+    """Every choice of every item of ``task`` as token ids (``encode_pair``), items in order, choices in order."""
+    return [encode_pair(sp, c, k, doc_start) for item in task.items for c, k in item.pairs]
+
+
+def task_result(task: Task, scored: Sequence[Scored]) -> TaskResult:
+    """The task's metrics from the scores of ``encode_task``'s requests (same order)."""
+    right = right_per_char = 0
+    at = 0
+    for item in task.items:
+        n = len(item.pairs)
+        mine, texts = scored[at:at + n], [k for _, k in item.pairs]
+        at += n
+        if n == 1:   # LAMBADA: the target word, greedily
+            right += mine[0].greedy
+            continue
+        right += max(range(n), key=lambda j: mine[j].logprob) == item.gold
+        right_per_char += max(range(n), key=lambda j: mine[j].logprob / max(1, len(texts[j]))) == item.gold
+    if at != len(scored):
+        raise ValueError(f"{task.name}: {len(scored)} scores for {at} requests")
+    count = max(1, len(task.items))
+    per_char = None if all(len(item.pairs) == 1 for item in task.items) else right_per_char / count
+    use_per_char = task.primary_metric == "acc_per_char" and per_char is not None
+    return TaskResult(task.name, task.shots, len(task.items), right / count, per_char,
+                      per_char if use_per_char else right / count, "acc_per_char" if use_per_char else "acc")
+
+
 def evaluate(model: MoRModel, sp, doc_start: Optional[int], tasks: Sequence[Task], *, batch_size: int = 16,
              progress: Optional[Callable[[int], None]] = None) -> list[TaskResult]:
-    results = []
-    for task in tasks:
-        pairs = [(item, encode_pair(sp, c, k, doc_start), k) for item in task.items for c, k in item.pairs]
-        scored = score(model, [p for _, p, _ in pairs], batch_size=batch_size, progress=progress)
-        right = right_per_char = 0
-        at = 0
-        for item in task.items:
-            n = len(item.pairs)
-            mine = scored[at:at + n]
-            texts = [k for _, _, k in pairs[at:at + n]]
-            at += n
-            if n == 1:   # LAMBADA: the target word, greedily
-                right += mine[0].greedy
-                continue
-            right += max(range(n), key=lambda j: mine[j].logprob) == item.gold
-            right_per_char += max(range(n), key=lambda j: mine[j].logprob / max(1, len(texts[j]))) == item.gold
-        count = max(1, len(task.items))
-        single = all(len(item.pairs) == 1 for item in task.items)
-        acc, per_char = right / count, (None if single else right_per_char / count)
-        primary = per_char if (task.primary_metric == "acc_per_char" and per_char is not None) else acc
-        results.append(TaskResult(task.name, task.shots, len(task.items), acc, per_char, primary,
-                                  "acc_per_char" if primary is per_char and per_char is not None else "acc"))
-    return results
+    """Each task's metrics, its requests scored in one process (model/inference/score.py)."""
+    return [task_result(task, score(model, encode_task(sp, task, doc_start), batch_size=batch_size,
+                                    progress=progress))
+            for task in tasks]
 
 
 def average(results: Sequence[TaskResult]) -> float:

@@ -7,6 +7,7 @@ Under every layout (TP × PP × DP, ZeRO 0-3) the loop, validation and checkpoin
     engine.begin_step(step) ... engine.end_step(applied)   routing state that moves once per optimizer step
     result = engine.train_step(micro_batches)  forward, backward and optimizer step over the micro-batches
     sums = engine.eval_sums(batches, causal_routing=...)   forward only: loss and router statistic sums
+    scores = engine.token_scores(batches)      forward only, causal routing: per-token log p(label), greedy flags
     engine.save(folder) / engine.load(folder)  this rank's model and optimizer state
 
 With PP = 1 each micro-batch goes through DeepSpeed's engine (forward, backward, step: DeepSpeed accumulates,
@@ -34,7 +35,7 @@ from pretrain.config import RunConfig
 from pretrain.data.loader import label_count
 from pretrain.parallel.layout import Layout, grad_accumulation_steps
 from pretrain.parallel.pipeline import (build_stage, clip_grad_norm, finish_pipeline_step, pipeline_forward_backward,
-                                        pipeline_forward_only, replica_layout, sync_replicas)
+                                        pipeline_forward_only, pipeline_token_scores, replica_layout, sync_replicas)
 from pretrain.parallel.zero import build_engine, param_groups
 
 Batch = tuple[torch.Tensor, torch.Tensor]   # (tokens, labels), each (B, T)
@@ -189,6 +190,32 @@ class Engine:
             dist.all_gather_object(gathered, weighed, group=ps.get_pipeline_model_parallel_group())
             weighed = merge_stat_sums(gathered)
         return EvalSums(total, weighed)
+
+    @torch.no_grad()
+    def token_scores(self, batches: Sequence[Batch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Forward only with causal routing (a deployed model's: no position reads a later one): per batch, in
+        order, (log p(label), label is the argmax), each (B, T), 0 / False where the label is IGNORE_INDEX. The
+        same on every rank of this data-parallel replica (a pipeline's last stage sends them to the others)."""
+        self.model.eval()
+        try:
+            if not self.pipelined:
+                outs = [self._ds(tokens, labels, causal_routing=True, per_token=True) for tokens, labels in batches]
+                return [(o.token_logprob.float(), o.token_greedy) for o in outs]
+            scores = pipeline_token_scores(self.model, batches, causal_routing=True)
+            if not scores:   # not the last stage: room for what it sends
+                scores = [(torch.zeros(t.shape, device=self.device), torch.zeros(t.shape, dtype=torch.bool,
+                                                                                device=self.device))
+                          for t, _ in batches]
+            group, src = ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_last_rank()
+            out = []
+            for logprob, greedy in scores:
+                logprob, flags = logprob.float().contiguous(), greedy.to(torch.uint8).contiguous()
+                dist.broadcast(logprob, src=src, group=group)
+                dist.broadcast(flags, src=src, group=group)
+                out.append((logprob, flags.bool()))
+            return out
+        finally:
+            self.model.train()
 
     # ---- state ------------------------------------------------------------------------------------------------------
     def _stage_folder(self, folder: Path) -> Path:

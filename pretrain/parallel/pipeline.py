@@ -176,7 +176,7 @@ def clip_grad_norm(model: MoRModel, layout, max_norm: float) -> torch.Tensor:
 
 # ---- the schedule ---------------------------------------------------------------------------------------------
 def _schedule(model: MoRModel, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
-              forward_only: bool, causal_routing: bool = False,
+              forward_only: bool, causal_routing: bool = False, per_token: bool = False,
               router_stats: Optional[list[dict[str, torch.Tensor]]] = None) -> list[dict]:
     """megatron's schedule over ``micro_batches`` (all of one shape); the last stage gets one dict per micro-batch.
     ``causal_routing``: every stage routes as a deployed model does (MoRModel.forward). ``router_stats``: a list
@@ -184,7 +184,8 @@ def _schedule(model: MoRModel, micro_batches: Sequence[tuple[torch.Tensor, torch
     b, t = micro_batches[0][0].shape
     rows = packed_rows(model.cfg, model.pp_size, b, t, ps.get_tensor_model_parallel_world_size())
     return get_forward_backward_func()(
-        forward_step_func=partial(forward_step, causal_routing=causal_routing, router_stats=router_stats),
+        forward_step_func=partial(forward_step, causal_routing=causal_routing, per_token=per_token,
+                                  router_stats=router_stats),
         data_iterator=iter(micro_batches), model=[model], num_microbatches=len(micro_batches), seq_length=rows,
         micro_batch_size=b, forward_only=forward_only)
 
@@ -204,11 +205,25 @@ def pipeline_forward_only(model: MoRModel, batches: Sequence[tuple[torch.Tensor,
     return out
 
 
+def pipeline_token_scores(model: MoRModel, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
+                          causal_routing: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per batch, in order, on the last stage: (log p(label), label is the argmax), each (B, T) (MoRModel.forward
+    ``per_token``); an empty list on the other stages."""
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for shape in dict.fromkeys(bt[0].shape for bt in batches):   # one schedule call per shape, as above
+        where = [i for i, bt in enumerate(batches) if bt[0].shape == shape]
+        results = _schedule(model, [batches[i] for i in where], forward_only=True, causal_routing=causal_routing,
+                            per_token=True)
+        out.update((i, (r["token_logprob"], r["token_greedy"])) for i, r in zip(where, results))
+    return [out[i] for i in sorted(out)]
+
+
 # ---- one optimizer step ---------------------------------------------------------------------------------------
-def forward_step(data_iterator: Iterator, model: MoRModel, causal_routing: bool = False,
+def forward_step(data_iterator: Iterator, model: MoRModel, causal_routing: bool = False, per_token: bool = False,
                  router_stats: Optional[list[dict[str, torch.Tensor]]] = None):
     tokens, labels = next(data_iterator)
-    out = model(tokens, labels if model.is_last else None, causal_routing=causal_routing)
+    out = model(tokens, labels if model.is_last else None, causal_routing=causal_routing,
+                per_token=per_token and model.is_last)
     if router_stats is not None:  # every stage's own: the routing ops it ran (a stage returns no MoROutput)
         router_stats.append(model.last_router_stats)
     if not model.is_last:
@@ -218,7 +233,10 @@ def forward_step(data_iterator: Iterator, model: MoRModel, causal_routing: bool 
 
 def _loss_func(out, loss: torch.Tensor):
     # clones: the schedule divides the returned loss by the micro-batch count in place
-    return loss, {"loss": loss.detach().clone(), "lm_loss": out.lm_loss.detach().clone()}
+    record = {"loss": loss.detach().clone(), "lm_loss": out.lm_loss.detach().clone()}
+    if out.token_logprob is not None:
+        record.update(token_logprob=out.token_logprob, token_greedy=out.token_greedy)
+    return loss, record
 
 
 def pipeline_forward_backward(model: MoRModel, layout, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],

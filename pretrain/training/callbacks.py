@@ -108,6 +108,17 @@ class Validation(Callback):
             trainer.validate(trainer.progress.say)
 
 
+class Downstream(Callback):
+    """Few-shot accuracy on a fixed subset every ``every`` steps (pretrain/training/downstream.py)."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def step_end(self, trainer, rec: dict[str, Any]) -> None:
+        if self.every and trainer.step % self.every == 0:
+            trainer.downstream(trainer.progress.say)
+
+
 class Checkpointing(Callback):
     """A checkpoint every ``every`` steps (0: only at the end) and at the end of the run."""
 
@@ -142,5 +153,5 @@ def default_callbacks(cfg) -> list[Callback]:
     """The run's callbacks, in the order they run after every step (``cfg``: pretrain.config.RunConfig)."""
     return [RoutingStep(), SpikeMonitor(cfg.logging.spike_factor),
             MetricsLogger(cfg.train.log_every, cfg.train.steps), Validation(cfg.train.eval_every),
-            Checkpointing(cfg.checkpoint.every), Preemption()]
+            Downstream(cfg.eval.downstream_every), Checkpointing(cfg.checkpoint.every), Preemption()]
 

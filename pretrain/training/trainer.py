@@ -35,6 +35,7 @@ from pretrain.parallel.engine import Engine
 from pretrain.parallel.layout import init_distributed
 from pretrain.training import checkpoint as ckpt
 from pretrain.training import faults
+from pretrain.training import downstream
 from pretrain.training.callbacks import Callback, default_callbacks
 from pretrain.training.evaluate import ValidationMetrics, validate
 from pretrain.training.metrics import MetricsLog, NullLog, Progress, device_peak_flops
@@ -59,6 +60,7 @@ class Trainer:
         self.seq_len = self.manifest.seq_len
         if self.seq_len > cfg.model.max_seq_len:
             raise ConfigError(f"model.max_seq_len: {cfg.model.max_seq_len} < the data's seq_len {self.seq_len}")
+        self.downstream_eval = self._downstream_eval() if cfg.eval.downstream_every else None
         self.layout = init_distributed(cfg.parallel, cfg.model)
         faults.point("startup.distributed")
         self.device = self.layout.device
@@ -204,6 +206,27 @@ class Trainer:
         if self.is_main:
             (say or self.print)(result.line(self.step))
         return result
+
+    def _downstream_eval(self) -> downstream.DownstreamEval:
+        """The in-loop few-shot tasks, tokenized with the data's tokenizer (checked at start-up)."""
+        path = Path(str(self.manifest.tokenizer.get("path", "")))
+        if not path.is_file():
+            raise ConfigError(f"eval.downstream_every: the data manifest at data.path={self.cfg.data.path} names the "
+                              f"tokenizer {path}, which is not there; downstream evaluation needs it "
+                              "(or set eval.downstream_every=0)")
+        return downstream.DownstreamEval(self.cfg.eval, path, bool(self.manifest.settings.get("bos", False)))
+
+    @torch.no_grad()
+    def downstream(self, say=None) -> Optional[dict]:
+        """Few-shot accuracy on the fixed subset (pretrain/training/downstream.py), logged to metrics.jsonl and as
+        one line. Collective. None when eval.downstream_every is 0."""
+        if self.downstream_eval is None:
+            return None
+        results, rec = self.downstream_eval.run(self.engine)
+        self.metrics.log({"step": self.step, **rec})
+        if self.is_main:
+            (say or self.print)(downstream.line(self.step, results))
+        return rec
 
     def evaluate(self, say=None) -> Optional[float]:
         """``validate`` returning only the training-routing loss (val_loss), for callers that want one number;

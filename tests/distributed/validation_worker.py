@@ -3,7 +3,8 @@ harness.spawn_ranks, never by pytest itself).
 
 For each variant: the run's engine under the case's layout (pretrain/parallel/engine.py), the reference weights
 loaded into this rank's shard, validation (pretrain/training/evaluate.py) over this data-parallel rank's share of
-the reference sequences; global rank 0 saves every rank's metrics record, so the test can compare them with the
+the reference sequences; then the scores of the reference's few-shot requests through the engine
+(pretrain/training/downstream.py). Global rank 0 saves every rank's record, so the test can compare them with the
 one-process reference and with each other.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main(case_path: str) -> None:
     from pretrain.config import RunConfig
     from pretrain.parallel.engine import Engine
     from pretrain.parallel.layout import ParallelConfig, init_distributed
+    from pretrain.training.downstream import score_requests
     from pretrain.training.evaluate import validate
 
     case = json.loads(Path(case_path).read_text())
@@ -48,6 +50,10 @@ def main(case_path: str) -> None:
         tokens, labels = (x.tensor_split(layout.dp)[dp_rank] for x in (ref["tokens"], ref["labels"]))
         batches = [(tokens[i:i + micro], labels[i:i + micro]) for i in range(0, len(tokens), micro)]
         record = validate(engine, batches, max_batches=len(batches)).record()
+        # few-shot scoring as the in-loop downstream evaluation does it: requests of mixed lengths, batches of 3
+        # shared over the data-parallel ranks (one rank gets one batch fewer and runs a filler)
+        scored = score_requests(engine, [tuple(r) for r in ref["requests"]], batch_size=3)
+        record["scores"] = [[s.logprob, s.greedy, s.tokens] for s in scored]
         everyone = [None] * layout.world
         dist.all_gather_object(everyone, record)
         if dist.get_rank() == 0:
