@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, default=0, help="examples in each prompt: 0 or 5 (LAMBADA: 0) (default 0)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="the first N items of each task")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="sequences scored together (16)")
+    p.add_argument("--tokenizer", type=Path, default=None, metavar="PATH",
+                   help="a SentencePiece .model instead of the run's (it must be the run's model: checked)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 on cuda, fp32 on cpu")
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if not names:
             raise ConfigError("--tasks: no task given")
         tasks = [load_task(name, args.shots, args.limit) for name in names]   # data checked before the model
-        gen = open_generator(args.path, device=args.device, dtype=args.dtype,
+        gen = open_generator(args.path, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
                              say=lambda line: print(line, file=sys.stderr))
     print(gen.description, file=sys.stderr)
     total = sum(len(item.pairs) for task in tasks for item in task.items)

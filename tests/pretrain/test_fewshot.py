@@ -132,3 +132,18 @@ def test_the_command_refuses_an_unknown_task_in_one_line(run, capsys):
         main([str(run), "--tasks", "piqa,squad"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "unknown task 'squad'" in err[0]
+
+
+@pytest.mark.parametrize("vocab,message", [(600, "more than the model's vocabulary (512)"),
+                                           (512, "differs from the run's tokenizer")])
+def test_a_tokenizer_that_is_not_the_runs_is_one_line(run, tmp_path, capsys, vocab, message):
+    import sentencepiece as spm
+    with gzip.open(ROOT / "data_prep" / "corpus" / "sotu-1900-2021.jsonl.gz", "rt", encoding="utf-8") as f:
+        lines = [s for line in f for s in json.loads(line)["text"].split(". ") if s.strip()][:3000]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "other"),
+                                   vocab_size=vocab, model_type="bpe", minloglevel=2)
+    from pretrain.fewshot import main
+    with pytest.raises(SystemExit) as e:
+        main([str(run), "--tasks", "piqa", "--limit", "2", "--tokenizer", str(tmp_path / "other.model")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0], err
