@@ -107,6 +107,27 @@ class TrainPoint(submitit.helpers.Checkpointable):
         sys.exit(REQUEUE_EXIT_CODE)
 
 
+def submit(cfg: SweepConfig, points: list[Point], kind: str) -> dict[str, submitit.Job]:
+    """Submit ``points`` as one job array (one TrainPoint each) and record the job ids in out_dir/jobs.json;
+    {point name: job}. Raises submitit.core.utils.FailedJobError when the scheduler refuses the array. Also used by
+    pretrain.study, whose points are its models."""
+    executor = results.make_executor(cfg, kind)
+    fns = [TrainPoint(run_path(cfg), p.overrides, cfg.slurm.cpus_per_task) for p in points]
+    # The jobs unpickle pretrain.sweep.plan.TrainPoint, so the checkout must be importable there even when it is not
+    # installed into the environment (a plain clone): hand them the repo root (sbatch and the local executor pass
+    # the submitting environment on).
+    pythonpath = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), *filter(None, [pythonpath])])
+    try:
+        with submitit.helpers.clean_env():  # a sweep started inside a job must not hand its layout to the new jobs
+            job_list = executor.submit_array(fns)
+    finally:
+        os.environ.pop("PYTHONPATH") if pythonpath is None else os.environ.update(PYTHONPATH=pythonpath)
+    jobs = {p.name: j for p, j in zip(points, job_list)}
+    results.save_jobs(Path(cfg.out_dir), kind, cfg.slurm.nodes * cfg.slurm.tasks_per_node, jobs)
+    return jobs
+
+
 def main(argv: list[str] | None = None) -> int:
     head, body = __doc__.split("\n\n", 1)
     parser = argparse.ArgumentParser(prog="python -m pretrain.sweep", description=head, epilog=body,
@@ -138,25 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(f"dry run: would submit {len(points)} job(s); nothing submitted")
         return 0
-    executor = results.make_executor(cfg, kind)
-    fns = [TrainPoint(run_path(cfg), p.overrides, s.cpus_per_task) for p in points]
-    # The jobs unpickle pretrain.sweep.plan.TrainPoint, so the checkout must be importable there even when it is not
-    # installed into the environment (a plain clone): hand them the repo root (sbatch and the local executor pass
-    # the submitting environment on).
-    pythonpath = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), *filter(None, [pythonpath])])
     try:
-        with submitit.helpers.clean_env():  # a sweep started inside a job must not hand its layout to the new jobs
-            job_list = executor.submit_array(fns)
+        jobs = submit(cfg, points, kind)
     except submitit.core.utils.FailedJobError as e:  # sbatch said no: a partition, account or limit problem
         print(f"error: submission failed: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    finally:
-        os.environ.pop("PYTHONPATH") if pythonpath is None else os.environ.update(PYTHONPATH=pythonpath)
-    jobs = {p.name: j for p, j in zip(points, job_list)}
-    results.save_jobs(Path(cfg.out_dir), kind, s.nodes * s.tasks_per_node, jobs)
     print(f"submitted: {', '.join(f'{n}={j.job_id}' for n, j in jobs.items())}")
-    print(f"logs: {executor.folder}/<job id>_<task>_log.out|err; runs: {cfg.out_dir}/<point>")
+    print(f"logs: {Path(cfg.out_dir) / 'submitit'}/<job id>_<task>_log.out|err; runs: {cfg.out_dir}/<point>")
     if args.no_wait:
         print(f"not waiting; later: python -m pretrain.sweep {args.sweep} --collect")
         return 0
