@@ -132,6 +132,11 @@ COMMANDS: dict[str, Cmd] = {
     "--text-field text --seq-len 2048 --val-fraction 0.01 --workers 16": Cmd(HELP, "the user's dumps and tokenizer"),
     "python data_prep/tokenize.py data_prep/corpus --train-tokenizer tok.model --vocab-size 8000":
         Cmd(RUN, "a tokenizer on the sample corpus, seconds"),
+    "python -m pretrain.study conf/study/tiny_equal_flops.yaml --dry-run":
+        Cmd(RUN, "the plan only, on the demo's shards", needs=DEMO),
+    "python -m pretrain.study conf/study/tiny_equal_flops.yaml --executor local":
+        Cmd(HELP, "trains four models, 15 min on 2 cores (the README's plot)"),
+    "python -m pretrain.study conf/study/360m_equal_flops.yaml --dry-run": Cmd(RUN, "the plan only; no data needed"),
     "python -m data_prep.bench --tokenizer tok.model --repeat 80 --workers 1,2,4,8,12,16":
         Cmd(HELP, "a 16-core benchmark of many minutes"),
     "python -m pretrain.generate runs/demo --prompt 'The state of our Union is' --greedy":
@@ -145,7 +150,7 @@ COMMANDS: dict[str, Cmd] = {
     "python -m pretrain.serve_bench 360m_vanilla 360m_mor_ec --device cuda --dtype bf16 --batch max":
         Cmd(HELP, "a GPU benchmark", check=_presets),
     "python -m pretrain.fewshot runs/demo --limit 100": Cmd(HELP, "needs the trained run of make demo"),
-    "python -m pretrain.fewshot runs/360m_mor_ec --tasks arc_easy,piqa --shots 5 --out runs/360m_mor_ec/eval":
+    "python -m pretrain.fewshot runs/360m_mor_ec --tasks arc_easy,piqa,mmlu --shots 5 --out runs/360m_mor_ec/eval":
         Cmd(HELP, "a 360M run"),
     "python -m data_prep.bench --tokenizer out/bench/mistral.model --repeat 40 --workers 1,8,16":
         Cmd(HELP, "a 16-core benchmark with a downloaded 32k model"),
