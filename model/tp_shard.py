@@ -56,3 +56,12 @@ def unshard_tensor(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
         halves = [s.chunk(2, 0) for s in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], 0)
     return torch.cat(shards, dim)
+
+
+def full_shape(name: str, local: tuple[int, ...], size: int) -> tuple[int, ...]:
+    """The full (TP = 1) shape of a tensor whose rank-local shape is ``local`` under TP = ``size``."""
+    rule = _rule(name)
+    if rule is None or size == 1:
+        return tuple(local)
+    dim = rule[0]
+    return tuple(n * size if d == dim else n for d, n in enumerate(local))

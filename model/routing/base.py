@@ -52,6 +52,9 @@ class Stream:
     index: Optional[torch.Tensor] = None      # (B, n): run on these rows of state[key], scatter the result back
 
 
+ROUTER_INIT_STD = 0.02
+
+
 class RouterHead(nn.Module):
     """Linear(d, out) or a small MLP, init N(0, 0.02); always evaluated in fp32.
 
@@ -60,7 +63,7 @@ class RouterHead(nn.Module):
     router would pick the tokens (and differently under another parallel layout).
     """
 
-    def __init__(self, d_model: int, out: int, arch: str, std: float = 0.02):
+    def __init__(self, d_model: int, out: int, arch: str, std: float = ROUTER_INIT_STD):
         super().__init__()
         if arch == "linear":
             self.net = nn.Linear(d_model, out, bias=False)

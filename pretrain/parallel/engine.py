@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from model.init import init_weights
 from model.layers import use_attention_backend
 from pretrain.config import RunConfig
 from pretrain.data.loader import label_count
@@ -86,6 +87,8 @@ class Engine:
         self.cfg, self.layout, self.device = cfg, layout, layout.device
         model = build_stage(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel,
                             use_cpu_initialization=self.device.type == "cpu").to(self.device)
+        # the same initial weights under every layout (megatron draws each shard from its own stream)
+        init_weights(model, cfg.model, cfg.parallel.seed, ps.get_tensor_model_parallel_rank(), layout.tp)
         model.activation_checkpointing = cfg.train.activation_checkpointing
         # decided once, here, for the device the model runs on (the trainer logs it)
         self.attention_backend = use_attention_backend(model, self.device)

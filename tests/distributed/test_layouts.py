@@ -1,8 +1,13 @@
 """Layouts against a single-process reference: losses, gradient norms, kept tokens and weights after 3 AdamW
-steps."""
+steps; and the layout-free initial weights (model/init.py), bit-identical to one process's for the same seed."""
 from __future__ import annotations
 
 import pytest
+import torch
+
+from model.init import init_weights
+from model.mor import MoRModel
+from pretrain.parallel.layout import ParallelConfig
 
 from model.program import stage_ranges, state_spec
 from tests.distributed.harness import SEQ, VARIANTS, assert_matches, run_layout
@@ -28,6 +33,13 @@ def test_layout_matches_single_process(tmp_path, world, parallel):
     for variant, (ref, got) in results.items():
         assert max(ref["norms"]) > 1.0, "the runs must exercise gradient clipping"
         assert_matches(ref, got), variant
+        # the same seed, the same initial weights as one process: bit for bit
+        one = MoRModel(VARIANTS[variant]())
+        init_weights(one, one.cfg, ParallelConfig().seed)
+        want = dict(one.named_parameters())
+        assert set(got["initial"]) == set(want), variant
+        for name, w in got["initial"].items():
+            assert torch.equal(w, want[name].detach()), (variant, name)
     if parallel.get("pipeline_parallel", 1) > 1:
         # the shared block's layers sit on several stages: they are replicas, and stayed identical
         assert any(name.startswith("layers.") for name in results["mor_ec"][1]["replicated"])

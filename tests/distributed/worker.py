@@ -50,6 +50,7 @@ def main(case_path: str) -> None:
 
     from conf import build_dataclass
     from model.config import ModelConfig
+    from model.init import init_weights
     from model.tp_shard import shard_state_dict, unshard_tensor
     from pretrain.parallel.layout import ParallelConfig, grad_accumulation_steps, init_distributed
     from pretrain.parallel.pipeline import build_stage, clip_grad_norm, pipeline_train_step, replica_layout, sync_replicas
@@ -65,10 +66,27 @@ def main(case_path: str) -> None:
     gas = grad_accumulation_steps(pcfg, layout.dp)
     micro = pcfg.micro_batch_size
     ds_clip_norms = catch_deepspeed_clip_norms()
+
+    def whole(local: dict) -> tuple[dict, bool]:
+        """This rank's parameters as full tensors (TP shards joined, stages merged), and whether the pipeline's
+        replicas of a parameter are identical. Collective."""
+        tp_whole = {n: unshard_tensor(n, [s[n] for s in gather(local, tp_group, layout.tp)]) for n in local}
+        merged, same = {}, True
+        for st in gather(tp_whole, pp_group, layout.pp):
+            for n, w in st.items():
+                if n in merged:
+                    same &= torch.equal(merged[n], w)
+                else:
+                    merged[n] = w
+        return merged, same
+
     for variant in case["variants"]:
         cfg = cfgs[variant]
         ref = torch.load(Path(case["dir"]) / f"{variant}_ref.pt")
         model = build_stage(cfg, sequence_parallel=pcfg.sequence_parallel)
+        # the layout-free initial weights (the engine draws them so): whole, to compare with one process's
+        init_weights(model, cfg, pcfg.seed, tp_rank, layout.tp)
+        initial, _ = whole({n: p.detach().clone() for n, p in model.named_parameters()})
         full = shard_state_dict(ref["state"], tp_rank, layout.tp)
         model.load_state_dict({k: full[k] for k in model.state_dict()}, strict=True)
         replicas = replica_layout(cfg) if layout.pp > 1 else []
@@ -108,19 +126,11 @@ def main(case_path: str) -> None:
         per_stage = gather(kept, pp_group, layout.pp)
         per_micro = [sum((s[len(s) // gas * i:len(s) // gas * (i + 1)] for s in per_stage), []) for i in range(gas)]
         all_kept = [k for r in gather(per_micro, dp_group, layout.dp) for k in r]
-        local = full_parameters(engine)
-        tp_whole = {n: unshard_tensor(n, [s[n] for s in gather(local, tp_group, layout.tp)]) for n in local}
-        stages = gather(tp_whole, pp_group, layout.pp)
-        final, identical = {}, True
-        for st in stages:
-            for n, w in st.items():
-                if n in final:
-                    identical &= torch.equal(final[n], w)
-                else:
-                    final[n] = w
+        final, identical = whole(full_parameters(engine))
         if dist.get_rank() == 0:
             torch.save({"losses": losses, "norms": norms, "engine_norms": list(ds_clip_norms), "kept": all_kept,
-                        "final": final, "replicas_identical": identical, "replicated": [r[0] for r in replicas]},
+                        "final": final, "replicas_identical": identical, "replicated": [r[0] for r in replicas],
+                        "initial": initial},
                        Path(case["dir"]) / f"{variant}_result.pt")
         dist.barrier()
 
