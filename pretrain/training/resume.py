@@ -9,13 +9,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from conf import config_to_dict
 from conf.errors import ConfigError
 from pretrain.training import checkpoint as ckpt
 
-# Keys that may change between a checkpoint and the run resuming it; any other difference is an error.
+# Keys that may change between a checkpoint and the run resuming it; any other difference is an error. The
+# layout keys (LAYOUT) may change too: the checkpoint is then re-sharded (pretrain/training/reshard.py).
 _RESUME_FREE = ("name", "out_dir", "train.", "checkpoint.", "logging.", "on_nonfinite", "max_consecutive_skips",
-                "schedule.", "optim.lr", "data.num_workers", "data.path")
+                "schedule.", "optim.lr", "data.num_workers", "data.path", "eval.")
+LAYOUT = ("parallel.tensor_parallel", "parallel.pipeline_parallel", "parallel.zero_stage",
+          "parallel.sequence_parallel")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -31,7 +36,16 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def config_mismatch(saved: dict, current: dict) -> list[str]:
     a, b = _flatten(saved), _flatten(current)
     keys = sorted(set(a) | set(b))
-    return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(_RESUME_FREE)]
+    return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(_RESUME_FREE) and k not in LAYOUT]
+
+
+def _layout_of(parallel: dict, world: int) -> tuple[int, int, int, int]:
+    tp, pp = parallel.get("tensor_parallel", 1), parallel.get("pipeline_parallel", 1)
+    return tp, pp, world // (tp * pp), parallel.get("zero_stage", 0)
+
+
+def _describe(layout: tuple[int, int, int, int]) -> str:
+    return "TP={} PP={} DP={} ZeRO-{}".format(*layout)
 
 
 def _check_belongs(trainer, path: Path, state: dict) -> None:
@@ -42,10 +56,48 @@ def _check_belongs(trainer, path: Path, state: dict) -> None:
                           "restore those keys or start a new run (checkpoint.resume=none, another name)")
     if state["tokenizer_sha256"] != trainer.manifest.tokenizer.get("sha256"):
         raise ConfigError(f"data.path: tokenized with another tokenizer than the checkpoint {path}")
-    saved_world = state.get("world_size")
-    if saved_world is not None and saved_world != trainer.layout.world:
-        raise ConfigError(f"checkpoint.resume: {path} was saved by {saved_world} process(es), this run has "
-                          f"{trainer.layout.world}; resume with {saved_world} (a checkpoint cannot change layout yet)")
+
+
+
+def _layout_change(trainer, path: Path, state: dict) -> bool:
+    """Whether the checkpoint was saved under another layout than this run's (ConfigError where that change
+    cannot be resumed yet)."""
+    saved_world = state.get("world_size") or trainer.layout.world
+    old = _layout_of(state["config"]["parallel"], saved_world)
+    new = _layout_of(config_to_dict(trainer.cfg)["parallel"], trainer.layout.world)
+    if old == new:
+        return False
+    if old[2] != new[2]:
+        raise ConfigError(f"checkpoint.resume: {path} was saved under {_describe(old)}; resuming under "
+                          f"{_describe(new)} changes the number of data-parallel ranks, which is not implemented "
+                          f"yet (the data loader cannot re-split its position); keep DP={old[2]} — tensor and "
+                          "pipeline parallelism and the ZeRO stage may change")
+    return True
+
+
+def _load_resharded(trainer, path: Path, state: dict) -> dict:
+    """Collective: the checkpoint saved under another layout, re-sharded into this run's engine; returns the rank
+    state (data position, RNG) of a saving rank with this rank's data-parallel index."""
+    from megatron.core import parallel_state as ps
+
+    from pretrain.training.consolidate import read_run
+    from pretrain.training.reshard import load_training_state, read_training_state
+    try:
+        saved_run, _ = read_run(path)
+        training = read_training_state(path, saved_run)
+        load_training_state(trainer.engine, training, ps.get_tensor_model_parallel_rank(), trainer.layout.tp)
+    except ckpt.CheckpointError as e:
+        raise ConfigError(f"checkpoint.resume: {e}") from None
+    dp_rank = ps.get_data_parallel_rank()
+    for rank_file in sorted(path.glob("trainer-rank-*.pt"), key=lambda p: int(p.stem.rsplit("-", 1)[1])):
+        rank_state = torch.load(rank_file, weights_only=False)
+        if rank_state["loader"].get("dp_rank") == dp_rank:
+            if trainer.is_main:
+                old = _layout_of(state["config"]["parallel"], state.get("world_size") or 1)
+                new = _layout_of(config_to_dict(trainer.cfg)["parallel"], trainer.layout.world)
+                trainer.print(f"checkpoint: {path} was saved under {_describe(old)}; re-sharded for {_describe(new)}")
+            return rank_state
+    raise ConfigError(f"checkpoint.resume: {path} has no data position for data-parallel rank {dp_rank}")
 
 
 def _pick(trainer) -> Optional[Path]:
@@ -76,6 +128,11 @@ def resume(trainer) -> Optional[Path]:
             return None
         state = ckpt.read_trainer_state(path)
         _check_belongs(trainer, path, state)
+        if _layout_change(trainer, path, state):
+            rank_state = _load_resharded(trainer, path, state)
+            trainer.load_state(state)
+            _restore(trainer, path, rank_state)
+            return path
         try:
             rank_state = ckpt.load_engine(trainer.engine, path)
         except ckpt.CheckpointError as e:
@@ -85,11 +142,16 @@ def resume(trainer) -> Optional[Path]:
             ckpt.reject(path, str(e), trainer.print, fallback=older[-1])
             continue   # the next one is loaded over whatever this one left behind
         trainer.load_state(state)
-        try:
-            trainer.loader.load_state_dict(rank_state["loader"])
-        except ValueError as e:
-            raise ConfigError(f"checkpoint.resume: {path}: {e}") from None
-        ckpt.set_rng_state(rank_state["rng"])
-        if trainer.is_main:
-            trainer.print(f"resumed from {path} at step {trainer.step}")
+        _restore(trainer, path, rank_state)
         return path
+
+
+def _restore(trainer, path: Path, rank_state: dict) -> None:
+    """The data position and the RNG of ``rank_state``."""
+    try:
+        trainer.loader.load_state_dict(rank_state["loader"])
+    except ValueError as e:
+        raise ConfigError(f"checkpoint.resume: {path}: {e}") from None
+    ckpt.set_rng_state(rank_state["rng"])
+    if trainer.is_main:
+        trainer.print(f"resumed from {path} at step {trainer.step}")

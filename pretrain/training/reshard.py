@@ -1,0 +1,173 @@
+"""Resuming a checkpoint under another parallel layout: the training state made layout-free, then re-sharded.
+
+A checkpoint holds DeepSpeed's files as the saving layout wrote them: per pipeline stage (``stage-P/``), per
+tensor-parallel rank, and with ZeRO-1/2 the fp32 master weights and Adam moments cut into one flat partition per
+data-parallel rank. ``read_training_state`` turns them into one record per parameter of the whole (TP = PP = 1)
+model — fp32 master weight, ``exp_avg``, ``exp_avg_sq`` — plus the optimizer's step count, the way
+pretrain/training/consolidate.py does for the weights alone: TP shards joined (model/tp_shard.py), pipeline
+replicas taken once, ZeRO fragments put back in place by DeepSpeed's own ``param_slice_mappings`` (each
+parameter's slice of each partition). ``load_training_state`` then gives each rank of the new layout its slice:
+the module's weights, and the optimizer's state — the torch optimizer's per-parameter state under ZeRO-0, the
+fragments of the flat fp32 partitions (DeepSpeed's ``_hp_mapping`` of each parameter) under ZeRO-1/2.
+
+Why our own consolidation rather than torch.distributed.checkpoint or DeepSpeed's universal checkpoint: the
+checkpoints stay DeepSpeed's (same-layout resume is bit-exact and already checked file by file), the universal
+converter expects Megatron-DeepSpeed's pipeline files and TP patterns rather than our stage folders and megatron-
+core shards, and the re-sharding needs only the rules model/tp_shard.py already has. The cost is paid only when
+the layout changes, on load. Not yet: ZeRO-3 on either side (its partitions are read for weights only), which is
+refused in one line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.tp_shard import shard_state_dict, unshard_tensor
+from pretrain.config import RunConfig
+from pretrain.training.checkpoint import CheckpointError
+from pretrain.training.consolidate import _stages, _torch_load
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass
+class TrainingState:
+    """The layout-free optimizer-level state of a checkpoint: per parameter of the whole model, its fp32 master
+    weight and Adam moments; and the optimizer's step count."""
+    params: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)   # name -> {param, exp_avg, ...}
+    step: float = 0.0
+
+
+def _stage_order(run: RunConfig, pp_rank: int, pp_size: int) -> list[str]:
+    """The names of a stage's parameters in the optimizer's order (pretrain/parallel/zero.py param_groups: the
+    decayed matrices, then the rest), from a model built on the meta device."""
+    from model.layers import make_parallel_config
+    from model.mor import MoRModel
+    from pretrain.parallel.zero import param_groups
+    mp = make_parallel_config(run.model, use_cpu_initialization=True)
+    mp.perform_initialization = False
+    with torch.device("meta"):
+        stage = MoRModel(run.model, mp, pp_rank=pp_rank, pp_size=pp_size)
+    names = {id(p): n for n, p in stage.named_parameters()}
+    return [names[id(p)] for g in param_groups(stage, run.optim.weight_decay) for p in g["params"]]
+
+
+def _flat_format(files: list[dict[str, Any]], shapes: dict[str, torch.Size]
+                 ) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
+    """ZeRO-1/2 (one file per DP rank, in rank order): every parameter's master and moments, whole."""
+    pieces: dict[str, dict[str, list[torch.Tensor]]] = {}
+    step = 0.0
+    for osd in files:
+        base = osd["base_optimizer_state"]["state"]
+        for g, mapping in enumerate(osd["param_slice_mappings"]):
+            flats = {"param": osd["single_partition_of_fp32_groups"][g].float(),
+                     **{k: base[g][k].float() for k in MOMENTS}}
+            step = float(base[g]["step"])
+            for name, addr in mapping.items():
+                for key, flat in flats.items():
+                    pieces.setdefault(name, {}).setdefault(key, []).append(flat.narrow(0, addr.start, addr.numel))
+    return {name: {k: torch.cat(v).view(shapes[name]) for k, v in kinds.items()}
+            for name, kinds in pieces.items()}, step
+
+
+def _torch_format(optim: dict[str, Any], module: dict[str, Any], order: list[str]
+                  ) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
+    """ZeRO-0 (torch's AdamW state, by position in the optimizer's parameter order) with the module's weights,
+    which are the fp32 masters there."""
+    out, step = {}, 0.0
+    if len(optim["state"]) not in (0, len(order)):
+        raise CheckpointError(f"the optimizer state holds {len(optim['state'])} parameters, the model {len(order)}")
+    for i, name in enumerate(order):
+        state = optim["state"].get(i)
+        weight = module[name].float()
+        if state is None:   # saved before the first step: no moments yet
+            out[name] = {"param": weight, **{k: torch.zeros_like(weight) for k in MOMENTS}}
+            continue
+        out[name] = {"param": weight, **{k: state[k].float() for k in MOMENTS}}
+        step = float(state["step"])
+    return out, step
+
+
+def read_training_state(folder: Path, run: RunConfig) -> TrainingState:
+    """The layout-free training state of the checkpoint ``folder`` saved by ``run``. CheckpointError (one line)
+    for what cannot be read."""
+    if run.parallel.zero_stage == 3:
+        raise CheckpointError(f"{folder}: saved with ZeRO-3; resuming it under another layout is not implemented "
+                              "yet (resume it under its own layout, or export its weights)")
+    stages = _stages(folder)
+    pp = run.parallel.pipeline_parallel
+    out = TrainingState()
+    for pp_rank, stage in enumerate(stages):
+        order = _stage_order(run, pp_rank, pp)
+        ranks = []
+        for tp_rank in stage.tp_ranks():
+            model_file = _torch_load(stage.model[(tp_rank, 0)])
+            module = model_file["module"]
+            shapes = {n: module[n].shape for n in order}
+            dp_files = [p for (tp, _), p in sorted(stage.optim.items()) if tp == tp_rank]
+            if dp_files:
+                parts, step = _flat_format([_torch_load(p)["optimizer_state_dict"] for p in dp_files], shapes)
+            elif "param_slice_mappings" in (model_file.get("optimizer") or {}):   # bf16 without ZeRO
+                parts, step = _flat_format([model_file["optimizer"]], shapes)
+            else:
+                parts, step = _torch_format(model_file.get("optimizer") or {"state": {}}, module, order)
+            missing = [n for n in order if n not in parts]
+            if missing:
+                raise CheckpointError(f"{stage.folder}: the optimizer state of TP rank {tp_rank} lacks {missing[0]}")
+            ranks.append(parts)
+            out.step = step
+        for name in order:
+            if name not in out.params:   # a pipeline replica: the first stage's copy (the pipeline keeps them equal)
+                out.params[name] = {k: unshard_tensor(name, [r[name][k] for r in ranks]) for k in ranks[0][name]}
+    return out
+
+
+def _adam_step(step: float, like: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The ``step`` entry torch's AdamW keeps: a float32 scalar, on the parameter's device when fused/capturable."""
+    group = optimizer.param_groups[0]
+    on_device = group.get("fused") or group.get("capturable")
+    return torch.tensor(step, dtype=torch.float32, device=like.device if on_device else "cpu")
+
+
+@torch.no_grad()
+def load_training_state(engine, state: TrainingState, tp_rank: int, tp_size: int) -> None:
+    """Give this rank's engine (pretrain/parallel/engine.py, any layout but ZeRO-3) its slice of ``state``."""
+    if engine.cfg.parallel.zero_stage == 3:
+        raise CheckpointError("resuming under ZeRO-3 from a checkpoint of another layout is not implemented yet")
+    mine = {name: {k: shard_state_dict({name: v}, tp_rank, tp_size)[name] for k, v in kinds.items()}
+            for name, kinds in state.params.items()}
+    model = engine.model
+    named = dict(model.named_parameters())
+    missing = [n for n in named if n not in mine]
+    if missing:
+        raise CheckpointError(f"the checkpoint has no {missing[0]} (of {len(missing)} parameter(s) missing)")
+    for name, p in named.items():
+        p.copy_(mine[name]["param"].to(p.dtype))
+    ds_optimizer = engine._ds.optimizer
+    inner = getattr(ds_optimizer, "optimizer", None)
+    mapped = [p for p in named.values() if getattr(p, "_hp_mapping", None) is not None]
+    if mapped:   # ZeRO-1/2 (or DeepSpeed's bf16 optimizer): fp32 flat partitions, one per parameter group
+        for g, group in enumerate(inner.param_groups):
+            flat = group["params"][0]
+            slot = inner.state[flat]
+            if not slot:
+                slot.update({k: torch.zeros_like(flat) for k in MOMENTS})
+            slot["step"] = _adam_step(state.step, flat, inner)
+        for name, p in named.items():
+            hp = p._hp_mapping
+            if hp is None:
+                continue
+            lp = hp.lp_fragment_address
+            flat = inner.param_groups[hp.param_group_index]["params"][0]
+            for key in ("param", *MOMENTS):
+                target = flat if key == "param" else inner.state[flat][key]
+                value = mine[name][key].flatten().narrow(0, lp.start, lp.numel)
+                target.narrow(0, hp.hp_fragment_address.start, lp.numel).copy_(value.to(target.dtype))
+    else:        # ZeRO-0: the torch optimizer, per parameter
+        optimizer = engine.optimizer
+        for name, p in named.items():
+            optimizer.state[p] = {"step": _adam_step(state.step, p, optimizer),
+                                  **{k: mine[name][k].to(device=p.device, dtype=torch.float32) for k in MOMENTS}}
