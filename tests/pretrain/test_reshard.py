@@ -57,6 +57,12 @@ def test_one_process_resumes_under_two(runs, layout):
 def test_tp2_pp2_resumes_under_one_process(runs):
     layout = ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2", "parallel.zero_stage=1"]
     train(runs, 4, _args(runs, "tp2pp2", *layout), tag="tp2pp2")
+    # the same seed starts both layouts from the same weights (model/init.py), so with the same data the two
+    # runs agree from the first step on
+    one, four = step_losses(runs / "runs" / "one"), step_losses(runs / "runs" / "tp2pp2")
+    assert sorted(one) == sorted(four) == list(range(1, STEPS + 1))
+    for step in one:
+        assert four[step] == pytest.approx(one[step], rel=1e-5, abs=0), (step, one, four)
     _switch(runs, "tp2pp2", 1, ["parallel.zero_stage=0"], "back-to-one")
 
 
