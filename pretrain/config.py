@@ -36,6 +36,10 @@ class DataConfig:
     path: str = "data/sample"      # folder made by data_prep/tokenize.py (manifest.json + shards)
     num_workers: int = 2
     seed: int = 0
+    # Readers of the training split (pretrain/data/loader.py); 0: DP × max(1, num_workers). A fixed number (a
+    # multiple of DP × workers) makes the data order independent of the number of data-parallel ranks: runs on
+    # different layouts then see the same samples, and a run can resume under another DP size.
+    readers: int = 0
 
 
 @dataclass

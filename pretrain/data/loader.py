@@ -24,10 +24,16 @@ manifest's ``pad_tokens``, see ``Manifest.padding``), and the labels of those po
 (model/loss.py), so the loss skips them; ``label_count(labels)`` is what token counts should use. Tokens stay
 as they are.
 
-Readers. Every (data-parallel rank, loader worker) pair is one *reader*, numbered ``c = worker * dp_size +
-rank`` (C = dp_size * max(1, num_workers) readers). Epoch ``e`` orders the split's shards by a permutation
-drawn from (seed, e) (identity when ``shuffle=False``); the shard at position ``p`` goes to reader
-``(e * N + p) mod C`` (N shards). So in one epoch every shard, hence every sample, is read by exactly one
+Readers. The split is read by C *readers* (``readers``; default dp_size * max(1, num_workers): one per
+(data-parallel rank, loader worker) pair). Rank r owns readers ``r + dp_size * j`` and its worker w runs those
+with j ≡ w (mod workers), interleaving them; the rank's batches come from its readers in turn, so global
+micro-batch ``g = k * dp_size + r`` (the k-th of rank r) is a batch of reader ``g mod C``, whatever the number of
+ranks and workers. With a fixed C (a multiple of dp_size × workers) the sequence of global micro-batches — hence
+of optimizer steps' samples, given the global batch — does not depend on the layout, and a position saved under
+one number of ranks or workers continues under another (``load_state_dict``).
+
+Epoch ``e`` orders the split's shards by a permutation drawn from (seed, e) (identity when ``shuffle=False``);
+the shard at position ``p`` goes to reader ``(e * N + p) mod C`` (N shards). So in one epoch every shard, hence every sample, is read by exactly one
 reader. Uneven shard counts: each reader gets ⌊N/C⌋ or ⌈N/C⌉ shards per epoch, and because the offset
 ``e * N`` moves on every epoch, the readers that get the extra shard rotate: over consecutive epochs no reader
 falls systematically behind (the shard assignment is as if the epochs' orders were laid end to end and dealt
@@ -59,10 +65,12 @@ Worker interleaving. ``torch.utils.data.DataLoader`` over an IterableDataset ask
 loader therefore knows, from the number ``n`` of batches it has yielded, how many batches each worker has
 yielded, hence each reader's sample position. Every batch carries its worker id, checked against this model.
 
-Resume state (``state_dict``): the layout (split, seed, dp_rank, dp_size, num_workers, micro_batch_size,
-shuffle, shuffle_buffer, epochs, and a fingerprint of the split's shards) and ``batches`` = n, the number of
-batches yielded to the caller since epoch 0 of this pass (not those prefetched by workers). ``load_state_dict``
-refuses a state of another layout. A rebuilt loader derives each worker's sample position, skips whole shards
+Resume state (``state_dict``): the layout (split, seed, dp_rank, dp_size, num_workers, readers,
+micro_batch_size, shuffle, shuffle_buffer, epochs, and a fingerprint of the split's shards) and ``batches`` = n,
+the number of batches yielded to the caller since epoch 0 of this pass (not those prefetched by workers).
+``load_state_dict`` takes a state of another dp_size, dp_rank or num_workers over the same readers (an unbounded
+loader, saved at an optimizer step, where every rank has read alike: the global count n × dp_size is re-divided)
+and refuses any other difference. A rebuilt loader derives each worker's sample position, skips whole shards
 by their manifest sample counts without opening them, and replays the shuffle of the one partly read shard per
 worker, dropping its samples already yielded; the DataLoader's workers are renumbered so that the worker whose
 turn it was comes first. ``epoch`` is the oldest epoch this rank is still reading (every sample of earlier
@@ -140,7 +148,7 @@ class TokenLoader:
     def __init__(self, folder: str | Path, split: str = "train", *, micro_batch_size: int, seed: int = 0,
                  dp_rank: int = 0, dp_size: int = 1, num_workers: int = 0, shuffle: bool = True,
                  epochs: Optional[int] = None, shuffle_buffer: int = 8192, verify_sha256: bool = False,
-                 pin_memory: bool = False, prefetch_factor: int = 2):
+                 pin_memory: bool = False, prefetch_factor: int = 2, readers: Optional[int] = None):
         folder = Path(folder)
         manifest = load_manifest(folder, (split,))
         kept = [(e, pad) for e, pad in zip(manifest.splits[split], manifest.padding(split)) if e["samples"] > 0]
@@ -150,7 +158,7 @@ class TokenLoader:
                              f"dp_size={dp_size} num_workers={num_workers} shuffle_buffer={shuffle_buffer}")
         if epochs is not None and epochs < 1:
             raise ValueError(f"epochs={epochs}: use None (forever) or a positive count")
-        readers = dp_size * max(1, num_workers)
+        readers = readers or dp_size * max(1, num_workers)
         if epochs is None and manifest.samples(split) < readers:
             raise ValueError(f"{folder}: split {split!r} has {manifest.samples(split)} samples, fewer than the "
                              f"{readers} readers (dp_size {dp_size} x workers {max(1, num_workers)}), so some would "
@@ -162,7 +170,7 @@ class TokenLoader:
         self._layout = Layout(folder, entries, pads, seq_len=manifest.seq_len, dtype=manifest.np_dtype, seed=seed,
                                dp_rank=dp_rank, dp_size=dp_size, workers=max(1, num_workers),
                                batch=micro_batch_size, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
-                               epochs=epochs, verify_sha256=verify_sha256)
+                               epochs=epochs, verify_sha256=verify_sha256, readers=readers)
         self._fingerprint = hashlib.sha256("\n".join(f"{e['name']} {e['samples']} {e['sha256']}" for e in entries)
                                            .encode()).hexdigest()[:16]
         self._batches = 0
@@ -182,17 +190,23 @@ class TokenLoader:
         return sum(self._totals())
 
     @property
+    def readers(self) -> int:
+        return self._layout.readers
+
+    @property
     def epoch(self) -> int:
         """The oldest epoch this rank is still reading: every sample of earlier epochs has been yielded."""
         lay, rr = self._layout, self._round_robin(self._batches)
-        return min(lay.locate(lay.reader(w), done * lay.batch)[0] for w, done in enumerate(rr.done))
+        return min(lay.locate(r, d * lay.batch)[0] for w, done in enumerate(rr.done)
+                   for r, d in zip(lay.reader_ids(w), lay.reader_positions(w, done)[0]))
 
     # ---- state -------------------------------------------------------------------------------------------
     def _layout_key(self) -> dict[str, Any]:
         lay = self._layout
         return dict(split=self.split, seed=self.seed, dp_rank=self.dp_rank, dp_size=self.dp_size,
                     num_workers=self.num_workers, micro_batch_size=self.micro_batch_size, shuffle=self.shuffle,
-                    shuffle_buffer=lay.shuffle_buffer, epochs=self.epochs, shards=self._fingerprint)
+                    shuffle_buffer=lay.shuffle_buffer, epochs=self.epochs, shards=self._fingerprint,
+                    readers=lay.readers)
 
     def state_dict(self) -> dict[str, Any]:
         return dict(version=STATE_VERSION, batches=self._batches, epoch=self.epoch, **self._layout_key())
@@ -200,11 +214,22 @@ class TokenLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state version {state.get('version')!r}, expected {STATE_VERSION}")
+        state = {"readers": state["dp_size"] * max(1, state["num_workers"]), **state}   # saved before readers were
         diff = {k: (state.get(k), v) for k, v in self._layout_key().items() if state.get(k) != v}
-        if diff:
+        movable = {"dp_rank", "dp_size", "num_workers"}
+        if set(diff) - movable or (diff and self.epochs is not None):
             raise ValueError("data loader state is from another layout (saved, now): "
                              + ", ".join(f"{k}: {a!r}, {b!r}" for k, (a, b) in diff.items()))
         n = int(state["batches"])
+        if diff:
+            # Another number of ranks or workers over the same readers: global micro-batch g comes from reader
+            # g mod R whatever the layout (readers.Layout.reader_ids), so the position is the count of global
+            # micro-batches read — every rank's count × ranks, taken at a step, where all ranks have read alike.
+            consumed = n * state["dp_size"]
+            if consumed % self.dp_size:
+                raise ValueError(f"data loader state: {consumed} micro-batches read by {state['dp_size']} rank(s) "
+                                 f"cannot be continued by {self.dp_size}")
+            n = consumed // self.dp_size
         if n < 0 or (self.epochs is not None and n > len(self)):
             raise ValueError(f"data loader state: batches={n} is outside this pass")
         self._batches = n
@@ -245,7 +270,7 @@ class TokenLoader:
                 shutdown()
 
 
-def split_loader(cfg, split: str, *, dp_rank: int, dp_size: int) -> TokenLoader:
+def split_loader(cfg, split: str, *, dp_rank: int, dp_size: int, readers: Optional[int] = None) -> TokenLoader:
     """The loader a run (``cfg``: pretrain.config.RunConfig) reads ``split`` with: ``train`` shuffles forever with
     the run's seed and workers; any other split is read once, in order, in this process. A folder that cannot be
     read is a ConfigError naming data.path."""
@@ -254,6 +279,7 @@ def split_loader(cfg, split: str, *, dp_rank: int, dp_size: int) -> TokenLoader:
         return TokenLoader(cfg.data.path, split=split, micro_batch_size=cfg.parallel.micro_batch_size,
                            seed=cfg.data.seed if train else 0, dp_rank=dp_rank, dp_size=dp_size,
                            num_workers=cfg.data.num_workers if train else 0, shuffle=train,
-                           epochs=None if train else 1)
+                           epochs=None if train else 1,
+                           readers=(readers or cfg.data.readers or None) if train else None)
     except ValueError as e:
         raise ConfigError(f"data.path: {e}") from None

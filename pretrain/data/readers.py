@@ -45,12 +45,15 @@ class Layout:
 
     def __init__(self, folder: Path, entries: list[dict[str, Any]], pads: list[int], *, seq_len: int,
                  dtype: np.dtype, seed: int, dp_rank: int, dp_size: int, workers: int, batch: int, shuffle: bool,
-                 shuffle_buffer: int, epochs: Optional[int], verify_sha256: bool):
+                 shuffle_buffer: int, epochs: Optional[int], verify_sha256: bool, readers: Optional[int] = None):
         self.folder, self.entries, self.pads = folder, entries, pads
         self.seq_len, self.dtype, self.seed = seq_len, dtype, seed
         self.dp_rank, self.dp_size, self.workers, self.batch = dp_rank, dp_size, workers, batch
         self.shuffle, self.shuffle_buffer, self.epochs, self.verify_sha256 = shuffle, shuffle_buffer, epochs, verify_sha256
-        self.readers = dp_size * workers
+        self.readers = readers or dp_size * workers
+        if self.readers % (dp_size * workers):
+            raise ValueError(f"{self.readers} readers cannot be shared evenly by {dp_size} data-parallel rank(s) × "
+                             f"{workers} worker(s); choose a multiple of {dp_size * workers}")
         m = parts_per_shard([e["samples"] for e in entries], self.readers)
         self.parts: list[tuple[int, int, int]] = []
         for i, e in enumerate(entries):
@@ -59,8 +62,19 @@ class Layout:
         self.counts = np.array([end - first for _, first, end in self.parts], dtype=np.int64)
         self._totals: list[np.ndarray] = []      # per epoch: samples of each reader
 
-    def reader(self, worker: int) -> int:
-        return worker * self.dp_size + self.dp_rank
+    def reader_ids(self, worker: int) -> list[int]:
+        """The readers ``worker`` of this rank runs, in the order it interleaves them: this rank owns readers
+        dp_rank + dp_size·j (j = 0..R/dp_size-1) and its worker w those with j ≡ w (mod workers). So the rank's
+        k-th batch comes from reader dp_rank + dp_size·(k mod R/dp_size), i.e. global micro-batch k·dp_size +
+        dp_rank comes from reader (that number) mod R, whatever the number of ranks and workers."""
+        per_rank = self.readers // self.dp_size
+        return [self.dp_rank + self.dp_size * j for j in range(worker, per_rank, self.workers)]
+
+    def batches_of(self, reader: int) -> Optional[int]:
+        """Batches a reader yields in a bounded pass; None when unbounded."""
+        if self.epochs is None:
+            return None
+        return -(-sum(self.total(e, reader) for e in range(self.epochs)) // self.batch)
 
     def order(self, epoch: int) -> np.ndarray:
         n = len(self.parts)
@@ -95,8 +109,13 @@ class Layout:
         """Batches a worker yields in a bounded pass; None when unbounded."""
         if self.epochs is None:
             return None
-        n = sum(self.total(e, self.reader(worker)) for e in range(self.epochs))
-        return -(-n // self.batch)
+        return sum(self.batches_of(r) for r in self.reader_ids(worker))
+
+    def reader_positions(self, worker: int, done: int) -> tuple[list[int], int]:
+        """(batches done by each of the worker's readers, whose turn is next) after the worker yielded ``done``."""
+        rr = RoundRobin([self.batches_of(r) for r in self.reader_ids(worker)])
+        rr.advance(done)
+        return rr.done, rr.turn
 
 
 class RoundRobin:
@@ -153,11 +172,17 @@ class Readers(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         info = get_worker_info()
-        worker = ((info.id if info is not None else 0) + self.turn) % self.layout.workers
-        reader = self.layout.reader(worker)
-        start = self.done[worker] * self.layout.batch
-        pipeline = wds.DataPipeline(partial(self._plan, reader, start), self._samples, self._batches)
-        for tokens, labels in pipeline:
+        lay = self.layout
+        worker = ((info.id if info is not None else 0) + self.turn) % lay.workers
+        readers = lay.reader_ids(worker)
+        done, turn = lay.reader_positions(worker, self.done[worker])
+        # one pipeline per reader, their batches interleaved in turn (a reader whose bounded pass ended skipped)
+        pipelines = [iter(wds.DataPipeline(partial(self._plan, r, d * lay.batch), self._samples, self._batches))
+                     for r, d in zip(readers, done)]
+        rr = RoundRobin([lay.batches_of(r) for r in readers])
+        rr.done, rr.turn = list(done), turn
+        while (j := rr.next()) is not None:
+            tokens, labels = next(pipelines[j])
             yield tokens, labels, worker
 
     def _plan(self, reader: int, start: int) -> Iterator[dict[str, Any]]:

@@ -18,7 +18,7 @@ from pretrain.training import checkpoint as ckpt
 # Keys that may change between a checkpoint and the run resuming it; any other difference is an error. The
 # layout keys (LAYOUT) may change too: the checkpoint is then re-sharded (pretrain/training/reshard.py).
 _RESUME_FREE = ("name", "out_dir", "train.", "checkpoint.", "logging.", "on_nonfinite", "max_consecutive_skips",
-                "schedule.", "optim.lr", "data.num_workers", "data.path", "eval.")
+                "schedule.", "optim.lr", "data.num_workers", "data.readers", "data.path", "eval.")
 LAYOUT = ("parallel.tensor_parallel", "parallel.pipeline_parallel", "parallel.zero_stage",
           "parallel.sequence_parallel")
 
@@ -65,14 +65,7 @@ def _layout_change(trainer, path: Path, state: dict) -> bool:
     saved_world = state.get("world_size") or trainer.layout.world
     old = _layout_of(state["config"]["parallel"], saved_world)
     new = _layout_of(config_to_dict(trainer.cfg)["parallel"], trainer.layout.world)
-    if old == new:
-        return False
-    if old[2] != new[2]:
-        raise ConfigError(f"checkpoint.resume: {path} was saved under {_describe(old)}; resuming under "
-                          f"{_describe(new)} changes the number of data-parallel ranks, which is not implemented "
-                          f"yet (the data loader cannot re-split its position); keep DP={old[2]} — tensor and "
-                          "pipeline parallelism and the ZeRO stage may change")
-    return True
+    return old != new
 
 
 def _load_resharded(trainer, path: Path, state: dict) -> dict:
@@ -88,16 +81,20 @@ def _load_resharded(trainer, path: Path, state: dict) -> dict:
         load_training_state(trainer.engine, training, ps.get_tensor_model_parallel_rank(), trainer.layout.tp)
     except ckpt.CheckpointError as e:
         raise ConfigError(f"checkpoint.resume: {e}") from None
+    # Any saving rank's data position will do (taken at an optimizer step, every rank's is the same count of
+    # global micro-batches); one of this data-parallel index where there is one, so that an unchanged DP size
+    # continues each rank's own stream (pretrain/data/loader.py: load_state_dict).
     dp_rank = ps.get_data_parallel_rank()
-    for rank_file in sorted(path.glob("trainer-rank-*.pt"), key=lambda p: int(p.stem.rsplit("-", 1)[1])):
-        rank_state = torch.load(rank_file, weights_only=False)
-        if rank_state["loader"].get("dp_rank") == dp_rank:
-            if trainer.is_main:
-                old = _layout_of(state["config"]["parallel"], state.get("world_size") or 1)
-                new = _layout_of(config_to_dict(trainer.cfg)["parallel"], trainer.layout.world)
-                trainer.print(f"checkpoint: {path} was saved under {_describe(old)}; re-sharded for {_describe(new)}")
-            return rank_state
-    raise ConfigError(f"checkpoint.resume: {path} has no data position for data-parallel rank {dp_rank}")
+    files = sorted(path.glob("trainer-rank-*.pt"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    states = [torch.load(f, weights_only=False) for f in files]
+    if not states:
+        raise ConfigError(f"checkpoint.resume: {path} has no trainer-rank-*.pt (data position)")
+    rank_state = next((s for s in states if s["loader"].get("dp_rank") == dp_rank), states[0])
+    if trainer.is_main:
+        old = _layout_of(state["config"]["parallel"], state.get("world_size") or 1)
+        new = _layout_of(config_to_dict(trainer.cfg)["parallel"], trainer.layout.world)
+        trainer.print(f"checkpoint: {path} was saved under {_describe(old)}; re-sharded for {_describe(new)}")
+    return rank_state
 
 
 def _pick(trainer) -> Optional[Path]:
@@ -147,7 +144,22 @@ def resume(trainer) -> Optional[Path]:
 
 
 def _restore(trainer, path: Path, rank_state: dict) -> None:
-    """The data position and the RNG of ``rank_state``."""
+    """The data position and the RNG of ``rank_state``. With data.readers unset the run reads with the
+    checkpoint's number of readers, so that another DP size or worker count continues the same data order."""
+    saved = rank_state["loader"]
+    readers = saved.get("readers", saved["dp_size"] * max(1, saved["num_workers"]))
+    if not trainer.cfg.data.readers and trainer.loader.readers != readers:
+        from megatron.core import parallel_state as ps
+
+        from pretrain.data.loader import split_loader
+        try:
+            trainer.loader = split_loader(trainer.cfg, "train", dp_rank=ps.get_data_parallel_rank(),
+                                          dp_size=trainer.layout.dp, readers=readers)
+        except ConfigError:
+            raise ConfigError(f"checkpoint.resume: {path}: its data position is in {readers} readers, which "
+                              f"{trainer.layout.dp} data-parallel rank(s) × {max(1, trainer.cfg.data.num_workers)} "
+                              f"worker(s) cannot share; set data.num_workers so that DP × workers divides "
+                              f"{readers}") from None
     try:
         trainer.loader.load_state_dict(rank_state["loader"])
     except ValueError as e:

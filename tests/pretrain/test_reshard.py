@@ -1,7 +1,9 @@
 """Resuming under another parallel layout (pretrain/training/reshard.py): a checkpoint saved under one layout
-continues under another — weights, Adam moments and step re-sharded, the data position carried over — and the
-losses after the switch equal, within fp32 tolerance, those of the run that went on under the original layout.
-Real `python -m pretrain.train` processes (gloo, fp32, tiny model).
+continues under another — weights, Adam moments and step re-sharded, the data position carried over (with a fixed
+number of readers the data order does not depend on the number of data-parallel ranks) — and the losses after the
+switch equal, within fp32 tolerance, those of the run that went on under the original layout; runs on different
+layouts with the same seed agree from the first step. Real `python -m pretrain.train` processes (gloo, fp32, tiny
+model).
 
 Tolerance 1e-5 relative over the 5 steps after the switch: the layouts sum in other orders (TP's split matmuls,
 the pipeline's replicas), ~1e-7 per step here. Moments that were lost (started from zero) move the losses by
@@ -13,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conf.errors import ConfigError
 from tests.pretrain.fixtures import make_shards
-from tests.pretrain.test_trainer import RUN, step_losses, train
+from tests.pretrain.test_trainer import step_losses, train
 
 STEPS, SWITCH = 10, 5
 
@@ -23,7 +24,10 @@ STEPS, SWITCH = 10, 5
 def _args(tmp: Path, name: str, *extra: str) -> list[str]:
     return [f"data.path={tmp / 'data'}", f"out_dir={tmp / 'runs'}", f"name={name}", f"train.steps={STEPS}",
             "train.log_every=1", "train.eval_every=0", f"checkpoint.every={SWITCH}", "logging.wandb=disabled",
-            "model.max_seq_len=64", "data.num_workers=0", "parallel.micro_batch_size=4", "optim.lr=3e-3", *extra]
+            "model.max_seq_len=64", "data.num_workers=0", "parallel.micro_batch_size=4", "optim.lr=3e-3",
+            # 2 readers and a global batch of 8: the same samples per step under 1 process (2 micro-batches
+            # accumulated) and 2 data-parallel ranks (pretrain/data/loader.py)
+            "data.readers=2", "parallel.global_batch_size=8", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +52,19 @@ def _switch(tmp: Path, saved: str, world: int, layout: list[str], name: str) -> 
 
 @pytest.mark.parametrize("layout", [["parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
                                      "parallel.zero_stage=2"],
-                                    ["parallel.pipeline_parallel=2", "parallel.zero_stage=1"]],
-                         ids=["to-tp2-sp-zero2", "to-pp2-zero1"])
+                                    ["parallel.pipeline_parallel=2", "parallel.zero_stage=1"],
+                                    ["parallel.zero_stage=2"]],
+                         ids=["to-tp2-sp-zero2", "to-pp2-zero1", "to-dp2-zero2"])
 def test_one_process_resumes_under_two(runs, layout):
-    _switch(runs, "one", 2, layout, "to-" + layout[0].split(".")[1].split("=")[0])
+    _switch(runs, "one", 2, layout, "to-" + "-".join(w.split(".")[1].replace("=", "") for w in layout))
+
+
+def test_two_data_parallel_ranks_start_as_one_process(runs):
+    train(runs, 2, _args(runs, "dp2", "parallel.zero_stage=2", "train.steps=2", "checkpoint.every=0"), tag="dp2")
+    one, two = step_losses(runs / "runs" / "one"), step_losses(runs / "runs" / "dp2")
+    assert sorted(two) == [1, 2]
+    for step in two:
+        assert two[step] == pytest.approx(one[step], rel=1e-5, abs=0), (step, one, two)
 
 
 def test_tp2_pp2_resumes_under_one_process(runs):
@@ -66,16 +79,11 @@ def test_tp2_pp2_resumes_under_one_process(runs):
     _switch(runs, "tp2pp2", 1, ["parallel.zero_stage=0"], "back-to-one")
 
 
-def test_another_number_of_data_parallel_ranks_is_refused_in_one_line(runs):
-    from types import SimpleNamespace
-
-    from conf import config_to_dict, load_config
-    from pretrain.config import RunConfig
-    from pretrain.training.resume import _layout_change
-    saved = {"config": config_to_dict(load_config(RUN, _args(runs, "x"), schema=RunConfig)), "world_size": 1}
-    cfg = load_config(RUN, _args(runs, "x", "parallel.zero_stage=2"), schema=RunConfig)
-    trainer = SimpleNamespace(cfg=cfg, layout=SimpleNamespace(world=2))
-    with pytest.raises(ConfigError, match=r"saved under TP=1 PP=1 DP=1 ZeRO-0; resuming under TP=1 PP=1 DP=2 "
-                                          r"ZeRO-2 changes the number of data-parallel ranks, which is not "
-                                          r"implemented yet"):
-        _layout_change(trainer, Path("ckpt"), saved)
+def test_readers_that_the_new_layout_cannot_share_are_one_line(runs):
+    at = runs / "runs" / "one" / "checkpoints" / f"step-{SWITCH:06d}"
+    args = _args(runs, "three-workers", f"checkpoint.resume={at}", "data.readers=0", "data.num_workers=3")
+    codes = train(runs, 1, args, check=False, tag="three-workers")
+    log = (runs / "three-workers-0.log").read_text()
+    assert codes == [2], log[-2000:]
+    err = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "its data position is in 2 readers" in err[0] and "Traceback" not in log
