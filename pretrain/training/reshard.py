@@ -14,8 +14,8 @@ Why our own consolidation rather than torch.distributed.checkpoint or DeepSpeed'
 checkpoints stay DeepSpeed's (same-layout resume is bit-exact and already checked file by file), the universal
 converter expects Megatron-DeepSpeed's pipeline files and TP patterns rather than our stage folders and megatron-
 core shards, and the re-sharding needs only the rules model/tp_shard.py already has. The cost is paid only when
-the layout changes, on load. Not yet: ZeRO-3 on either side (its partitions are read for weights only), which is
-refused in one line.
+the layout changes, on load: every rank reads the whole state (fp32 weights and two moments) into CPU memory.
+ZeRO-3 partitions (each rank ceil(numel / DP) elements of every parameter) are read and written the same way.
 """
 from __future__ import annotations
 
@@ -73,6 +73,28 @@ def _flat_format(files: list[dict[str, Any]], shapes: dict[str, torch.Size]
             for name, kinds in pieces.items()}, step
 
 
+def _zero3_format(files: list[dict[str, Any]], shapes: dict[str, torch.Size]
+                  ) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
+    """ZeRO-3 (one file per DP rank, in rank order): each rank's flat partition holds, parameter after parameter
+    in the optimizer's order, its ceil(numel / DP) elements of every parameter (the last rank's padded)."""
+    world = len(files)
+    flats = []
+    step = 0.0
+    for osd in files:
+        base = osd["optimizer_state_dict"]["state"]
+        flats.append({"param": torch.cat([f.float() for f in osd["fp32_flat_groups"]]),
+                      **{k: torch.cat([base[g][k].float() for g in sorted(base)]) for k in MOMENTS}})
+        step = float(base[min(base)]["step"])
+    out, offset = {}, 0
+    for name, shape in shapes.items():
+        numel = shape.numel()
+        part = -(-numel // world)
+        out[name] = {k: torch.cat([f[k].narrow(0, offset, part) for f in flats]).narrow(0, 0, numel).view(shape)
+                     for k in flats[0]}
+        offset += part
+    return out, step
+
+
 def _torch_format(optim: dict[str, Any], module: dict[str, Any], order: list[str]
                   ) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
     """ZeRO-0 (torch's AdamW state, by position in the optimizer's parameter order) with the module's weights,
@@ -94,9 +116,6 @@ def _torch_format(optim: dict[str, Any], module: dict[str, Any], order: list[str
 def read_training_state(folder: Path, run: RunConfig) -> TrainingState:
     """The layout-free training state of the checkpoint ``folder`` saved by ``run``. CheckpointError (one line)
     for what cannot be read."""
-    if run.parallel.zero_stage == 3:
-        raise CheckpointError(f"{folder}: saved with ZeRO-3; resuming it under another layout is not implemented "
-                              "yet (resume it under its own layout, or export its weights)")
     stages = _stages(folder)
     pp = run.parallel.pipeline_parallel
     out = TrainingState()
@@ -106,8 +125,14 @@ def read_training_state(folder: Path, run: RunConfig) -> TrainingState:
         for tp_rank in stage.tp_ranks():
             model_file = _torch_load(stage.model[(tp_rank, 0)])
             module = model_file["module"]
-            shapes = {n: module[n].shape for n in order}
             dp_files = [p for (tp, _), p in sorted(stage.optim.items()) if tp == tp_rank]
+            if stage.zero3:   # the module holds placeholders; the shapes are DeepSpeed's record, in its order
+                shapes = {n: torch.Size(sh) for group in model_file["param_shapes"] for n, sh in group.items()}
+                parts, step = _zero3_format([_torch_load(p)["optimizer_state_dict"] for p in dp_files], shapes)
+                ranks.append(parts)
+                out.step = step
+                continue
+            shapes = {n: module[n].shape for n in order}
             if dp_files:
                 parts, step = _flat_format([_torch_load(p)["optimizer_state_dict"] for p in dp_files], shapes)
             elif "param_slice_mappings" in (model_file.get("optimizer") or {}):   # bf16 without ZeRO
@@ -135,8 +160,6 @@ def _adam_step(step: float, like: torch.Tensor, optimizer: torch.optim.Optimizer
 @torch.no_grad()
 def load_training_state(engine, state: TrainingState, tp_rank: int, tp_size: int) -> None:
     """Give this rank's engine (pretrain/parallel/engine.py, any layout but ZeRO-3) its slice of ``state``."""
-    if engine.cfg.parallel.zero_stage == 3:
-        raise CheckpointError("resuming under ZeRO-3 from a checkpoint of another layout is not implemented yet")
     mine = {name: {k: shard_state_dict({name: v}, tp_rank, tp_size)[name] for k, v in kinds.items()}
             for name, kinds in state.params.items()}
     model = engine.model
@@ -144,9 +167,12 @@ def load_training_state(engine, state: TrainingState, tp_rank: int, tp_size: int
     missing = [n for n in named if n not in mine]
     if missing:
         raise CheckpointError(f"the checkpoint has no {missing[0]} (of {len(missing)} parameter(s) missing)")
+    ds_optimizer = engine._ds.optimizer
+    if engine.cfg.parallel.zero_stage == 3:
+        _load_zero3(ds_optimizer, named, mine, state.step)
+        return
     for name, p in named.items():
         p.copy_(mine[name]["param"].to(p.dtype))
-    ds_optimizer = engine._ds.optimizer
     inner = getattr(ds_optimizer, "optimizer", None)
     mapped = [p for p in named.values() if getattr(p, "_hp_mapping", None) is not None]
     if mapped:   # ZeRO-1/2 (or DeepSpeed's bf16 optimizer): fp32 flat partitions, one per parameter group
@@ -171,3 +197,28 @@ def load_training_state(engine, state: TrainingState, tp_rank: int, tp_size: int
         for name, p in named.items():
             optimizer.state[p] = {"step": _adam_step(state.step, p, optimizer),
                                   **{k: mine[name][k].to(device=p.device, dtype=torch.float32) for k in MOMENTS}}
+
+
+def _load_zero3(ds_optimizer, named: dict[str, torch.nn.Parameter], mine: dict[str, dict[str, torch.Tensor]],
+                step: float) -> None:
+    """ZeRO-3: each rank holds ceil(numel / DP) elements of every parameter — in the module (``ds_tensor``) and in
+    its sub-group's flat fp32 partition at DeepSpeed's ``grad_position`` — and the moments beside the latter."""
+    import torch.distributed as dist
+    inner = ds_optimizer.optimizer
+    for flat in ds_optimizer.fp32_partitioned_groups_flat:
+        slot = inner.state[flat]
+        if not slot:
+            slot.update({k: torch.zeros_like(flat) for k in MOMENTS})
+        slot["step"] = _adam_step(step, flat, inner)
+    for name, p in named.items():
+        group, offset, numel = ds_optimizer.grad_position[ds_optimizer.get_param_id(p)]
+        rank = dist.get_rank(group=ds_optimizer._get_param_partition_group(p))
+        flat = ds_optimizer.fp32_partitioned_groups_flat[group]
+        for key in ("param", *MOMENTS):
+            value = mine[name][key].flatten().float()
+            value = torch.cat([value, value.new_zeros(max(0, (rank + 1) * numel - value.numel()))])
+            part = value.narrow(0, rank * numel, numel)
+            target = flat if key == "param" else inner.state[flat][key]
+            target.narrow(0, offset, numel).copy_(part)
+            if key == "param":
+                p.ds_tensor.data.copy_(part.to(p.ds_tensor.dtype).view_as(p.ds_tensor))

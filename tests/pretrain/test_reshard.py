@@ -53,18 +53,26 @@ def _switch(tmp: Path, saved: str, world: int, layout: list[str], name: str) -> 
 @pytest.mark.parametrize("layout", [["parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
                                      "parallel.zero_stage=2"],
                                     ["parallel.pipeline_parallel=2", "parallel.zero_stage=1"],
-                                    ["parallel.zero_stage=2"]],
-                         ids=["to-tp2-sp-zero2", "to-pp2-zero1", "to-dp2-zero2"])
+                                    ["parallel.zero_stage=2"], ["parallel.zero_stage=3"]],
+                         ids=["to-tp2-sp-zero2", "to-pp2-zero1", "to-dp2-zero2", "to-dp2-zero3"])
 def test_one_process_resumes_under_two(runs, layout):
     _switch(runs, "one", 2, layout, "to-" + "-".join(w.split(".")[1].replace("=", "") for w in layout))
 
 
-def test_two_data_parallel_ranks_start_as_one_process(runs):
-    train(runs, 2, _args(runs, "dp2", "parallel.zero_stage=2", "train.steps=2", "checkpoint.every=0"), tag="dp2")
+def test_two_data_parallel_ranks_start_as_one_process_and_zero3_moves_both_ways(runs):
+    train(runs, 2, _args(runs, "dp2", "parallel.zero_stage=3", "train.steps=2", "checkpoint.every=0"), tag="dp2")
     one, two = step_losses(runs / "runs" / "one"), step_losses(runs / "runs" / "dp2")
     assert sorted(two) == [1, 2]
     for step in two:
         assert two[step] == pytest.approx(one[step], rel=1e-5, abs=0), (step, one, two)
+    # ZeRO-3's partitions, read: its step-2 checkpoint continued by one process is the one-process run
+    at = runs / "runs" / "dp2" / "checkpoints" / "step-000002"
+    train(runs, 1, _args(runs, "dp2-to-one", f"checkpoint.resume={at}", "parallel.zero_stage=0", "train.steps=4"),
+          tag="dp2-to-one")
+    back = step_losses(runs / "runs" / "dp2-to-one")
+    assert sorted(back) == [3, 4]
+    for step in back:
+        assert back[step] == pytest.approx(one[step], rel=1e-5, abs=0), (step, one, back)
 
 
 def test_tp2_pp2_resumes_under_one_process(runs):
