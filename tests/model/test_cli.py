@@ -35,7 +35,8 @@ def test_inspect_bad_override_is_one_line_without_traceback():
 
 @pytest.mark.parametrize("module", ["model.inspect", "pretrain.train", "pretrain.sweep", "pretrain.tools.demo",
                                     "pretrain.tools.bench", "pretrain.tools.model_bench", "pretrain.tools.data_bench",
-                                    "pretrain.tools.plot", "pretrain.study", "pretrain.fewshot"])
+                                    "pretrain.tools.plot", "pretrain.study", "pretrain.fewshot",
+                                    "pretrain.export", "pretrain.import_hf"])
 def test_entry_points_have_help(module):
     res = run("-m", module, "--help")
     assert res.returncode == 0 and "usage:" in res.stdout and len(res.stdout.splitlines()) > 4
