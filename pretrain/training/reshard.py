@@ -63,9 +63,11 @@ def _flat_format(files: list[dict[str, Any]], shapes: dict[str, torch.Size]
     for osd in files:
         base = osd["base_optimizer_state"]["state"]
         for g, mapping in enumerate(osd["param_slice_mappings"]):
-            flats = {"param": osd["single_partition_of_fp32_groups"][g].float(),
-                     **{k: base[g][k].float() for k in MOMENTS}}
-            step = float(base[g]["step"])
+            master = osd["single_partition_of_fp32_groups"][g].float()
+            saved = base.get(g) or {}         # none: saved before the first step (an import), moments zero
+            flats = {"param": master, **{k: saved[k].float() if k in saved else torch.zeros_like(master)
+                                         for k in MOMENTS}}
+            step = float(saved.get("step", 0.0))
             for name, addr in mapping.items():
                 for key, flat in flats.items():
                     pieces.setdefault(name, {}).setdefault(key, []).append(flat.narrow(0, addr.start, addr.numel))
@@ -82,9 +84,11 @@ def _zero3_format(files: list[dict[str, Any]], shapes: dict[str, torch.Size]
     step = 0.0
     for osd in files:
         base = osd["optimizer_state_dict"]["state"]
-        flats.append({"param": torch.cat([f.float() for f in osd["fp32_flat_groups"]]),
-                      **{k: torch.cat([base[g][k].float() for g in sorted(base)]) for k in MOMENTS}})
-        step = float(base[min(base)]["step"])
+        groups = [f.float() for f in osd["fp32_flat_groups"]]
+        flats.append({"param": torch.cat(groups),
+                      **{k: torch.cat([base[g][k].float() if g in base else torch.zeros_like(f)
+                                       for g, f in enumerate(groups)]) for k in MOMENTS}})
+        step = float(base[min(base)]["step"]) if base else 0.0
     out, offset = {}, 0
     for name, shape in shapes.items():
         numel = shape.numel()
