@@ -132,6 +132,9 @@ COMMANDS: dict[str, Cmd] = {
     "--text-field text --seq-len 2048 --val-fraction 0.01 --workers 16": Cmd(HELP, "the user's dumps and tokenizer"),
     "python data_prep/tokenize.py data_prep/corpus --train-tokenizer tok.model --vocab-size 8000":
         Cmd(RUN, "a tokenizer on the sample corpus, seconds"),
+    "python -m pretrain.export runs/demo out/demo-hf": Cmd(HELP, "needs the trained run of make demo"),
+    "python -m pretrain.import_hf out/demo-hf runs/demo-continued data.path=runs/demo/data":
+        Cmd(HELP, "needs the export above"),
     "python -m pretrain.study conf/study/tiny_equal_flops.yaml --dry-run":
         Cmd(RUN, "the plan only, on the demo's shards", needs=DEMO),
     "python -m pretrain.study conf/study/tiny_equal_flops.yaml --executor local":
