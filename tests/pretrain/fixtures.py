@@ -33,23 +33,29 @@ def make_shards(folder: Path, *, vocab: int = 128, seq_len: int = 32, train: int
     return folder
 
 
-def with_tokenizer(folder: Path, vocab: int) -> Path:
-    """Give the shards at ``folder`` a real SentencePiece model (``vocab`` pieces, byte fallback, trained on the
-    sample corpus) in their manifest, for tests that need text: few-shot tasks, export. The shards' token ids stay
-    the synthetic pattern."""
+
+def train_tokenizer(prefix: Path, vocab: int) -> Path:
+    """A small SentencePiece model (BPE, ``vocab`` pieces, byte fallback) trained on the first sentences of the
+    shipped corpus, written to ``prefix``.model; returns that path."""
     import gzip
-    import hashlib
     import json
 
     import sentencepiece as spm
     corpus = Path(__file__).resolve().parents[2] / "data_prep" / "corpus" / "sotu-1900-2021.jsonl.gz"
     with gzip.open(corpus, "rt", encoding="utf-8") as f:
         docs = [json.loads(line)["text"] for _, line in zip(range(5), f)]
-    lines = [s for d in docs for s in d.split(". ") if s.strip()][:2000]
-    prefix = folder.parent / f"{folder.name}-tok"
+    lines = [s for d in docs for s in d.split(". ") if s.strip()][:2000]   # sentences: SentencePiece skips long lines
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=vocab,
                                    model_type="bpe", minloglevel=2, byte_fallback=True)
-    model = prefix.with_suffix(".model")
+    return prefix.with_suffix(".model")
+
+
+def with_tokenizer(folder: Path, vocab: int) -> Path:
+    """Give the shards at ``folder`` a real SentencePiece model (``train_tokenizer``, written beside the folder as
+    tok.model) in their manifest, for tests that need text: few-shot tasks, export. The shards' token ids stay the
+    synthetic pattern."""
+    import hashlib
+    model = train_tokenizer(folder.parent / "tok", vocab)
     manifest = Manifest.load(folder)
     manifest.tokenizer.update(path=str(model), sha256=hashlib.sha256(model.read_bytes()).hexdigest(),
                               bos_id=1, eos_id=2)

@@ -7,7 +7,6 @@ tests/distributed/test_validation_layouts.py; here the whole path runs: the toke
 callback, metrics.jsonl and the log line."""
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
@@ -15,14 +14,13 @@ import pytest
 
 from conf import load_config
 from conf.errors import ConfigError
-from data_prep.shards import Manifest
 from pretrain.config import RunConfig
 from pretrain.eval.fewshot import evaluate
 from pretrain.eval.tasks import load_task
 from pretrain.training.consolidate import load
 from pretrain.training.downstream import record
 from tests.distributed.harness import spawn_ranks
-from tests.pretrain.fixtures import make_shards
+from tests.pretrain.fixtures import make_shards, with_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = "conf/run/tiny_cpu.yaml"
@@ -32,18 +30,8 @@ TASKS, LIMIT, VOCAB = ["arc_easy", "piqa", "lambada", "mmlu"], 3, 384
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """Synthetic shards whose manifest names a real SentencePiece model (the tasks' text needs one)."""
-    import sentencepiece as spm
     tmp = tmp_path_factory.mktemp("down")
-    with gzip.open(ROOT / "data_prep" / "corpus" / "sotu-1900-2021.jsonl.gz", "rt", encoding="utf-8") as f:
-        docs = [json.loads(line)["text"] for _, line in zip(range(5), f)]
-    lines = [s for d in docs for s in d.split(". ") if s.strip()][:2000]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp / "tok"), vocab_size=VOCAB,
-                                   model_type="bpe", minloglevel=2, byte_fallback=True)
-    folder = make_shards(tmp / "data", vocab=VOCAB, seq_len=64)
-    manifest = Manifest.load(folder)
-    manifest.tokenizer.update(path=str(tmp / "tok.model"), eos_id=2)
-    manifest.save(folder)
-    return folder
+    return with_tokenizer(make_shards(tmp / "data", vocab=VOCAB, seq_len=64), VOCAB)
 
 
 def _args(tmp: Path, data: Path, *extra: str) -> list[str]:

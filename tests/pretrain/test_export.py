@@ -11,8 +11,6 @@ tested under those layouts in tests/pretrain/test_generate.py and tests/distribu
 """
 from __future__ import annotations
 
-import gzip
-import hashlib
 import json
 import os
 import sys
@@ -23,13 +21,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")   # nothing here may reach for the 
 import pytest
 import torch
 
-from data_prep.shards import Manifest
 from model.config import RouterConfig
 from model.inference import KVCache, Sampling, generate, prefill
 from model.mor import MoRModel
 from tests.distributed.harness import spawn_ranks
 from tests.model.helpers import tiny
-from tests.pretrain.fixtures import make_shards
+from tests.pretrain.fixtures import make_shards, with_tokenizer
 
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -42,19 +39,8 @@ SENTENCE = "The state of  our Union is strong — and 1,234 Américans agree.\nN
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """Synthetic shards whose manifest names a real SentencePiece model (byte fallback, as data_prep trains)."""
-    import sentencepiece as spm
     tmp = tmp_path_factory.mktemp("export")
-    with gzip.open(ROOT / "data_prep" / "corpus" / "sotu-1900-2021.jsonl.gz", "rt", encoding="utf-8") as f:
-        docs = [json.loads(line)["text"] for _, line in zip(range(5), f)]
-    lines = [s for d in docs for s in d.split(". ") if s.strip()][:2000]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp / "tok"), vocab_size=VOCAB,
-                                   model_type="bpe", minloglevel=2, byte_fallback=True)
-    folder = make_shards(tmp / "data", vocab=VOCAB, seq_len=64)
-    manifest = Manifest.load(folder)
-    sha = hashlib.sha256((tmp / "tok.model").read_bytes()).hexdigest()
-    manifest.tokenizer.update(path=str(tmp / "tok.model"), sha256=sha, bos_id=1, eos_id=2)
-    manifest.save(folder)
-    return folder
+    return with_tokenizer(make_shards(tmp / "data", vocab=VOCAB, seq_len=64), VOCAB)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from pretrain.eval.fewshot import average, encode_pair, evaluate
 from pretrain.eval.tasks import NAMES, load_task
 from tests.distributed.harness import spawn_ranks
 from tests.model.helpers import tiny
+from tests.pretrain.fixtures import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 CHOICES = {"arc_easy": (3, 5), "arc_challenge": (3, 5), "hellaswag": (4, 4), "piqa": (2, 2), "winogrande": (2, 2),
@@ -26,14 +27,9 @@ CHOICES = {"arc_easy": (3, 5), "arc_challenge": (3, 5), "hellaswag": (4, 4), "pi
 
 @pytest.fixture(scope="module")
 def sp(tmp_path_factory):
+    """A small SentencePiece model (400 pieces) trained on the shipped corpus."""
     import sentencepiece as spm
-    with gzip.open(ROOT / "data_prep" / "corpus" / "sotu-1900-2021.jsonl.gz", "rt", encoding="utf-8") as f:
-        docs = [json.loads(line)["text"] for _, line in zip(range(5), f)]
-    lines = [s for d in docs for s in d.split(". ") if s.strip()][:2000]
-    prefix = tmp_path_factory.mktemp("tok") / "tok"
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=400,
-                                   model_type="bpe", minloglevel=2, byte_fallback=True)
-    return spm.SentencePieceProcessor(model_file=str(prefix) + ".model")
+    return spm.SentencePieceProcessor(model_file=str(train_tokenizer(tmp_path_factory.mktemp("tok") / "tok", 400)))
 
 
 @pytest.mark.parametrize("name", NAMES)

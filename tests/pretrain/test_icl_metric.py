@@ -4,9 +4,7 @@ uses ("acc"; "len_norm": loglikelihood / len(continuation text)) — fed the sam
 forward pass, on the package's own request files (0-shot arc_easy, hellaswag, piqa; our MMLU prompts)."""
 from __future__ import annotations
 
-import gzip
 import importlib.util
-import json
 import sys
 import types
 from pathlib import Path
@@ -19,6 +17,7 @@ from model.mor import MoRModel
 from pretrain.eval.fewshot import encode_task, task_result
 from pretrain.eval.tasks import load_task, package_root
 from tests.model.helpers import tiny
+from tests.pretrain.fixtures import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = ("arc_easy", "hellaswag", "piqa", "mmlu")
@@ -27,15 +26,9 @@ LIMIT = 8
 
 @pytest.fixture(scope="module")
 def sp(tmp_path_factory):
-    """The small SentencePiece model of tests/pretrain/test_fewshot.py, trained on the shipped corpus."""
+    """A small SentencePiece model (400 pieces) trained on the shipped corpus."""
     import sentencepiece as spm
-    with gzip.open(ROOT / "data_prep" / "corpus" / "sotu-1900-2021.jsonl.gz", "rt", encoding="utf-8") as f:
-        docs = [json.loads(line)["text"] for _, line in zip(range(5), f)]
-    lines = [s for d in docs for s in d.split(". ") if s.strip()][:2000]
-    prefix = tmp_path_factory.mktemp("tok") / "tok"
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=400,
-                                   model_type="bpe", minloglevel=2, byte_fallback=True)
-    return spm.SentencePieceProcessor(model_file=str(prefix) + ".model")
+    return spm.SentencePieceProcessor(model_file=str(train_tokenizer(tmp_path_factory.mktemp("tok") / "tok", 400)))
 
 
 @pytest.fixture(scope="module")
