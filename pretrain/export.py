@@ -28,7 +28,6 @@ transformers or safetensors not installed), said in one line on stderr.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from conf.errors import ConfigError
+from data_prep.shards import sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -298,14 +298,6 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 # ---- from a run ---------------------------------------------------------------------------------------------------
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_tokenizer(path: Path, want: Optional[str], vocab: int, where: str) -> str:
     import sentencepiece as spm
     try:
@@ -316,7 +308,7 @@ def _check_tokenizer(path: Path, want: Optional[str], vocab: int, where: str) ->
     if sp.get_piece_size() > vocab:
         raise ConfigError(f"{where} {path}: {sp.get_piece_size()} pieces, more than the model's vocabulary ({vocab}); "
                           "it is not the tokenizer the run was trained with")
-    got = file_sha256(path)
+    got = sha256_file(path)
     if want is not None and got != want:
         raise ConfigError(f"{where} {path}: sha256 {got[:16]}… differs from the run's tokenizer ({want[:16]}…); "
                           "use the tokenizer the run was trained with")

@@ -28,7 +28,6 @@ an empty prompt, a bad sampling value), said in one line on stderr.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import warnings
 from dataclasses import dataclass
@@ -146,19 +145,12 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _tokenizer(info: CheckpointInfo, override: Optional[Path]) -> tuple[SentencePieceProcessor, Path]:
     """The SentencePiece model to use, checked against the run: (processor, path). ConfigError otherwise."""
     import sentencepiece as spm
 
     from conf.errors import ConfigError
+    from data_prep.shards import sha256_file
     path = override or info.tokenizer.path
     if path is None:
         raise ConfigError(f"{info.path}: cannot find the run's tokenizer ({info.tokenizer.why}); "
@@ -173,7 +165,7 @@ def _tokenizer(info: CheckpointInfo, override: Optional[Path]) -> tuple[Sentence
     if sp.get_piece_size() > vocab:
         raise ConfigError(f"{where} {path}: {sp.get_piece_size()} pieces, more than the model's vocabulary "
                           f"({vocab}); it is not the tokenizer the run was trained with")
-    want, got = info.tokenizer.sha256, _sha256(path)
+    want, got = info.tokenizer.sha256, sha256_file(path)
     if want is not None and got != want:
         raise ConfigError(f"{where} {path}: sha256 {got[:16]}… differs from the run's tokenizer ({str(want)[:16]}…, "
                           f"recorded in {info.path / 'trainer.pt'}); use the tokenizer the run was trained with")

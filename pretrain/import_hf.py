@@ -150,7 +150,8 @@ def import_export(hf_dir: Path, run_dir: Path, *, run: Optional[str] = None, ove
     """Write the checkpoint of the export at ``hf_dir`` into the run folder ``run_dir``; returns the checkpoint
     folder. Collective under torchrun. Raises ConfigError (one line) for every mistake, before anything is
     written."""
-    from pretrain.export import file_sha256, require_hf
+    from data_prep.shards import sha256_file
+    from pretrain.export import require_hf
     require_hf(("safetensors",))
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     if not hf_dir.is_dir():
@@ -174,7 +175,7 @@ def import_export(hf_dir: Path, run_dir: Path, *, run: Optional[str] = None, ove
         raise ConfigError(f"data.path: {e}") from None
     tok = hf_dir / "spiece.model"
     want = manifest.tokenizer.get("sha256")
-    if tok.is_file() and file_sha256(tok) != want:
+    if tok.is_file() and sha256_file(tok) != want:
         raise ConfigError(f"data.path: {cfg.data.path} was tokenized with another tokenizer than the export's "
                           f"({tok}); the model reads that tokenizer's ids: give data made with it")
     if manifest.vocab_size > cfg.model.vocab_size:
