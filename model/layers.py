@@ -108,6 +108,16 @@ def seq_parallel_linear(linear: nn.Module, x: torch.Tensor, sequence_parallel: b
 KeySource = Callable[[torch.Tensor, torch.Tensor], Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
 
 
+class RowParallel(RowParallelLinear):
+    """megatron-core's row-parallel linear, handing its own TP group to the matmul. megatron passes None there,
+    and the deprecation warning that None triggers on rank 0 is a graph break for torch.compile in every layer."""
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if kwargs.get("tp_group", self.tp_group) is None:
+            kwargs["tp_group"] = self.tp_group
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, out_std: float):
         super().__init__()
@@ -120,7 +130,7 @@ class Attention(nn.Module):
         qkv_out = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
         self.qkv = ColumnParallelLinear(cfg.d_model, qkv_out, config=mp, init_method=normal_init(cfg.init_std),
                                         bias=False, gather_output=False, tp_group=tp_group())
-        self.proj = RowParallelLinear(cfg.n_heads * cfg.head_dim, cfg.d_model, config=mp,
+        self.proj = RowParallel(cfg.n_heads * cfg.head_dim, cfg.d_model, config=mp,
                                       init_method=normal_init(out_std), bias=False, input_is_parallel=True,
                                       skip_bias_add=False, tp_group=tp_group())
 
@@ -148,7 +158,7 @@ class SwiGLU(nn.Module):
                                             init_method=normal_init(cfg.init_std), bias=False, gather_output=False,
                                             tp_group=tp_group())
         self.sp = mp.sequence_parallel
-        self.down = RowParallelLinear(cfg.ffn_hidden, cfg.d_model, config=mp, init_method=normal_init(out_std),
+        self.down = RowParallel(cfg.ffn_hidden, cfg.d_model, config=mp, init_method=normal_init(out_std),
                                       bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
