@@ -88,6 +88,16 @@ class ModelConfig:
     # sequence (the saving MoR promises; costs one host sync per step for the length). False: every token, with
     # a key mask (no sync). Same results either way; sequence parallelism always uses the masked form.
     tc_compact: bool = True
+    # Token-choice capacity factor f (training routing). 0: dropless, the paper's routing; the compact steps then
+    # read their length on the host (one sync and torch.compile graph break per step after the first). f > 0:
+    # static lengths — recursion step r >= 2 runs on L_r = min(T, f·T·(Nr−r+1)/Nr rounded up to 64) tokens per
+    # row, the tokens balanced routing would send there times f; a row's tokens beyond L_r (its latest, in
+    # position order) leave at step r−1 with their gate. Inference (causal routing) never caps.
+    tc_capacity: float = 0.0
+    # The output head and its cross-entropy run over chunks of this many tokens (model/head.py): the fp32
+    # logits of the whole micro-batch never exist at once, and the gradients are made in the same pass. 0: one
+    # matmul over the micro-batch and the plain loss (the logits kept for backward).
+    loss_chunk: int = 2048
 
     # ---- derived quantities -------------------------------------------------------------------------------
     @property
@@ -175,6 +185,10 @@ class ModelConfig:
         need(not rc.aux_router or self.routing == "expert_choice", "router.aux_router",
              "the auxiliary router predicts expert-choice decisions; leave it false for other routings")
         need(rc.aux_router_coef >= 0, "router.aux_router_coef", f"must be >= 0, got {rc.aux_router_coef}")
+        need(self.tc_capacity >= 0, "tc_capacity", f"must be >= 0, got {self.tc_capacity}")
+        need(self.tc_capacity == 0 or self.routing == "token_choice", "tc_capacity",
+             "a capacity factor is for routing=token_choice")
+        need(self.loss_chunk >= 0, "loss_chunk", f"must be >= 0 tokens (0 = no chunking), got {self.loss_chunk}")
         need(not self.kv_sharing or self.num_recursions >= 2, "kv_sharing",
              "recursive KV sharing reuses the first recursion's keys and values in later ones: it needs "
              "num_recursions >= 2")

@@ -22,14 +22,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from megatron.core import ModelParallelConfig
-from megatron.core.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
+from megatron.core.tensor_parallel import (VocabParallelEmbedding,
                                            gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region)
 
 from model.config import ModelConfig
 from model.layers import (RMSNorm, Rotary, TransformerLayer, make_parallel_config, normal_init, tp_group,
                           tp_world_size)
 from model.kv_sharing import ReadFirstStep, SaveFirstStep
-from model.loss import IGNORE_INDEX, label_is_argmax, lm_cross_entropy
+from model.head import LMHead
 from model.program import Op, build_program, pack, packed_rows, stage_ranges, state_spec, unpack
 from model.routing import Routing, Stream, build_routing
 from model.sharing import build_plan
@@ -75,17 +75,19 @@ class MoRModel(nn.Module):
         # sharing is parameter identity, norms included. Keys are the unique layer indices.
         self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, mp)
                                      for i in sorted({op.layer for op in my_ops if op.kind == "layer"})})
+        # int -> ModuleDict key, looked up rather than formatted: torch.compile cannot trace str(int)
+        self._layer_keys = {int(k): k for k in self.layers}
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
         if self.is_last:
             self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             # Tied: the head borrows the embedding matrix at call time (skip_weight_param_allocation). It sees
             # the whole sequence (sequence parallelism ends before the final norm), so no SP gather here.
-            self.output_layer = ColumnParallelLinear(cfg.d_model, cfg.vocab_size,
-                                                     config=dataclasses.replace(mp, sequence_parallel=False),
-                                                     init_method=normal_init(cfg.init_std), bias=False,
-                                                     gather_output=False,
-                                                     skip_weight_param_allocation=cfg.tie_embeddings,
-                                                     tp_group=tp_group())
+            # The loss is computed inside the head, chunk by chunk (model/head.py).
+            self.output_layer = LMHead(cfg.d_model, cfg.vocab_size,
+                                       config=dataclasses.replace(mp, sequence_parallel=False),
+                                       init_method=normal_init(cfg.init_std), bias=False, gather_output=False,
+                                       skip_weight_param_allocation=cfg.tie_embeddings, tp_group=tp_group(),
+                                       chunk=cfg.loss_chunk)
         # Created after the layers, as always: the routers' initial weights depend on the RNG's position. Every
         # stage holds the routers (the pipeline keeps the replicas equal), whichever of them its ops use.
         self.router: Routing = build_routing(cfg)
@@ -111,7 +113,7 @@ class MoRModel(nn.Module):
         return h
 
     def _layer(self, i: int, x: torch.Tensor, rope, active, kv=None) -> torch.Tensor:
-        layer = self.layers[str(i)]
+        layer = self.layers[self._layer_keys[i]]
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
             # keep only the layer's input; recompute its activations in backward (a first-step layer under KV
             # sharing writes its keys into the state again then: the same values)
@@ -272,19 +274,17 @@ class MoRModel(nn.Module):
             return pack(s, spec(end), rows, self.pipeline_dtype)
         h = self.final_norm(s["h"])
         weight = self.embedding.weight if self.cfg.tie_embeddings else None
-        logits, _ = self.output_layer(h, weight=weight)
         aux_loss = s["aux"]
         if labels is None:
+            logits, _ = self.output_layer(h, weight=weight)
             return MoROutput(None, None, aux_loss, logits, stats)
         # the mean over the labels that count: loss_mask, and never padding (labels IGNORE_INDEX, model/loss.py)
         if not per_token:
-            lm_loss = lm_cross_entropy(logits, labels, loss_mask=loss_mask, reduction="mean")
+            lm_loss = self.output_layer(h, weight=weight, labels=labels, loss_mask=loss_mask)
             return MoROutput(lm_loss + aux_loss, lm_loss, aux_loss, None, stats)
-        token_loss = lm_cross_entropy(logits, labels)
-        weight = (labels != IGNORE_INDEX).float() * (1.0 if loss_mask is None else loss_mask.float())
-        lm_loss = (token_loss * weight).sum() / weight.sum().clamp(min=1.0)   # as reduction="mean" computes it
-        return MoROutput(lm_loss + aux_loss, lm_loss, aux_loss, None, stats, -token_loss.detach(),
-                         label_is_argmax(logits.detach(), labels))
+        lm_loss, logprob, greedy = self.output_layer(h, weight=weight, labels=labels, loss_mask=loss_mask,
+                                                     per_token=True)
+        return MoROutput(lm_loss + aux_loss, lm_loss, aux_loss, None, stats, logprob, greedy)
 
     # ---- once per optimizer step (the trainer calls these on every rank) ---------------------------------------
     def begin_step(self, step: int) -> None:

@@ -41,8 +41,8 @@ warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not i
 warnings.filterwarnings("ignore", message="Apex is not installed. Falling back to Torch Norm")
 
 RUN_FILE = "run.yaml"
-# model keys that change no weight: the kernel a machine can run, the token-choice implementation
-_MODEL_FREE = ("model.attention_backend", "model.tc_compact")
+# model keys that change no weight: the kernel a machine can run, the token-choice implementation, the loss's chunks
+_MODEL_FREE = ("model.attention_backend", "model.tc_compact", "model.loss_chunk")
 
 
 def read_model_config(hf_dir: Path):

@@ -61,6 +61,8 @@ class MoRConfig(PretrainedConfig):
     kv_sharing: bool = False
     attention_backend: str = "auto"
     tc_compact: bool = True
+    tc_capacity: float = 0.0   # training routing only: inference never caps
+    loss_chunk: int = 2048     # training only: how the head's loss is chunked
     # ---- Hugging Face -----------------------------------------------------------------------------------------
     doc_start_token_id: Optional[int] = None
     bos_token_id: Optional[int] = None

@@ -18,7 +18,10 @@ from pretrain.training import checkpoint as ckpt
 # Keys that may change between a checkpoint and the run resuming it; any other difference is an error. The
 # layout keys (LAYOUT) may change too: the checkpoint is then re-sharded (pretrain/training/reshard.py).
 _RESUME_FREE = ("name", "out_dir", "train.", "checkpoint.", "logging.", "on_nonfinite", "max_consecutive_skips",
-                "schedule.", "optim.lr", "data.num_workers", "data.readers", "data.path", "eval.")
+                "schedule.", "optim.lr", "data.num_workers", "data.readers", "data.path", "eval.",
+                "model.loss_chunk", "model.attention_backend")
+# Keys added after checkpoints were first written, with the value every older run had.
+_ADDED = {"model.tc_capacity": 0.0}
 LAYOUT = ("parallel.tensor_parallel", "parallel.pipeline_parallel", "parallel.zero_stage",
           "parallel.sequence_parallel")
 
@@ -34,7 +37,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def config_mismatch(saved: dict, current: dict) -> list[str]:
-    a, b = _flatten(saved), _flatten(current)
+    a, b = {**_ADDED, **_flatten(saved)}, _flatten(current)
     keys = sorted(set(a) | set(b))
     return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(_RESUME_FREE) and k not in LAYOUT]
 
