@@ -20,9 +20,15 @@ The paper's equations, with θ the router, H^1 the stream entering the first rec
 
 At step r > 1 the block runs on the tokens still recursing, gathered into a shorter sequence (``tc_compact``), or
 on every token with a key mask; in both, attention sees only the tokens with i_t ≥ r.
+
+Capacity (``tc_capacity`` f > 0, training routing only): step r ≥ 2 holds at most L_r tokens per row, L_r a static
+length (``step_capacity``), so a compiled step has fixed shapes and never reads a count on the host. A row's
+tokens beyond L_r at step r — its latest ones — get depth r − 1 (they leave one step early, with their gate),
+decided once, when the depths are chosen; the losses and loads still see the router's own choice.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -109,8 +115,35 @@ class TokenChoiceRouting(Routing):
     def depth_bias(self) -> torch.Tensor:
         return self.bias_update_rate * self.bias_steps.float()
 
+    def begin_step(self, step: int) -> None:
+        super().begin_step(step)
+        # a bool, not the step: torch.compile guards on what the forward reads, and a bool changes once
+        self._balancing_warmup = step < self.bal_warmup_step
+
     def warming_up(self) -> bool:
-        return self.training and self.optimizer_step < self.bal_warmup_step
+        return self.training and getattr(self, "_balancing_warmup", self.bal_warmup_step > 0)
+
+    def step_capacity(self, r: int, t: int) -> int:
+        """L_r: the most tokens of a row that recursion step r (1-based) may run on under training routing; T
+        without a capacity factor, at step 1, and during the balancing warm-up (every token runs every step)."""
+        f = self.cfg.tc_capacity
+        if f <= 0 or r == 1 or self.warming_up():
+            return t
+        expected = f * t * (self.nr - r + 1) / self.nr
+        return min(t, max(64, math.ceil(expected / 64) * 64))
+
+    def cap_depth(self, depth: torch.Tensor) -> torch.Tensor:
+        """Depths after the capacity: at each step r ≥ 2 a row's running tokens past the first L_r leave at r−1.
+        Steps are nested (a token capped at r runs no later step), so one pass in step order is exact."""
+        t = depth.shape[1]
+        for r in range(2, self.nr + 1):
+            cap = self.step_capacity(r, t)
+            if cap >= t:
+                continue
+            running = depth >= r
+            over = running & (running.cumsum(dim=1) > cap)
+            depth = torch.where(over, torch.full_like(depth, r - 1), depth)
+        return depth
 
     def _scores(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self.router(h, self.temperature)
@@ -150,7 +183,8 @@ class TokenChoiceRouting(Routing):
     def run_op(self, op: Op, s: dict, stats: dict) -> Optional[dict[str, torch.Tensor]]:
         if op.kind == "tc_route":
             route = self.route(s["h"])
-            s.update(h1=s["h"], depth=route.depth, gate=route.gate)
+            depth = route.depth if s.get("_causal") else self.cap_depth(route.depth)
+            s.update(h1=s["h"], depth=depth, gate=route.gate)
             terms = self.losses(route)
             s["aux"] = s["aux"] + sum(terms.values())
             stats["gate_mean"] = route.gate.detach().mean()
@@ -178,18 +212,23 @@ class TokenChoiceRouting(Routing):
             return Stream("y")  # every token runs the first recursion
         if not compact:
             return Stream("y", key_active=s["depth"] > step)
-        idx = self._active(s["depth"] > step)
+        active = s["depth"] > step
+        t = active.shape[1]
+        if self.cfg.tc_capacity > 0 and not s.get("_causal"):
+            k = self.step_capacity(step + 1, t)   # static: cap_depth left at most this many per row
+        else:
+            k = int(active.sum(dim=1).max())      # dropless: the one host sync of the step
+            k = min(t, max(64, -(-k // 64) * 64))  # fewer distinct shapes for torch.compile
+        idx = self._active(active, k)
         return Stream("y", positions=idx, index=idx)
 
     @staticmethod
-    def _active(active: torch.Tensor) -> torch.Tensor:
+    def _active(active: torch.Tensor, k: int) -> torch.Tensor:
         """Positions of the tokens still recursing, first in each row and in position order, then the row's other
-        tokens as padding: (B, K), K the most active tokens of any row rounded up to a multiple of 64 (fewer
-        distinct shapes for torch.compile). In that order causal attention is exactly the masked attention among
-        active tokens: no active token comes after a padding slot, and a padding slot's output is never read."""
+        tokens as padding: (B, k), k at least the most active tokens of any row. In that order causal attention
+        is exactly the masked attention among active tokens: no active token comes after a padding slot, and a
+        padding slot's output is never read."""
         t = active.shape[1]
-        k = int(active.sum(dim=1).max())                  # the one host sync of the step
-        k = min(t, max(64, -(-k // 64) * 64))
         ar = torch.arange(t, device=active.device)
         return torch.argsort((~active).to(torch.int64) * t + ar, dim=1)[:, :k]
 
