@@ -84,7 +84,8 @@ def _presets(words: list[str], env: dict) -> None:
     for w in words[words.index(module) + 1:]:
         if w.startswith("-"):
             break
-        load_config(w, schema=ModelConfig)
+        name, *overrides = w.split(",")   # model_bench: CONFIG[,key=value...]
+        load_config(name, overrides, schema=ModelConfig)
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,12 @@ COMMANDS: dict[str, Cmd] = {
         Cmd(HELP, "a GPU and real data (DATA is the user's)", check=_train_config),
     "python -m pretrain.tools.bench 360m_mor_ec --zero 2 --batch 16 '[--compile]'":
         Cmd(HELP, "an H100 benchmark", check=_presets),
+    "python -m pretrain.tools.model_bench 360m_vanilla 360m_mor_ec 360m_mor_tc,tc_capacity=1.25 --batch 16,32 "
+    "--compile --baseline anchor.jsonl --baseline-batch 16": Cmd(HELP, "a GPU benchmark", check=_presets),
+    "python -m pretrain.tools.bench 360m_mor_ec --zero 2 --batch 16 --compile --baseline anchor.jsonl "
+    "--baseline-batch 16": Cmd(HELP, "a GPU benchmark", check=_presets),
+    "python -m pretrain.tools.loss_memory tiny_vanilla vocab_size=49152 --batch 4 --seq-len 1024 --chunks 0,2048,512":
+        Cmd(HELP, "a minute of CPU; its numbers are in the README"),
     "sbatch slurm/mor_1b7.sh data.path=/data/fineweb": Cmd(HELP, "a GPU cluster", check=_slurm_config),
     "MOR_RUN=1b7_vanilla sbatch slurm/mor_1b7.sh data.path=/data/fineweb":
         Cmd(HELP, "a GPU cluster", check=_slurm_config),

@@ -2,9 +2,11 @@
 
     python -m pretrain.tools.bench 360m_mor_ec --zero 2 [--batch 16] [--seq-len 2048] [--steps 10] [--compile]
     torchrun --nproc-per-node 8 -m pretrain.tools.bench 360m_mor_ec --zero 2 --tp 1
+    python -m pretrain.tools.bench 360m_mor_ec --zero 2 --compile --baseline anchor.jsonl --baseline-batch 16
 
 bf16 parameters with fp32 master weights in ZeRO's optimizer partitions, torch AdamW (fused on GPU), gradient
-clipping at 1.0, random tokens. Prints tokens/s per GPU, model TFLOP/s and MFU (model/flops.py), peak memory.
+clipping at 1.0, random tokens. Prints tokens/s per GPU, model TFLOP/s and MFU (model/flops.py), peak memory,
+and with ``--baseline`` the ratio to the yardstick's run (pretrain/tools/baseline.py).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from model.flops import training_flops
 from pretrain.parallel.layout import ParallelConfig, init_distributed
 from pretrain.parallel.pipeline import build_stage
 from pretrain.parallel.zero import build_engine, param_groups
+from pretrain.tools.baseline import describe, ratio, read_baseline
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,7 +38,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model inside the engine")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100: 989)")
+    parser.add_argument("--baseline", metavar="FILE", help="the yardstick's JSON lines: add the ratio to it")
+    parser.add_argument("--baseline-batch", type=int, default=None,
+                        help="which of the baseline's runs (its micro-batch; default its first)")
     args = parser.parse_args(argv)
+    with cli_errors():
+        base = read_baseline(args.baseline, args.baseline_batch) if args.baseline else None
     if not torch.cuda.is_available():
         raise SystemExit("error: pretrain.tools.bench needs CUDA GPUs")
     with cli_errors():
@@ -67,12 +75,17 @@ def main(argv: list[str] | None = None) -> None:
     tok_s = args.batch * args.seq_len * args.steps / (time.perf_counter() - start)
     flops = training_flops(cfg, args.seq_len).training_per_token / args.tp
     if layout.rank == 0:
-        print(json.dumps({"config": cfg.name, "zero": args.zero, "tp": args.tp, "compile": args.compile,
-                          "gpus": layout.world, "tokens_per_s_per_gpu": round(tok_s / args.tp),
-                          "tflops_per_gpu": round(tok_s * flops / 1e12, 1),
-                          "mfu": round(tok_s * flops / (args.peak_tflops * 1e12), 3),
-                          "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1),
-                          "loss": round(out.lm_loss.item(), 3)}), flush=True)
+        if base is not None:
+            print(f"# {describe(base)}", flush=True)
+        row = {"config": cfg.name, "zero": args.zero, "tp": args.tp, "compile": args.compile,
+               "micro_batch": args.batch, "gpus": layout.world, "tokens_per_s_per_gpu": round(tok_s / args.tp),
+               "tflops_per_gpu": round(tok_s * flops / 1e12, 1),
+               "mfu": round(tok_s * flops / (args.peak_tflops * 1e12), 3),
+               "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+               "loss": round(out.lm_loss.item(), 3)}
+        if base is not None:
+            row["vs_baseline"] = ratio(tok_s / args.tp, base)
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def test_inspect_bad_override_is_one_line_without_traceback():
 
 @pytest.mark.parametrize("module", ["model.inspect", "pretrain.train", "pretrain.sweep", "pretrain.tools.demo",
                                     "pretrain.tools.bench", "pretrain.tools.model_bench", "pretrain.tools.data_bench",
+                                    "pretrain.tools.loss_memory",
                                     "pretrain.tools.plot", "pretrain.study", "pretrain.fewshot",
                                     "pretrain.export", "pretrain.import_hf"])
 def test_entry_points_have_help(module):
