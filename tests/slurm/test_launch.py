@@ -127,12 +127,12 @@ def test_scontrol_requeue_resumes_without_repeating_or_missing_steps(slurm, data
 
 
 def test_time_limit_signal_saves_requeues_and_finishes(slurm, data, tmp_path):
-    """--time=3 with --signal=USR1@20 (to the ranks, not the batch shell): Slurm warns 20 to 80 s before the end,
-    in the second half of the limit; the ranks save together and exit 75, the launcher requeues the job, which
-    resumes until all steps are done. The steps (3 s each) need more than one start."""
+    """--time=2 with --signal=USR1@20 (to the ranks, not the batch shell): Slurm warns 20 to 80 s before the end,
+    40 to 100 s after the start; the ranks save together and exit 75, the launcher requeues the job, which
+    resumes until all steps are done. The steps (3 s each, 114 s in all) need more than one start."""
     log, run = tmp_path / "job.out", tmp_path / "runs" / "timelimit"
-    steps = 52
-    job = sbatch([*CPU_ALLOC, "--time=3", "--signal=USR1@20", f"--output={log}", f"--error={log}",
+    steps = 38
+    job = sbatch([*CPU_ALLOC, "--time=2", "--signal=USR1@20", f"--output={log}", f"--error={log}",
                   "--open-mode=append", "slurm/mor_1b7.sh",
                   *tiny(data, tmp_path / "runs", steps=steps, every=0, name="timelimit")],
                  env={"MOR_FAULT_STEP_SECONDS": "3"})
