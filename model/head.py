@@ -23,7 +23,8 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel import ColumnParallelLinear, copy_to_tensor_model_parallel_region
 from torch.autograd.function import once_differentiable
 
-from model.loss import IGNORE_INDEX, label_is_argmax, lm_cross_entropy
+from model.layers import tp_world_size
+from model.loss import IGNORE_INDEX, label_is_argmax, label_weights, lm_cross_entropy
 
 
 def _chunks(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, *, chunk: int,
@@ -95,9 +96,10 @@ class LMHead(ColumnParallelLinear):
     def __init__(self, *args, chunk: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.chunk = chunk
-        tp = dist.get_world_size(self.tp_group) if self.tp_group is not None else 1
-        self.head_group = self.tp_group if tp > 1 else None
-        self.vocab_start = dist.get_rank(self.tp_group) * self.output_size_per_partition if tp > 1 else 0
+        self.head_group = self.tp_group if tp_world_size() > 1 else None
+        # this rank's first row of the (split) vocabulary
+        self.vocab_start = (0 if self.head_group is None
+                            else dist.get_rank(self.head_group) * self.output_size_per_partition)
 
     def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None, runtime_gather_output=None, *,
                 labels: Optional[torch.Tensor] = None, loss_mask: Optional[torch.Tensor] = None,
@@ -113,7 +115,8 @@ class LMHead(ColumnParallelLinear):
             if not per_token:
                 return lm_cross_entropy(logits, labels, loss_mask=loss_mask, reduction="mean")
             token_loss = lm_cross_entropy(logits, labels)
-            lm_loss = (token_loss * _weights(labels, loss_mask, normalise=False)).sum() / _count(labels, loss_mask)
+            weight = label_weights(labels, loss_mask)
+            lm_loss = (token_loss * weight).sum() / weight.sum().clamp(min=1.0)   # as reduction="mean" computes it
             return lm_loss, -token_loss.detach(), label_is_argmax(logits.detach(), labels)
         w = self.weight if weight is None else weight
         device = input_.device.type
@@ -122,7 +125,8 @@ class LMHead(ColumnParallelLinear):
         if self.head_group is not None:
             h = copy_to_tensor_model_parallel_region(h, group=self.head_group)  # backward: sum over TP ranks
         h = h.reshape(-1, h.shape[-1])
-        weights = _weights(labels, loss_mask).reshape(-1)
+        weights = label_weights(labels, loss_mask).reshape(-1)
+        weights = weights / weights.sum().clamp(min=1.0)   # each label's share of the mean; no host sync
         flat = labels.reshape(-1)
         with torch.autocast(device, enabled=False):
             if per_token or not (grad and (h.requires_grad or w.requires_grad)):
@@ -135,15 +139,3 @@ class LMHead(ColumnParallelLinear):
             return _LinearCrossEntropy.apply(h, w, flat, weights, self.chunk, dtype, self.head_group,
                                              self.vocab_start)
 
-
-def _count(labels: torch.Tensor, loss_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    return _weights(labels, loss_mask, normalise=False).sum().clamp(min=1.0)
-
-
-def _weights(labels: torch.Tensor, loss_mask: Optional[torch.Tensor], normalise: bool = True) -> torch.Tensor:
-    """Each position's share of the mean: 1/count for the labels that count (``loss_mask``, never padding)."""
-    weight = (labels != IGNORE_INDEX).float()
-    if loss_mask is not None:
-        weight = weight * loss_mask.float()
-    # clamp: a batch of nothing but padding gives 0, not NaN, with no host sync
-    return weight / weight.sum().clamp(min=1.0) if normalise else weight

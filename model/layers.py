@@ -113,7 +113,7 @@ class RowParallel(RowParallelLinear):
     and the deprecation warning that None triggers on rank 0 is a graph break for torch.compile in every layer."""
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        if kwargs.get("tp_group", self.tp_group) is None:
+        if kwargs.get("tp_group") is None:
             kwargs["tp_group"] = self.tp_group
         return super()._forward_impl(input, weight, *args, **kwargs)
 

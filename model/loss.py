@@ -41,12 +41,16 @@ def lm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, loss_mask: O
                                     reduction="none").view(labels.shape)
     if reduction == "none":
         return per_token
-    weight = (~ignored).to(per_token.dtype)
-    if loss_mask is not None:
-        weight = weight * loss_mask.to(per_token.dtype)
+    weight = label_weights(labels, loss_mask)
     # clamp: a batch of nothing but padding (impossible from our shards, which keep a real label in the padded
     # sample) gives 0, not NaN; no host sync either way
     return (per_token * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def label_weights(labels: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, T) fp32: each label's weight in the mean loss — ``loss_mask`` (1 without one), 0 for IGNORE_INDEX."""
+    weight = (labels != IGNORE_INDEX).float()
+    return weight if loss_mask is None else weight * loss_mask.float()
 
 
 def label_is_argmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,9 @@ class TokenChoiceRouting(Routing):
         self.register_buffer("bias_steps", torch.zeros(self.nr, dtype=torch.long))
         # Tokens per depth over the training micro-batches since the last end_step (loss-free balancing).
         self.load_counts: Optional[torch.Tensor] = None
+        # whether the balancing warm-up is on (set by begin_step): a bool, not the step, because torch.compile
+        # guards on what the forward reads, and a bool changes once
+        self._balancing_warmup = self.bal_warmup_step > 0
 
     # ---- program --------------------------------------------------------------------------------------------
     @classmethod
@@ -117,11 +120,10 @@ class TokenChoiceRouting(Routing):
 
     def begin_step(self, step: int) -> None:
         super().begin_step(step)
-        # a bool, not the step: torch.compile guards on what the forward reads, and a bool changes once
         self._balancing_warmup = step < self.bal_warmup_step
 
     def warming_up(self) -> bool:
-        return self.training and getattr(self, "_balancing_warmup", self.bal_warmup_step > 0)
+        return self.training and self._balancing_warmup
 
     def step_capacity(self, r: int, t: int) -> int:
         """L_r: the most tokens of a row that recursion step r (1-based) may run on under training routing; T
