@@ -3,18 +3,21 @@
 Every choice of every item is scored as the loglikelihood of its continuation after its context
 (model/inference/score.py: causal routing, the KV cache's prefill). Tokenization follows lm-eval: the context
 (after the token that starts a document in the run's data) and context + continuation are encoded, and the
-continuation's tokens are what the second adds; a space that ends the context moves to the continuation.
+continuation's tokens are what the second adds; whitespace that ends the context moves to the continuation.
 
 Metrics per task: ``acc`` — the choice with the highest loglikelihood is the gold one; ``acc_per_char`` — the
 same after dividing each loglikelihood by its continuation's length in characters (the package's
 "acc_per_char", lm-eval's acc_norm up to bytes vs characters); LAMBADA: ``acc`` — every token of the target word
 is the model's greedy choice. ``primary`` is the metric the task's config names (acc for LAMBADA), and the
 average over tasks is the mean of the primaries, as the paper averages its task accuracies.
+
+``dump_records`` gives every scored request (one per item and choice) with its texts, token counts and score, for
+comparing item by item with another harness (``python -m pretrain.fewshot --dump``).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from model.inference.score import Scored, score
 from model.mor import MoRModel
@@ -36,14 +39,16 @@ class TaskResult:
 
 
 def encode_pair(sp, context: str, continuation: str, doc_start: Optional[int]) -> tuple[list[int], list[int]]:
-    """Token ids of (context, continuation) as lm-eval splits them."""
-    trailing = len(context) - len(context.rstrip(" "))
+    """Token ids of (context, continuation) as lm-eval's HFLM splits them: whitespace that ends the context moves to
+    the continuation, whose tokens are what encoding context + continuation adds to the context's (even where the
+    two encodings disagree on the context's last tokens, as lm-eval does; an empty remainder, which lm-eval would
+    score as nothing, falls back to the continuation encoded alone)."""
+    trailing = len(context) - len(context.rstrip())
     if trailing:
         context, continuation = context[:-trailing], context[-trailing:] + continuation
     start = [doc_start] if doc_start is not None else []
     ctx = sp.encode(context)
-    whole = sp.encode(context + continuation)
-    cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else sp.encode(continuation)
+    cont = sp.encode(context + continuation)[len(ctx):]
     return start + ctx, cont or sp.encode(continuation)
 
 
@@ -74,12 +79,46 @@ def task_result(task: Task, scored: Sequence[Scored]) -> TaskResult:
                       per_char if use_per_char else right / count, "acc_per_char" if use_per_char else "acc")
 
 
+@dataclass
+class TaskScores:
+    """One task's requests (``encode_task``'s order), their scores and the metrics computed from them."""
+    task: Task
+    requests: list[tuple[list[int], list[int]]]
+    scored: list[Scored]
+    result: TaskResult
+
+
+def score_tasks(model: MoRModel, sp, doc_start: Optional[int], tasks: Sequence[Task], *, batch_size: int = 16,
+                progress: Optional[Callable[[int], None]] = None) -> list[TaskScores]:
+    """Each task's requests scored in one process (model/inference/score.py), and its metrics."""
+    out = []
+    for task in tasks:
+        requests = encode_task(sp, task, doc_start)
+        scored = score(model, requests, batch_size=batch_size, progress=progress)
+        out.append(TaskScores(task, requests, scored, task_result(task, scored)))
+    return out
+
+
 def evaluate(model: MoRModel, sp, doc_start: Optional[int], tasks: Sequence[Task], *, batch_size: int = 16,
              progress: Optional[Callable[[int], None]] = None) -> list[TaskResult]:
     """Each task's metrics, its requests scored in one process (model/inference/score.py)."""
-    return [task_result(task, score(model, encode_task(sp, task, doc_start), batch_size=batch_size,
-                                    progress=progress))
-            for task in tasks]
+    return [s.result for s in score_tasks(model, sp, doc_start, tasks, batch_size=batch_size, progress=progress)]
+
+
+def dump_records(scores: TaskScores) -> Iterator[dict]:
+    """One record per (item, choice), in request order: the request's texts as the task file gives them, the
+    item's gold choice, the score (``logprob``: the sum of the continuation tokens' log-probabilities;
+    ``greedy``: every one of them the model's top choice) and the token counts as encoded — the context's with the
+    document-start token in front. A request longer than the model's max_seq_len + 1 tokens is scored on its last
+    max_seq_len + 1 (model/inference/score.py), as lm-eval cuts it; the counts are those before the cut."""
+    task, at = scores.task, 0
+    for item in task.items:
+        for choice, (context, continuation) in enumerate(item.pairs):
+            (ctx_ids, cont_ids), s = scores.requests[at], scores.scored[at]
+            at += 1
+            yield {"task": task.name, "shots": task.shots, "doc_id": item.doc_id, "choice": choice,
+                   "gold": item.gold, "context": context, "continuation": continuation, "logprob": s.logprob,
+                   "greedy": s.greedy, "context_tokens": len(ctx_ids), "continuation_tokens": len(cont_ids)}
 
 
 def average(results: Sequence[TaskResult]) -> float:

