@@ -1,9 +1,13 @@
 """Inference: KV caches (recursion-wise, with recursive KV sharing), prefill and decoding with causal routing,
-sampling, and the serving engine with continuous depth-wise batching."""
+sampling, and serving: the plain batched decode with a static cache, and continuous depth-wise batching over
+recursion-wise KV pools."""
 from model.inference.cache import KVCache, cache_bytes
 from model.inference.decode import decode_step, generate, prefill
-from model.inference.engine import Completion, DepthBatchEngine, Request
+from model.inference.engine import DepthBatchEngine
+from model.inference.kv_pool import KVPool, pool_bytes
 from model.inference.sampling import Sampling, next_tokens
+from model.inference.serving import Completion, EngineStats, Request
+from model.inference.static import StaticBatchServer
 
-__all__ = ["Completion", "DepthBatchEngine", "KVCache", "Request", "Sampling", "cache_bytes", "decode_step",
-           "generate", "next_tokens", "prefill"]
+__all__ = ["Completion", "DepthBatchEngine", "EngineStats", "KVCache", "KVPool", "Request", "Sampling",
+           "StaticBatchServer", "cache_bytes", "decode_step", "generate", "next_tokens", "pool_bytes", "prefill"]

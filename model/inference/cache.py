@@ -57,23 +57,9 @@ class KVCache:
                            pos=torch.zeros(*lead, dtype=torch.long, device=self.device),
                            count=torch.zeros(*lead[:-1], dtype=torch.long, device=self.device))
 
-        # The recursion block's buffers are one tensor per position j in the block, over the steps that own a
-        # buffer there (every step; only the first under KV sharing): the serving engine reads and writes each row
-        # at its own step in one call (model/inference/engine.py). Each buffer is a view of its step's slice.
         self.buffers: dict[int, _Buffer] = {}
-        self.block: dict[int, _Buffer] = {}
-        owners = [op for op in self.layer_ops if op.kv_from < 0]
-        per_step = cfg.layers_per_recursion
-        first = min((op.pos for op in owners if op.step >= 0), default=0)
-        if slots is None:
-            steps = 1 if cfg.kv_sharing else cfg.num_recursions
-            for j in range(per_step if any(op.step >= 0 for op in owners) else 0):
-                self.block[j] = buffer(steps, batch, max_len + 1)
-        for op in owners:
-            if op.step >= 0 and slots is None:
-                stack, r = self.block[(op.pos - first) % per_step], op.step
-                self.buffers[op.pos] = _Buffer(stack.k[r], stack.v[r], stack.pos[r], stack.count[r])
-            else:
+        for op in self.layer_ops:
+            if op.kv_from < 0:
                 n = max_len if (slots is None or op.step < 0) else min(max_len, slots[op.step])
                 self.buffers[op.pos] = buffer(batch, n + 1)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)  # tokens seen per sequence
@@ -123,6 +109,10 @@ class KVCache:
         return sum(buf.k.numel() * buf.k.element_size() + buf.v.numel() * buf.v.element_size()
                    for buf in self.buffers.values())
 
+    def index_bytes(self) -> int:
+        """Bytes of the bookkeeping beside the keys and values: each slot's position, the counts, the lengths."""
+        return sum(buf.pos.numel() * 8 + buf.count.numel() * 8 for buf in self.buffers.values()) + 8 * self.batch
+
     def used_bytes(self) -> torch.Tensor:
         """(B,) bytes of keys and values each sequence holds now: Σ over buffers of its cached tokens."""
         counts = torch.stack([buf.count for buf in self.buffers.values()]).sum(dim=0)
@@ -132,30 +122,6 @@ class KVCache:
         """(B,) bytes the same sequences would take with every token cached at every layer op (no recursion-wise
         caching, no sharing): the yardstick of ``used_bytes``."""
         return self.lengths * len(self.layer_ops) * self._token_bytes()
-
-
-class RowSource:
-    """Key source (model/layers.py: KeySource) of one token in each of n rows: ``sel`` indexes ``buf``'s tensors
-    down to the n rows' own buffers — (rows,) for a per-layer buffer, (stack index, rows) for the recursion block's
-    stacked ones, where each row may be at another step. Appends the token's key where ``write`` (n,) is True,
-    then lets it attend to its buffer up to its position (n, 1)."""
-
-    def __init__(self, buf: _Buffer, sel: tuple[torch.Tensor, ...], positions: torch.Tensor,
-                 write: Optional[torch.Tensor]):
-        self.buf, self.sel, self.positions, self.write = buf, sel, positions, write
-
-    def __call__(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        buf, sel = self.buf, self.sel
-        if self.write is not None:
-            scratch = buf.k.shape[-3] - 1
-            dest = torch.where(self.write, buf.count[sel], scratch).clamp(max=scratch)
-            buf.k[sel + (dest,)] = k[:, 0].detach().to(buf.k.dtype)
-            buf.v[sel + (dest,)] = v[:, 0].detach().to(buf.v.dtype)
-            buf.pos[sel + (dest,)] = self.positions[:, 0]
-            buf.count[sel] += self.write.long()
-        keys, values, pos = buf.k[sel], buf.v[sel], buf.pos[sel]
-        in_use = torch.arange(keys.shape[1], device=k.device)[None, :] < buf.count[sel][:, None]
-        return keys.to(k.dtype), values.to(v.dtype), position_mask(self.positions, pos, in_use)
 
 
 def cache_bytes(cfg: ModelConfig, depths: torch.Tensor, dtype: torch.dtype = torch.float32) -> int:

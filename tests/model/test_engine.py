@@ -1,6 +1,8 @@
 """Continuous depth-wise batching (model/inference/engine.py): with greedy decoding every request gets exactly the
 tokens and logits of decoding it alone, for every routing variant, with KV sharing on and off, under slot refills,
-different generation lengths and EOS in the middle; and the block really runs tokens of different depths together."""
+different generation lengths, EOS in the middle and KV pools too small for the realised depths (sequences are
+preempted and fed again); the block really runs tokens of different depths together; and the plain batched decode
+with a static cache (model/inference/static.py) gives the engine's tokens."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +10,9 @@ import torch
 
 from model.config import RouterConfig
 from model.inference import Sampling, generate
+from model.inference.depths import calibrate_depths
 from model.inference.engine import DepthBatchEngine, Request
+from model.inference.static import StaticBatchServer
 from model.mor import MoRModel
 from tests.model.helpers import tiny
 
@@ -64,6 +68,46 @@ def test_every_request_gets_what_decoding_it_alone_gives(name):
         assert got.tokens == want
         torch.testing.assert_close(torch.stack(got.logits), logits, rtol=0, atol=1e-5)
     assert engine.stats.tokens == sum(r.max_new_tokens for r in requests)
+    assert engine.pool.used_positions() == [0] * len(engine.pool.sizes)   # every position went back
+
+
+@pytest.mark.parametrize("name", ["ec", "ec-kv"])
+def test_full_pools_preempt_and_every_request_still_gets_what_decoding_it_alone_gives(name):
+    """Routers steered deep (70 % of tokens take 3 steps) against pools sized for 30/20/10 %: the pools fill, the
+    youngest sequences go back to the queue and are fed again, and the tokens and logits stay exact."""
+    model = _model(**VARIANTS[name])
+    calibrate_depths(model, [0.1, 0.2, 0.7])
+    requests = _requests(9)
+    engine = DepthBatchEngine(model, slots=3, max_len=32, keep_logits=True, capacities=[0.3, 0.2, 0.1])
+    assert engine.pool.sizes == ([32] if name == "ec-kv" else [32, 32, 32])   # one sequence's worth each
+    done = engine.run(requests)
+    assert engine.stats.preemptions > 0
+    for req, got in zip(requests, done):
+        want, logits = _alone(model, req)
+        assert got.tokens == want
+        assert len(got.depths) == len(got.logits) == req.max_new_tokens   # nothing recorded twice
+        torch.testing.assert_close(torch.stack(got.logits), logits, rtol=0, atol=1e-5)
+    assert engine.stats.tokens == sum(r.max_new_tokens for r in requests)
+    assert engine.stats.fed > sum(len(r.prompt) + r.max_new_tokens - 1 for r in requests)   # re-fed tokens
+    assert engine.pool.used_positions() == [0] * len(engine.pool.sizes)
+
+
+@pytest.mark.parametrize("name", ["vanilla", "recursive-middle_sequence-kv", "ec"])
+def test_the_plain_batched_decode_gives_the_engines_tokens(name):
+    """The baseline server (one forward pass of every slot per iteration, static cache) and the depth-wise
+    engine make the same greedy tokens and logits, also with more requests than slots."""
+    model = _model(**VARIANTS[name])
+    requests = _requests(7, seed=2)
+    static = StaticBatchServer(model, slots=3, max_len=32, keep_logits=True)
+    got = static.run(requests)
+    want = DepthBatchEngine(model, slots=2, max_len=32, keep_logits=True).run(requests)
+    for a, b in zip(got, want):
+        assert a.tokens == b.tokens
+        torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=0, atol=1e-5)
+    assert static.stats.tokens == sum(r.max_new_tokens for r in requests)
+    # every iteration ran every slot; depths are known where no router decides them
+    assert static.stats.depth_counts == (None if name == "ec" else [0] * model.cfg.num_recursions
+                                         + [sum(len(r.prompt) + r.max_new_tokens - 1 for r in requests)])
 
 
 def test_eos_in_the_middle_frees_the_slot_and_the_rest_still_match():
@@ -90,9 +134,9 @@ def test_the_block_batches_tokens_of_different_depths_together():
     mixed = []
     real = engine._block
 
-    def spy(rows):
+    def spy(rows, *rest):
         mixed.append(len(torch.unique(engine.step[rows])) > 1)
-        return real(rows)
+        return real(rows, *rest)
 
     engine._block = spy
     done = engine.run(_requests(8, seed=1))
