@@ -31,7 +31,8 @@ class MoRConfig(PretrainedConfig):
     expert_choice, token_choice) and ``router`` decide which tokens run each recursion step (causal inference
     routing); ``kv_sharing``: later recursion steps attend to the first step's keys and values.
     ``doc_start_token_id``: the token the training data put before every document (BOS, or EOS when the data was
-    tokenized without BOS); start every prompt with it.
+    tokenized without BOS); it is also ``bos_token_id``, and the exported tokenizer puts it before every text.
+    ``max_seq_len``: the longest sequence the model was trained on; ``generate()`` stops there.
     """
 
     model_type = "mor"

@@ -23,6 +23,8 @@ loads as it is:
   only the tokens that ran that step (recursion-wise caching); under ``kv_sharing`` only the first step's exist.
   ``generate()`` makes one and passes it from step to step; ``use_cache=False`` recomputes the whole sequence at
   every new token instead (same tokens, slower).
+- Length: ``generate()`` stops at ``max_seq_len`` tokens in all, prompt included (the longest sequence the model
+  was trained on), whatever ``max_new_tokens`` asks; a prompt of ``max_seq_len`` tokens or more is refused.
 - Padding: ``attention_mask`` zeros are neither attended to nor cached, and positions count real tokens only, so a
   left-padded batch gives each row what it gets alone.
 
@@ -31,16 +33,17 @@ causal routing, without the router losses of training (train with ``python -m pr
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .cache_mor import MoRCache
 from .configuration_mor import MoRConfig
+from .layers_mor import MoRExpertChoiceRouter, MoRLayer, MoRRMSNorm, MoRTokenChoiceRouter, rotary
 
 _ACTIVATION = {"sigmoid": torch.sigmoid, "tanh": torch.tanh}
 _DEFAULTS = {  # router settings whose defaults depend on the routing (model/routing/*.py)
@@ -82,290 +85,6 @@ def build_ops(cfg: MoRConfig) -> tuple[list[LayerOp], list[list[LayerOp]], list[
     coda_at = first + sum(len(ids) for ids in steps)
     return pre, rec, [LayerOp(i, coda_at + p, -1) for p, i in enumerate(coda)]
 
-
-# ---- layers ----------------------------------------------------------------------------------------------------------
-class MoRRMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # in fp32 whatever the model's dtype, as in training
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
-
-
-def rotary(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions (B, S) -> cos, sin (B, S, 1, head_dim / 2), fp32, at each token's own position."""
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim
-    angles = positions.to(torch.float32)[..., None] * theta ** -exponent
-    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-
-
-def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor) -> torch.Tensor:
-    """(B, Sq, Sk): key j is visible to query i iff it is valid and not after it. A query that would see no key
-    (padding, or a token that does not run this step: its output is never used) sees key 0, so that softmax has
-    no empty row."""
-    mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
-    empty = ~mask.any(dim=-1, keepdim=True)
-    first = torch.zeros_like(mask)
-    first[..., 0] = True
-    return mask | (empty & first)
-
-
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """q (B, Sq, H, D) over k, v (B, Sk, Hkv, D) where ``mask`` (B, Sq, Sk); (B, Sq, H, D)."""
-    h, hkv = q.shape[2], k.shape[2]
-    if h != hkv:
-        k = k.repeat_interleave(h // hkv, dim=2)
-        v = v.repeat_interleave(h // hkv, dim=2)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).to(q.dtype),
-                                         v.transpose(1, 2).to(q.dtype), attn_mask=mask[:, None])
-    return out.transpose(1, 2)
-
-
-# Where a layer's attention takes its keys from: called with its own (k, v) after RoPE, returns the keys, values
-# and (B, S, Sk) mask to attend over (MoRCache.writer / MoRCache.reader).
-KeySource = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-class MoRAttention(nn.Module):
-    """Grouped-query attention. ``qkv`` rows are grouped by kv head: [q heads of group 0, k_0, v_0, q heads of
-    group 1, k_1, v_1, ...] (the training layout)."""
-
-    def __init__(self, cfg: MoRConfig):
-        super().__init__()
-        self.head_dim, self.n_kv = cfg.head_dim, cfg.n_kv_heads
-        self.q_per_kv = cfg.n_heads // cfg.n_kv_heads
-        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
-        self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
-        self.proj.mor_init_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], keys: KeySource) -> torch.Tensor:
-        qkv = self.qkv(x)
-        b, s, _ = qkv.shape
-        qkv = qkv.view(b, s, self.n_kv, self.q_per_kv + 2, self.head_dim)
-        q = qkv[:, :, :, :self.q_per_kv].reshape(b, s, self.n_kv * self.q_per_kv, self.head_dim)
-        k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]
-        cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = masked_attention(q, *keys(k, v))
-        return self.proj(out.reshape(b, s, -1))
-
-
-class MoRMLP(nn.Module):
-    """SwiGLU; ``gate_up`` holds [gate; up]."""
-
-    def __init__(self, cfg: MoRConfig):
-        super().__init__()
-        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.ffn_hidden, bias=False)
-        self.down = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
-        self.down.mor_init_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
-
-
-class MoRLayer(nn.Module):
-    """Pre-norm decoder layer; its output includes both residual connections."""
-
-    def __init__(self, cfg: MoRConfig):
-        super().__init__()
-        self.attn_norm = MoRRMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = MoRAttention(cfg)
-        self.mlp_norm = MoRRMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = MoRMLP(cfg)
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], keys: KeySource) -> torch.Tensor:
-        h = x + self.attn(self.attn_norm(x), rope, keys)
-        return h + self.mlp(self.mlp_norm(h))
-
-
-# ---- routers -----------------------------------------------------------------------------------------------------
-class MoRRouterHead(nn.Module):
-    """Linear(d, out) or Linear-GELU-Linear; always evaluated in fp32 (as in training)."""
-
-    def __init__(self, d_model: int, out: int, arch: str):
-        super().__init__()
-        if arch == "linear":
-            self.net = nn.Linear(d_model, out, bias=False)
-        else:
-            self.net = nn.Sequential(nn.Linear(d_model, d_model, bias=False), nn.GELU(),
-                                     nn.Linear(d_model, out, bias=False))
-        for m in self.net.modules():
-            if isinstance(m, nn.Linear):
-                m.mor_init_std = 0.02
-
-    def forward(self, h: torch.Tensor, temperature: float) -> torch.Tensor:
-        with torch.autocast(device_type=h.device.type, enabled=False):
-            x = h.float() / temperature
-            for m in self.net.modules() if isinstance(self.net, nn.Sequential) else [self.net]:
-                if isinstance(m, nn.Linear):
-                    x = F.linear(x, m.weight.float(), None if m.bias is None else m.bias.float())
-                elif isinstance(m, nn.GELU):
-                    x = F.gelu(x)
-            return x
-
-
-class MoRExpertChoiceRouter(nn.Module):
-    """One router per recursion step (and one auxiliary router per step with ``router.aux_router``)."""
-
-    def __init__(self, cfg: MoRConfig):
-        super().__init__()
-        rc, nr = cfg.router, cfg.num_recursions
-        self.routers = nn.ModuleList(MoRRouterHead(cfg.d_model, 1, rc["arch"]) for _ in range(nr))
-        self.aux_routers = (nn.ModuleList(MoRRouterHead(cfg.d_model, 1, rc["arch"]) for _ in range(nr))
-                            if rc["aux_router"] else None)
-
-
-class MoRTokenChoiceRouter(nn.Module):
-    """One router ``Linear(d, Nr)`` choosing each token's depth; ``bias_steps``: the loss-free balancing bias in
-    steps of ``router.bias_update_rate``."""
-
-    def __init__(self, cfg: MoRConfig):
-        super().__init__()
-        self.router = MoRRouterHead(cfg.d_model, cfg.num_recursions, cfg.router["arch"])
-        self.register_buffer("bias_steps", torch.zeros(cfg.num_recursions, dtype=torch.long))
-
-
-# ---- the cache ---------------------------------------------------------------------------------------------------
-class MoRCache(Cache):
-    """Recursion-wise KV cache of an MoR model (model/inference/cache.py of the training project, growing).
-
-    One buffer per unrolled layer position that makes keys and values: per sequence of the batch, the keys of the
-    tokens that ran that layer, packed in arrival order, with their positions and a count; one scratch slot past
-    the end takes the writes of tokens that are not cached, so every write has a static shape. A recursion step's
-    layers cache only the tokens that ran the step; with KV sharing the later steps' layers own no buffer (they
-    read the first step's). ``get_seq_length()`` counts the input columns seen (padding included), as generate()
-    expects; ``seen`` (B,) the real tokens of each sequence, which give the positions of the next ones.
-    """
-
-    def __init__(self):
-        super().__init__(layers=[])
-        self.buffers: dict[int, dict[str, torch.Tensor]] = {}
-        self.seen: Optional[torch.Tensor] = None
-        self.columns = 0
-
-    # ---- what transformers asks -------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self.buffers)
-
-    def __repr__(self) -> str:
-        return f"MoRCache(buffers={sorted(self.buffers)}, columns={self.columns})"
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.columns
-
-    def get_max_length(self, layer_idx: Optional[int] = None) -> int:
-        return -1
-
-    @property
-    def is_compileable(self) -> bool:
-        return False
-
-    @property
-    def is_croppable(self) -> bool:
-        return False
-
-    @property
-    def is_initialized(self) -> bool:
-        return self.seen is not None
-
-    @property
-    def batch_size(self) -> int:
-        return 0 if self.seen is None else int(self.seen.shape[0])
-
-    def reset(self) -> None:
-        self.buffers, self.seen, self.columns = {}, None, 0
-
-    def _rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        for buf in self.buffers.values():
-            for key in buf:
-                buf[key] = fn(buf[key])
-        if self.seen is not None:
-            self.seen = fn(self.seen)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._rows(lambda t: t[indices.to(t.device)])
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def crop(self, max_length: int) -> None:
-        raise NotImplementedError("MoRCache cannot be cropped: a recursion step's cache holds only the tokens that "
-                                  "ran the step")
-
-    # ---- what the model asks ------------------------------------------------------------------------------------
-    def positions(self, valid: torch.Tensor) -> torch.Tensor:
-        """(B, T) positions of the next T input columns: each real token's count of real tokens before it (padding
-        gets a position too, never used)."""
-        if self.seen is None:
-            self.seen = torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device)
-        return (self.seen[:, None] + valid.long().cumsum(dim=1) - 1).clamp(min=0)
-
-    def advance(self, valid: torch.Tensor) -> None:
-        self.seen = self.seen + valid.long().sum(dim=1)
-        self.columns += valid.shape[1]
-
-    def cached_tokens(self) -> dict[int, torch.Tensor]:
-        """Unrolled layer position -> (B,) tokens of each sequence in its buffer."""
-        return {pos: buf["count"].clone() for pos, buf in sorted(self.buffers.items())}
-
-    def _buffer(self, pos: int, k: torch.Tensor, need: int) -> dict[str, torch.Tensor]:
-        """The buffer of position ``pos`` with room for ``need`` tokens per sequence plus the scratch slot."""
-        buf = self.buffers.get(pos)
-        b, hkv, d = k.shape[0], k.shape[2], k.shape[3]
-        if buf is None:
-            buf = {"k": k.new_zeros(b, 0, hkv, d), "v": k.new_zeros(b, 0, hkv, d),
-                   "pos": torch.zeros(b, 0, dtype=torch.long, device=k.device),
-                   "count": torch.zeros(b, dtype=torch.long, device=k.device)}
-            self.buffers[pos] = buf
-        slots = buf["k"].shape[1]
-        if need + 1 > slots:
-            grow = max(need + 1, 2 * slots, 64) - slots
-            buf["k"] = torch.cat([buf["k"], buf["k"].new_zeros(b, grow, hkv, d)], dim=1)
-            buf["v"] = torch.cat([buf["v"], buf["v"].new_zeros(b, grow, hkv, d)], dim=1)
-            buf["pos"] = torch.cat([buf["pos"], buf["pos"].new_zeros(b, grow)], dim=1)
-        return buf
-
-    def writer(self, pos: int, positions: torch.Tensor, write: torch.Tensor) -> KeySource:
-        """Key source of the layer at unrolled position ``pos``: appends the keys of the tokens where ``write``
-        (B, T), then lets the queries at ``positions`` attend to the buffer."""
-
-        def source(k: torch.Tensor, v: torch.Tensor):
-            count = self.buffers[pos]["count"] if pos in self.buffers else 0
-            buf = self._buffer(pos, k, int((count + write.long().sum(dim=1)).max()))   # one host sync per layer
-            scratch = buf["k"].shape[1] - 1
-            dest = torch.where(write, buf["count"][:, None] + write.long().cumsum(dim=1) - 1, scratch)
-            dest = dest.clamp(max=scratch)
-            idx = dest[..., None, None].expand_as(k)
-            buf["k"].scatter_(1, idx, k.detach().to(buf["k"].dtype))
-            buf["v"].scatter_(1, idx, v.detach().to(buf["v"].dtype))
-            buf["pos"].scatter_(1, dest, positions)
-            buf["count"] += write.long().sum(dim=1)
-            return self._read(buf, positions, k)
-
-        return source
-
-    def reader(self, pos: int, positions: torch.Tensor) -> KeySource:
-        """Key source of a layer under KV sharing: the buffer of the first-step layer at ``pos``, unchanged."""
-        return lambda k, v: self._read(self.buffers[pos], positions, k)
-
-    @staticmethod
-    def _read(buf: dict[str, torch.Tensor], positions: torch.Tensor, k: torch.Tensor):
-        slot = torch.arange(buf["k"].shape[1], device=k.device)
-        in_use = slot[None, :] < buf["count"][:, None]
-        return buf["k"].to(k.dtype), buf["v"].to(k.dtype), position_mask(positions, buf["pos"], in_use)
 
 
 # ---- the model -----------------------------------------------------------------------------------------------------
@@ -426,6 +145,24 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         # generate() must not make a DynamicCache: the forward pass makes its own MoRCache and returns it
         return False
+
+    def _prepare_generated_length(self, generation_config, *args, **kwargs):
+        # generate() stops at max_seq_len tokens in all, prompt included: the longest sequence the model was trained
+        # on, where the training project's generation stops too. generation_config.json sets max_length to it, but
+        # transformers replaces max_length by prompt + max_new_tokens when max_new_tokens is given: cap that here.
+        cap = self.config.max_seq_len
+        length = kwargs.get("input_ids_length")
+        if length is not None and length >= cap:
+            raise ValueError(f"the prompt is {length} tokens; this model was trained on sequences of at most "
+                             f"max_seq_len={cap} tokens and generates within them: shorten the prompt")
+        if (kwargs.get("has_default_max_length") is False and generation_config.max_new_tokens is not None
+                and generation_config.max_length == cap):
+            # that max_length is the cap of generation_config.json, not the caller's: no "both were set" warning
+            kwargs["has_default_max_length"] = True
+        generation_config = super()._prepare_generated_length(generation_config, *args, **kwargs)
+        if generation_config.max_length is None or generation_config.max_length > cap:
+            generation_config.max_length = cap
+        return generation_config
 
     # ---- the forward pass ---------------------------------------------------------------------------------------
     def _apply(self, op: LayerOp, x: torch.Tensor, rope, positions: torch.Tensor, write: torch.Tensor,

@@ -9,21 +9,28 @@ consolidate.py). OUT_DIR gets:
     config.json             MoRConfig (model_type "mor"): every field of the run's model config, auto_map for
                             AutoConfig / AutoModelForCausalLM
     configuration_mor.py    the model code, plain PyTorch (no megatron-core, DeepSpeed or this project): loaded with
-    modeling_mor.py           AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)
-    generation_config.json  BOS / EOS / padding ids for generate()
-    spiece.model            the run's SentencePiece model, and tokenizer_config.json for AutoTokenizer
-    tokenizer_config.json
-    mor_run.json            the run's config, step and tokens: what python -m pretrain.import_hf reads back
+    modeling_mor.py           AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True);
+    layers_mor.py             modeling_mor.py imports the layers and the recursion-wise KV cache from the other two
+    cache_mor.py
+    generation_config.json  BOS / EOS / padding ids for generate(), max_length = the model's max_seq_len
+    tokenizer.model         the run's SentencePiece model, and tokenizer_config.json for AutoTokenizer: it puts the
+    tokenizer_config.json     token that started every training document (BOS, or EOS when the data had no BOS)
+                              before each text, so AutoTokenizer(text) gives the ids training saw
+    mor_run.json            the run's config, step and tokens: what python -m pretrain.import_hf reads back; also
+                              the mark of an export (--overwrite replaces only a folder that holds one)
     README.md               the model card: config, training tokens, steps and FLOPs, final metrics, usage
 
 The HF model routes causally (each token decides alone whether it runs each recursion step, as
 ``MoRModel.forward(causal_routing=True)``), with recursion-wise KV caches in generate().
 
-OUT_DIR must be empty or missing (--overwrite replaces it); the folder is written beside it and moved into place
-whole, so an interrupted export leaves no half-written model. Needs the ``hf`` extra: pip install -e '.[hf]'.
+OUT_DIR must be new or empty. --overwrite replaces an earlier export there — a folder holding mor_run.json and only
+the files an export writes — and says what it removed; nothing else is ever replaced. OUT_DIR may not be a run
+folder, lie inside one or hold one, nor be the folder exported, lie inside it or above it
+(pretrain/training/outdir.py). The folder is written beside OUT_DIR and moved into place whole, so an interrupted
+export leaves no half-written model. Needs the ``hf`` extra: pip install -e '.[hf]'.
 
-Exit status: 0 done; 2 a mistake (a missing or damaged checkpoint, a missing tokenizer, a non-empty OUT_DIR,
-transformers or safetensors not installed), said in one line on stderr.
+Exit status: 0 done; 2 a mistake (a missing or damaged checkpoint, a missing tokenizer, an OUT_DIR that may not be
+written, transformers or safetensors not installed), said in one line on stderr, with nothing changed.
 """
 from __future__ import annotations
 
@@ -33,12 +40,13 @@ import os
 import shutil
 import sys
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from conf.errors import ConfigError
 from data_prep.shards import sha256_file
+from pretrain.export.card import ExportInfo, model_card
+from pretrain.training.outdir import check_place
 
 if TYPE_CHECKING:
     import torch
@@ -48,12 +56,16 @@ if TYPE_CHECKING:
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
-HF_CODE = Path(__file__).resolve().parent / "hf"
-CODE_FILES = ("configuration_mor.py", "modeling_mor.py")
-TOKENIZER_FILE = "spiece.model"      # the file name BertGenerationTokenizer reads
+HF_CODE = Path(__file__).resolve().parent.parent / "hf"
+CODE_FILES = ("configuration_mor.py", "layers_mor.py", "cache_mor.py", "modeling_mor.py")
+TOKENIZER_FILE = "tokenizer.model"   # the file name SentencePieceBackend reads
+OLD_TOKENIZER_FILE = "spiece.model"  # earlier exports' (BertGenerationTokenizer's)
 WEIGHTS = "model.safetensors"
 RUN_RECORD = "mor_run.json"
 FORMAT = "mor-hf-export/1"
+# every name an export writes (and earlier ones wrote): what --overwrite may remove, and nothing else
+EXPORT_FILES = frozenset({WEIGHTS, "config.json", *CODE_FILES, "generation_config.json", TOKENIZER_FILE,
+                          OLD_TOKENIZER_FILE, "tokenizer_config.json", RUN_RECORD, "README.md"})
 INSTALL = "pip install -e '.[hf]'"
 
 
@@ -65,20 +77,6 @@ def require_hf(what: tuple[str, ...] = ("transformers", "safetensors")) -> None:
             importlib.import_module(name)
         except ImportError:
             raise ConfigError(f"{name} is not installed; the Hugging Face export needs it: {INSTALL}") from None
-
-
-@dataclass
-class ExportInfo:
-    """What the model card and mor_run.json say about where the model comes from."""
-    step: int = 0
-    tokens: int = 0
-    run: Optional[dict[str, Any]] = None       # the run's config (conf.config_to_dict of pretrain.config.RunConfig)
-    source: str = ""                           # the checkpoint folder
-    layout: str = ""                           # how it was saved, e.g. "TP=2 PP=1 DP=2 ZeRO-3, bf16"
-    seq_len: Optional[int] = None              # the training sequence length (the data's)
-    bos: Optional[bool] = None                 # the data starts documents with BOS (else only ends them with EOS)
-    tokenizer_sha256: Optional[str] = None
-    metrics: dict[str, tuple[int, float]] = field(default_factory=dict)   # name -> (step, value), the last ones
 
 
 # ---- what goes in the folder ------------------------------------------------------------------------------------
@@ -118,11 +116,12 @@ def _sp_tokens(tokenizer: Optional[Path]) -> dict[str, Any]:
 
 
 def hf_config(cfg: ModelConfig, sp: dict[str, Any], doc_start: Optional[int]):
-    """The MoRConfig of ``cfg``, with the tokenizer's special ids."""
+    """The MoRConfig of ``cfg``, with the tokenizer's special ids: BOS is the token that started every training
+    document (``doc_start``), not the SentencePiece model's BOS, which data without BOS never shows the model."""
     from conf import config_to_dict
     from pretrain.hf.configuration_mor import MoRConfig
     eos = sp.get("eos_id")
-    config = MoRConfig(**config_to_dict(cfg), bos_token_id=sp.get("bos_id"), eos_token_id=eos,
+    config = MoRConfig(**config_to_dict(cfg), bos_token_id=doc_start, eos_token_id=eos,
                        pad_token_id=sp.get("pad_id") if sp.get("pad_id") is not None else eos,
                        doc_start_token_id=doc_start, dtype="float32", architectures=["MoRForCausalLM"])
     config.auto_map = {"AutoConfig": "configuration_mor.MoRConfig",
@@ -142,102 +141,33 @@ def _config_json(config) -> str:
     return _json(d)
 
 
-def _tokenizer_config(sp: dict[str, Any], max_len: int) -> dict[str, Any]:
-    # BertGenerationTokenizer is transformers' plain SentencePiece tokenizer (SentencePieceBackend): it encodes with
-    # the model file itself, so ids are exactly sentencepiece's, offline, without conversion. It adds no special
-    # token; padding (left, for generation) uses EOS.
-    return {"tokenizer_class": "BertGenerationTokenizer", "bos_token": sp.get("bos_piece"),
-            "eos_token": sp.get("eos_piece"), "unk_token": sp.get("unk_piece"),
-            "pad_token": sp.get("pad_piece") or sp.get("eos_piece"), "sep_token": None,
+def _tokenizer_config(sp: dict[str, Any], doc_start: Optional[int], max_len: int) -> dict[str, Any]:
+    # SentencePieceBackend is transformers' plain SentencePiece tokenizer: it encodes with the model file itself, so
+    # ids are exactly sentencepiece's, offline, without a conversion to the `tokenizers` library (whose converted
+    # Llama-style tokenizers do not reproduce SentencePiece's whitespace and normalisation rules). Its
+    # special_tokens_pattern "bos" puts bos_token before every text, as (doc_start) came before every training
+    # document; it is this class's add_bos_token, which it does not read. split_special_tokens: a text that spells
+    # a special piece ("</s>") is encoded as text, as data_prep encoded the training data. Padding (left, for
+    # generation) uses EOS.
+    start = None if doc_start is None else (sp["bos_piece"] if doc_start == sp.get("bos_id") else sp["eos_piece"])
+    return {"tokenizer_class": "SentencePieceBackend", "special_tokens_pattern": "none" if start is None else "bos",
+            "bos_token": start, "eos_token": sp.get("eos_piece"), "unk_token": sp.get("unk_piece"),
+            "pad_token": sp.get("pad_piece") or sp.get("eos_piece"), "split_special_tokens": True,
             "model_max_length": max_len, "padding_side": "left", "clean_up_tokenization_spaces": False}
 
 
-def _fmt_int(n: float) -> str:
-    return f"{n:,.0f}"
-
-
-def model_card(cfg: ModelConfig, info: ExportInfo, sp: dict[str, Any], doc_start: Optional[int]) -> str:
-    """README.md of the export."""
-    from model.flops import param_counts, training_flops
-    seq_len = info.seq_len or cfg.max_seq_len
-    flops = training_flops(cfg, seq_len)
-    params = param_counts(cfg)
-    variant = {"none": "no router", "expert_choice": "expert-choice routing",
-               "token_choice": "token-choice routing"}[cfg.routing]
-    kind = ("vanilla transformer" if cfg.sharing == "none" else
-            f"recursive transformer, {cfg.sharing} sharing, {cfg.num_recursions} recursions, {variant}"
-            + (", recursive KV sharing" if cfg.kv_sharing else ""))
-    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
-             "tags: [mixture-of-recursions, mor, custom_code]", "---", "",
-             f"# {cfg.name}", "",
-             f"A {kind} (Mixture-of-Recursions, Bae et al., arXiv 2507.10524), trained with mor-pretrain and "
-             "exported by `python -m pretrain.export`.", ""]
-    lines += ["## Model", "", "| key | value |", "|---|---|"]
-    from conf import config_to_dict
-    for key, value in config_to_dict(cfg).items():
-        if key == "router":
-            value = ", ".join(f"{k}={v}" for k, v in value.items())
-        lines.append(f"| {key} | {value} |")
-    lines += ["", "| parameters | count |", "|---|---|"]
-    lines += [f"| {k} | {_fmt_int(v)} |" for k, v in params.items()]
-    lines += ["", "## Training", ""]
-    if info.source:
-        lines.append(f"- checkpoint: `{info.source}` ({info.layout})")
-    lines += [f"- optimizer steps: {info.step:,}", f"- training tokens: {_fmt_int(info.tokens)}",
-              f"- sequence length: {seq_len}",
-              f"- training FLOPs per token: {flops.training_per_token:.4g} (forward and backward, at the configured "
-              "capacities)",
-              f"- training FLOPs in all: {flops.training_per_token * info.tokens:.4g}"]
-    if info.run:
-        o = info.run.get("optim", {})
-        lines.append(f"- optimizer: AdamW lr {o.get('lr')}, betas {o.get('betas')}, weight decay "
-                     f"{o.get('weight_decay')}, schedule {info.run.get('schedule', {}).get('kind')}")
-    if info.metrics:
-        lines += ["", "## Final metrics", "", "| metric | step | value |", "|---|---|---|"]
-        for name, (step, value) in sorted(info.metrics.items()):
-            lines.append(f"| {name} | {step} | {value:.4f} |")
-        lines += ["", "`val_loss`: nats per token under training routing (top-k over the sequence); "
-                  "`val_loss_causal`: under causal routing, as this model runs; `downstream_avg`: mean few-shot "
-                  "accuracy of the in-loop tasks."]
-    start = ("BOS" if info.bos else "EOS") if doc_start is not None else None
-    prefix = f"[{doc_start}] + " if doc_start is not None else ""
-    lines += ["", "## Usage", "",
-              "Needs torch, transformers and safetensors (and sentencepiece for the tokenizer); the model code ships "
-              "in this folder (`trust_remote_code=True`).", "", "```python",
-              "import torch",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              'path = "."   # this folder',
-              "tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)",
-              "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)",
-              "model.eval()",
-              f'ids = torch.tensor([{prefix}tok("The state of our Union is").input_ids])',
-              "out = model.generate(ids, max_new_tokens=40, do_sample=False)",
-              "print(tok.sp_model.decode(out[0, 1:].tolist()))", "```", ""]
-    if start is not None:
-        lines.append(f"In the training data every document came after {start} (id {doc_start}, "
-                     "`config.doc_start_token_id`): start each prompt with it, as above. The tokenizer adds no "
-                     "special token itself.")
-    lines += ["Routing is causal: a token runs a recursion step only if it ran the step before and its router says "
-              "so (expert-choice), or if its chosen depth reaches it (token-choice); the KV cache holds a step's "
-              "keys only for the tokens that ran the step. `tok.sp_model.decode(ids)` decodes exactly "
-              "(`tok.decode` shows byte-fallback pieces as `<0x..>`).", "",
-              "## Back to training", "",
-              "`python -m pretrain.import_hf THIS_FOLDER runs/NAME data.path=DATA` writes a checkpoint that "
-              "`python -m pretrain.train runs/NAME/run.yaml` resumes (weights and step; the optimizer state "
-              "starts fresh).", ""]
-    return "\n".join(lines)
-
-
 def write_export(model: MoRModel, cfg: ModelConfig, out: Path, *, tokenizer: Optional[Path] = None,
-                 info: Optional[ExportInfo] = None, overwrite: bool = False) -> Path:
+                 info: Optional[ExportInfo] = None, overwrite: bool = False,
+                 say: Callable[[str], None] = lambda line: None) -> Path:
     """Write the export of ``model`` (a single-process MoRModel with config ``cfg``) into ``out``: built in a
     folder beside it, then moved into place. ``tokenizer``: the run's SentencePiece model (none: no tokenizer
-    files). Raises ConfigError for a non-empty ``out`` without ``overwrite``."""
+    files). Raises ConfigError where ``out`` may not be written (``check_out_dir``); ``say`` gets the line that
+    tells what an ``overwrite`` removed."""
     require_hf()
     from safetensors.torch import save_file
     info = info or ExportInfo()
     out = Path(out)
-    check_out_dir(out, overwrite)
+    earlier = check_out_dir(out, overwrite, [Path(info.source)] if info.source else [])
     sp = _sp_tokens(tokenizer)
     doc_start = None
     if sp:
@@ -253,14 +183,16 @@ def write_export(model: MoRModel, cfg: ModelConfig, out: Path, *, tokenizer: Opt
         (tmp / "config.json").write_text(_config_json(config))
         shutil.copymode(tmp / "config.json", tmp / WEIGHTS)   # safetensors makes its file private (0600)
         from transformers import GenerationConfig
+        # max_length: generate() stops at the longest sequence the model was trained on (modeling_mor.py also
+        # caps max_new_tokens there, which transformers would let run past it)
         gen = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                               pad_token_id=config.pad_token_id)
+                               pad_token_id=config.pad_token_id, max_length=cfg.max_seq_len)
         (tmp / "generation_config.json").write_text(gen.to_json_string())
         for name in CODE_FILES:
             shutil.copyfile(HF_CODE / name, tmp / name)
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
-            (tmp / "tokenizer_config.json").write_text(_json(_tokenizer_config(sp, cfg.max_seq_len)))
+            (tmp / "tokenizer_config.json").write_text(_json(_tokenizer_config(sp, doc_start, cfg.max_seq_len)))
         from conf import config_to_dict
         record = {"format": FORMAT, "step": info.step, "tokens": info.tokens, "source": info.source,
                   "layout": info.layout, "seq_len": info.seq_len, "bos": info.bos,
@@ -272,29 +204,76 @@ def write_export(model: MoRModel, cfg: ModelConfig, out: Path, *, tokenizer: Opt
         for f in tmp.iterdir():   # on disk before the folder is moved into place
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        _replace(tmp, out)
+        removed = _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if earlier is not None:
+        say(f"replaced the earlier export in {out} (step {earlier.get('step')} of {earlier.get('source') or '?'}): "
+            f"removed {removed}")
     return out
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: exists and is not a folder; give a folder to write the model into")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out}: not empty; give an empty or new folder, or --overwrite to replace it")
+# ---- where it goes --------------------------------------------------------------------------------------------
+def earlier_export(folder: Path) -> tuple[Optional[dict[str, Any]], str]:
+    """(its mor_run.json, "") when ``folder`` holds an export of ours and nothing else; (None, why not) else."""
+    try:
+        record = json.loads((folder / RUN_RECORD).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, f"it has no {RUN_RECORD}, which every export writes"
+    except (OSError, ValueError):
+        return None, f"its {RUN_RECORD} cannot be read"
+    if not isinstance(record, dict) or not str(record.get("format", "")).startswith(FORMAT.split("/")[0] + "/"):
+        return None, f"its {RUN_RECORD} is not an export's record"
+    with os.scandir(folder) as entries:
+        foreign = sorted(e.name for e in entries if e.name not in EXPORT_FILES or not e.is_file(follow_symlinks=False))
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        return None, f"it also holds {', '.join(foreign[:3])}{more}, which no export writes"
+    return record, ""
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished folder ``tmp`` to ``out``; an existing ``out`` (empty, or --overwrite) goes only after."""
+def check_out_dir(out: Path, overwrite: bool, sources: Sequence[Path] = ()) -> Optional[dict[str, Any]]:
+    """ConfigError (one line, nothing touched) unless the export may be written to ``out``: not a run, inside one
+    or holding one, nor overlapping ``sources`` (pretrain/training/outdir.py); new or empty; or, with
+    ``overwrite``, an earlier export and nothing else. Returns that export's record (None: nothing to replace)."""
+    check_place(out, sources)
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    record, why = earlier_export(out)
+    if record is None:
+        raise ConfigError(f"OUT_DIR {out}: not empty, and not an earlier export ({why}); --overwrite replaces only "
+                          "an earlier export: give an empty or new folder")
+    if not overwrite:
+        raise ConfigError(f"OUT_DIR {out}: not empty: it holds an earlier export (step {record.get('step')}); "
+                          "--overwrite replaces it, or give an empty or new folder")
+    return record
+
+
+def _replace(tmp: Path, out: Path) -> str:
+    """Move the finished folder ``tmp`` to ``out``; an existing ``out`` (empty, or an earlier export that
+    ``check_out_dir`` accepted) is set aside first and emptied after, file by file: only the names an export
+    writes are removed, so a file that appeared there meanwhile stays (in the set-aside folder, which is then
+    kept and named). Returns what was removed, in words."""
     if not out.exists():
         tmp.rename(out)
-        return
+        return "nothing"
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     out.rename(old)
     tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    count = size = 0
+    with os.scandir(old) as entries:
+        for e in entries:
+            if e.name in EXPORT_FILES and e.is_file(follow_symlinks=False):
+                size += e.stat(follow_symlinks=False).st_size
+                os.unlink(e.path)
+                count += 1
+    words = f"{count} file(s), {size / 1e6:.1f} MB"
+    try:
+        old.rmdir()
+    except OSError:
+        words += f"; {old} keeps what appeared there meanwhile"
+    return words
 
 
 # ---- from a run ---------------------------------------------------------------------------------------------------
@@ -349,7 +328,7 @@ def export_run(path: Path, out: Path, *, overwrite: bool = False, tokenizer: Opt
     """Export the run or checkpoint at ``path`` into ``out``. Raises ConfigError (one line) for every mistake,
     before anything is written."""
     require_hf()
-    check_out_dir(Path(out), overwrite)
+    check_out_dir(Path(out), overwrite, [Path(path)])
     from conf import config_to_dict
     from pretrain.training import checkpoint as ckpt
     from pretrain.training.checkpoint import CheckpointError
@@ -378,7 +357,8 @@ def export_run(path: Path, out: Path, *, overwrite: bool = False, tokenizer: Opt
                       source=str(info.path), layout=loaded.layout, seq_len=_seq_len(info.run),
                       bos=info.tokenizer.bos, tokenizer_sha256=sha, metrics=final_metrics(run_dir, info.step))
     # the run's own model config (its attention_backend as trained; the HF model always uses SDPA)
-    write_export(loaded.model, info.run.model, Path(out), tokenizer=Path(tok), info=meta, overwrite=overwrite)
+    write_export(loaded.model, info.run.model, Path(out), tokenizer=Path(tok), info=meta, overwrite=overwrite,
+                 say=say)
     say(f"exported {info.path} (step {info.step}, saved as {loaded.layout}) to {out}")
     return Path(out)
 
@@ -389,8 +369,9 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog="\n\n".join(doc[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", metavar="RUN_OR_CHECKPOINT", type=Path,
                    help="a run folder (runs/NAME) or one of its checkpoints (runs/NAME/checkpoints/step-NNNNNN)")
-    p.add_argument("out", metavar="OUT_DIR", type=Path, help="the folder to write (empty or new)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR even when it is not empty")
+    p.add_argument("out", metavar="OUT_DIR", type=Path, help="the folder to write (new or empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export in OUT_DIR (only a folder holding an export and nothing else)")
     p.add_argument("--tokenizer", type=Path, metavar="PATH",
                    help="the run's SentencePiece .model, when its data manifest no longer names it")
     return p
@@ -404,6 +385,3 @@ def main(argv: Optional[list[str]] = None) -> int:
                    say=lambda line: print(line, file=sys.stderr, flush=True))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
