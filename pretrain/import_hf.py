@@ -19,8 +19,9 @@ at the start of its first epoch: the export does not carry them. The checkpoint'
 count (each rank loads its tensor-parallel shard and pipeline stage); the trainer resumes it under any layout
 (pretrain/training/reshard.py).
 
+RUN_DIR must be new or empty, outside every other run folder and outside HF_DIR (pretrain/training/outdir.py).
 Needs safetensors (the ``hf`` extra: pip install -e '.[hf]'). Exit status: 0 done; 2 a mistake (not an export, a
-RUN_DIR that is not empty, data tokenized with another tokenizer), said in one line on stderr.
+RUN_DIR that is not empty or lies in a run, data tokenized with another tokenizer), said in one line on stderr.
 """
 from __future__ import annotations
 
@@ -36,11 +37,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from conf.errors import ConfigError
+from pretrain.training.outdir import RUN_FILE, check_place
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 warnings.filterwarnings("ignore", message="Apex is not installed. Falling back to Torch Norm")
 
-RUN_FILE = "run.yaml"
 # model keys that change no weight: the kernel a machine can run, the token-choice implementation, the loss's chunks
 _MODEL_FREE = ("model.attention_backend", "model.tc_compact", "model.loss_chunk")
 
@@ -151,14 +152,15 @@ def import_export(hf_dir: Path, run_dir: Path, *, run: Optional[str] = None, ove
     folder. Collective under torchrun. Raises ConfigError (one line) for every mistake, before anything is
     written."""
     from data_prep.shards import sha256_file
-    from pretrain.export import require_hf
+    from pretrain.export import OLD_TOKENIZER_FILE, TOKENIZER_FILE, require_hf
     require_hf(("safetensors",))
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     if not hf_dir.is_dir():
         raise ConfigError(f"{hf_dir}: no such folder; give a folder written by python -m pretrain.export")
+    model_cfg = read_model_config(hf_dir)
+    check_place(run_dir, [hf_dir], what="RUN_DIR")
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise ConfigError(f"{run_dir}: exists and is not an empty folder; import into a new run folder")
-    model_cfg = read_model_config(hf_dir)
     record = read_record(hf_dir)
     step = int(record.get("step", 0)) if step is None else step
     if step < 0:
@@ -168,12 +170,15 @@ def import_export(hf_dir: Path, run_dir: Path, *, run: Optional[str] = None, ove
     from conf.files import atomic_write_text
     from pretrain.data.loader import load_manifest, split_loader
     from pretrain.training import checkpoint as ckpt
+    from pretrain.training.saving import save_checkpoint
     from pretrain.training.callbacks import default_callbacks
     try:
         manifest = load_manifest(Path(cfg.data.path))
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"data.path: {e}") from None
-    tok = hf_dir / "spiece.model"
+    # the tokenizer under its file name, or under the name earlier exports gave it
+    tok = next((hf_dir / n for n in (TOKENIZER_FILE, OLD_TOKENIZER_FILE) if (hf_dir / n).is_file()),
+               hf_dir / TOKENIZER_FILE)
     want = manifest.tokenizer.get("sha256")
     if tok.is_file() and sha256_file(tok) != want:
         raise ConfigError(f"data.path: {cfg.data.path} was tokenized with another tokenizer than the export's "
@@ -198,7 +203,7 @@ def import_export(hf_dir: Path, run_dir: Path, *, run: Optional[str] = None, ove
     for cb in default_callbacks(cfg):
         state.update(cb.state())
     rank_state = {"rng": ckpt.rng_state(), "loader": loader.state_dict()}
-    folder = ckpt.save(engine, run_dir / "checkpoints", step, state, rank_state, keep=cfg.checkpoint.keep)
+    folder = save_checkpoint(engine, run_dir / "checkpoints", step, state, rank_state, keep=cfg.checkpoint.keep)
     if layout.rank == 0:
         atomic_write_text(run_dir / RUN_FILE, dump_yaml(cfg))
         say(f"imported {hf_dir} as {folder} (step {step}; the optimizer state starts fresh). Continue with: "

@@ -5,13 +5,15 @@ CONFIG is a run file (conf/run/*.yaml, or a path). Overrides use dotted keys, e.
 A ``model=PRESET`` (or a path) that replaces the run file's model, without a ``name=``, also renames the run to
 RUN-PRESET (e.g. 1b7_mor_ec-tiny_mor_ec), so that it never writes into the run file's own run folder.
 Run it as one process, under ``torchrun --nproc-per-node N``, or through the slurm/ launchers: the layout comes
-from the environment. Exit codes: 0 done, 75 preempted (saved; requeue me), 3 stopped on a non-finite loss,
-2 a configuration mistake (also: saved on a time-limit warning that came too early to requeue, see
-pretrain/training/preempt.py).
+from the environment; ranks end with their launcher. Exit codes: 0 done, 75 preempted (saved; requeue me),
+3 stopped on a non-finite loss, 74 no space left for a checkpoint (the earlier ones intact), 2 a configuration
+mistake (also: the run folder is in use by another launch; saved on a time-limit warning that came too early to
+requeue, see pretrain/training/preempt.py).
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
 import warnings
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     # A scheduler's warning during start-up must not kill us: we save instead. The launcher starts us with the
     # warnings blocked, so one that came before this line is pending and arrives here.
     preempt.catch_early()
+    preempt.die_with_launcher()
     parser = argparse.ArgumentParser(prog="python -m pretrain.train", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("config", help="run file (conf/run/NAME.yaml) or a path to one")
@@ -87,5 +90,19 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
+def exit_now(rc: int) -> None:
+    """End the process without the interpreter's teardown of every module: after a save on a signal the scheduler
+    kills what is left seconds later (Slurm's KillWait, 30 s by default), and freeing the objects of a process that
+    imported torch, DeepSpeed, megatron and wandb took 5-60 s on a busy node, so jobs that had saved ended by
+    SIGKILL instead of 75. The exit handlers (the process group's, logging's) still run and output is flushed."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if preempt.signalled():
+        exit_now(code)
+    sys.exit(code)

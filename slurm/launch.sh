@@ -20,9 +20,12 @@
 #    time takes half the limit or more (it comes at once if the limit is not longer than the lead), and every
 #    requeued start would be warned as early. The trainer saves, says so in one line and exits 2: no requeue.
 #    Slurm may warn a minute early: keep --time over twice the lead plus two minutes (the scripts' 5: --time=15).
-# 6. SIGTERM (Slurm requeues or preempts the job, or scancel) ends this shell: Slurm puts a requeued or preempted
-#    job back in the queue itself, and a cancelled one stays cancelled. Ranks that have trained a step since they
-#    started save it first; ranks still starting end at once (there is nothing new to save).
+# 6. SIGTERM (scancel, scontrol requeue, preemption, the time limit itself) reaches this shell and every process of
+#    the job step at once: ranks that have trained a step since they started save it together and exit 75 (wandb's
+#    service, which dies of the same signal, is detached with one line); ranks still starting end at once (there
+#    is nothing new to save). This shell waits for them and reports their status, but does not requeue: Slurm puts
+#    a requeued or preempted job back in the queue itself, and a cancelled one stays cancelled. Slurm kills what
+#    is left KillWait seconds after the SIGTERM (30 by default): the save of one step must fit in that.
 #
 # Environment: MOR_ROOT (project checkout; default the directory sbatch was run from), MOR_PYTHON (default:
 # .venv/bin/python when present, else python3), MOR_MASTER_PORT (to force a port; a MASTER_PORT exported from the
@@ -127,8 +130,11 @@ echo "launch: job ${SLURM_JOB_ID} (start $(( ${SLURM_RESTART_COUNT:-0} + 1 ))) o
 # In the background, so that this shell takes a warning while the ranks run (bash runs a trap only once the
 # foreground command is done); a trap cuts `wait` short (status > 128) while srun still runs: wait again.
 set +e
+terminated=""
+trap 'terminated=1; echo "launch: got SIGTERM at $(date +%T); the ranks save what they trained and exit"' TERM
 srun "${block[@]}" "$PY" -m pretrain.train "$MOR_RUN" "$@" &
 srun_pid=$!
+[[ -n $terminated ]] && kill -TERM "$srun_pid" 2>/dev/null   # it came while srun was being started
 while :; do
   wait "$srun_pid"
   rc=$?
@@ -137,6 +143,10 @@ while :; do
 done
 set -e
 
+if [[ -n $terminated ]]; then
+  echo "launch: trainer exited with status $rc after SIGTERM (75: saved); Slurm requeues or ends the job itself"
+  exit "$rc"
+fi
 if [[ $rc -eq 75 ]]; then
   echo "launch: the trainer saved a checkpoint and asked for a requeue; requeueing job ${SLURM_JOB_ID}"
   scontrol requeue "$SLURM_JOB_ID"

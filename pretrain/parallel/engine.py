@@ -17,19 +17,27 @@ only; nothing above this module branches on the pipeline or the ZeRO stage.
 
 A non-finite loss on any rank, in any micro-batch, makes the step a no-op that still completes every collective:
 the rest of the micro-batches contribute zero gradients and the optimizer steps with a learning rate of 0 (the
-weights do not move; the moment estimates age by one step).
+weights do not move; the moment estimates age by one step). With PP = 1 a NaN loss is caught before its backward,
+so no NaN reaches a gradient or ZeRO's partitions; a pipeline's backward runs inside megatron's schedule, so there
+the NaN reaches every stage's gradients, which are replaced by zeros before the optimizer sees them. Every rank
+takes the same decision (a MIN all-reduce of the finite flag over the world).
+
+Fault injection (``train_step(inject_nan=True)``, from pretrain/training/faults.py): one element of the input
+embedding's output in the step's last micro-batch becomes NaN (``nan_output``), so the NaN travels the real
+forward (and, through a pipeline, backward) pass.
 """
 from __future__ import annotations
 
-import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from conf.errors import ConfigError
 from model.init import init_weights
 from model.layers import use_attention_backend
 from model.mor import MoRModel
@@ -83,11 +91,55 @@ def merge_stat_sums(parts: Sequence[dict[str, tuple[float, float]]]) -> dict[str
     return out
 
 
+@contextmanager
+def nan_output(module: Optional[torch.nn.Module], call: int = 1) -> Iterator[None]:
+    """While open, the ``call``-th forward of ``module`` (1-based; None: nothing happens) returns its output with
+    its first element NaN — a value in the graph, as an overflow would leave it, that the layers after it and
+    their gradients carry on. The fault injection of pretrain/training/faults.py (MOR_FAULT_NAN_*)."""
+    if module is None:
+        yield
+        return
+    seen = 0
+
+    def poison(_module, _args, output):
+        nonlocal seen
+        seen += 1
+        if seen != call:
+            return None
+        nan = torch.zeros_like(output, memory_format=torch.contiguous_format)
+        nan.view(-1)[0] = float("nan")   # a fresh tensor: the output itself, and its autograd history, stay intact
+        return output + nan
+
+    # A compiled model (train.compile) would not see a hook added after it was compiled (dynamo does not guard on
+    # module hooks): the poisoned step runs eagerly.
+    with torch.compiler.set_stance("force_eager"):
+        handle = module.register_forward_hook(poison)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def check_compile(cfg: RunConfig) -> None:
+    """ConfigError for a ``train.compile`` that cannot work, before anything is built."""
+    if cfg.train.compile and cfg.parallel.zero_stage == 3:
+        # Seen with DeepSpeed 0.19.8 and torch 2.13: dynamo traces the routers' weights as ZeRO-3 leaves them
+        # between gathers (empty shards) and stops with a size mismatch at the first step.
+        raise ConfigError("train.compile=true: torch.compile cannot trace ZeRO-3's partitioned parameters "
+                          "(parallel.zero_stage=3); use parallel.zero_stage 0, 1 or 2 with train.compile=true, or "
+                          "train.compile=false")
+
+
 class Engine:
+    # train.compile's torch.compile backend, on CPU as on GPU (on CPU inductor builds C++ with the system's
+    # compiler: minutes before the first step of even a tiny model on two cores)
+    compile_backend = "inductor"
+
     def __init__(self, cfg: RunConfig, layout: Layout, *, bf16: bool,
                  init: Optional[Callable[[MoRModel, int, int], None]] = None):
         """``init(model, tp_rank, tp_size)`` sets the stage's initial weights (default: model/init.py's draw from
         parallel.seed); it runs before DeepSpeed wraps the model, so the fp32 master copies start from them."""
+        check_compile(cfg)
         self.cfg, self.layout, self.device = cfg, layout, layout.device
         model = build_stage(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel,
                             use_cpu_initialization=self.device.type == "cpu").to(self.device)
@@ -110,8 +162,10 @@ class Engine:
                                            fused=self.device.type == "cuda")
         self._ds = build_engine(model, self.optimizer, cfg.parallel, layout, grad_clip=cfg.optim.grad_clip,
                                 bf16=bf16)
-        if cfg.train.compile and self.device.type == "cuda":
-            self._ds.compile()
+        if cfg.train.compile:
+            # DeepSpeed compiles the module in place (nn.Module.compile), so every caller of the model is compiled:
+            # the engine's micro-batch steps, validation and the pipeline schedule's stage calls alike.
+            self._ds.compile(backend=self.compile_backend)
         self.micro_batches = grad_accumulation_steps(cfg.parallel, layout.dp)
 
     # ---- the optimizer step -------------------------------------------------------------------------------------
@@ -134,36 +188,46 @@ class Engine:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
+    def _poisoned(self, inject_nan: bool, micro: Sequence[Batch]):
+        """The fault's NaN (module docstring) in the last micro-batch's embedding output, where this stage holds
+        the input embedding; otherwise nothing happens."""
+        here = inject_nan and self.model.is_first
+        return nan_output(self.model.embedding if here else None, call=len(micro))
+
     def train_step(self, micro: Sequence[Batch], *, inject_nan: bool = False) -> StepResult:
-        """One optimizer step over ``micro`` (this rank's micro-batches, already on the device)."""
+        """One optimizer step over ``micro`` (this rank's micro-batches, already on the device). ``inject_nan``:
+        the fault of pretrain/training/faults.py poisons this step (module docstring)."""
         if self.pipelined:
             return self._pipeline_step(micro, inject_nan)
         total, finite, stats = torch.zeros((), device=self.device), True, {}
         zero = self.cfg.parallel.zero_stage
-        for i, (tokens, labels) in enumerate(micro):
-            out = self._ds(tokens, labels)
-            loss_i = out.loss * float("nan") if inject_nan else out.loss
-            finite = finite and self._all_finite(loss_i)
-            if not finite:  # contribute zero gradients from here on, and step with lr 0
-                loss_i = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
-                self.set_lr(0.0)
-            self._ds.backward(loss_i)
-            if i == len(micro) - 1 and zero == 0:
-                # Plain DP keeps whole gradients in p.grad: measure the norm before the engine clips it.
-                norm = clip_grad_norm(self.model, [], 0.0)
-            self._ds.step()
-            total += out.loss.detach().float() / len(micro)
-            stats = out.router_stats
+        with self._poisoned(inject_nan, micro):
+            for i, (tokens, labels) in enumerate(micro):
+                out = self._ds(tokens, labels)
+                loss_i = out.loss
+                finite = finite and self._all_finite(loss_i)
+                if not finite:  # contribute zero gradients from here on, and step with lr 0
+                    loss_i = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+                    self.set_lr(0.0)
+                self._ds.backward(loss_i)
+                if i == len(micro) - 1 and zero == 0:
+                    # Plain DP keeps whole gradients in p.grad: measure the norm before the engine clips it.
+                    norm = clip_grad_norm(self.model, [], 0.0)
+                self._ds.step()
+                total += out.loss.detach().float() / len(micro)
+                stats = out.router_stats
         if zero > 0:  # ZeRO keeps its partitions' norm from the step
             norm = torch.tensor(float(self._ds.get_global_grad_norm() or 0.0))
         return StepResult(total, float(norm), finite, {k: float(v) for k, v in stats.items()})
 
     def _pipeline_step(self, micro: Sequence[Batch], inject_nan: bool) -> StepResult:
-        loss, norm = pipeline_forward_backward(self.model, self.replicas, micro,
-                                               max_grad_norm=self.cfg.optim.grad_clip)
+        with self._poisoned(inject_nan, micro):
+            loss, norm = pipeline_forward_backward(self.model, self.replicas, micro,
+                                                   max_grad_norm=self.cfg.optim.grad_clip)
         loss = loss.to(self.device)
         dist.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())  # only the last stage has it
-        finite = math.isfinite(norm.item()) and math.isfinite(loss.item()) and not inject_nan
+        # The backward has run: a NaN loss left NaN gradients on every stage (and, averaged, on every replica).
+        finite = self._all_finite(torch.stack([loss.float(), norm.to(loss.device).float()]))
         if not finite:
             for p in self.model.parameters():
                 p.grad = torch.zeros_like(p.data)

@@ -5,7 +5,7 @@
     RUN/checkpoints/latest            text file naming the newest checkpoint, replaced after the folder is in place
     RUN/checkpoints/step-000400.rejected   a checkpoint that failed its check on load: set aside, never deleted
 
-Saving (collective). Every rank writes into ``.staging-step-N`` (DeepSpeed its model/optimizer shards, each rank
+Saving (collective; pretrain/training/saving.py, which builds on this module). Every rank writes into ``.staging-step-N`` (DeepSpeed its model/optimizer shards, each rank
 ``trainer-rank-R.pt`` with its RNG and loader state); rank 0 adds ``trainer.pt`` (step, tokens, config, tokenizer
 checksum). Then the ranks hash the files between them (size + sha256, each file fsynced as it is read) and rank 0
 writes the record ``checkpoint.json`` listing every file, renames the staging folder into place, atomically
@@ -18,18 +18,26 @@ Loading (collective, ``resolve``). Candidates are the step folders newest first 
 them; a pointer to a missing folder or an unreadable pointer is reported and passed over). Each candidate is
 checked against its record — every listed file present, of its size and sha256, each rank hashing a share — and the
 first that passes is used by every rank alike. Newer ones that failed are reported in one line each (file and
-reason) and set aside as ``step-N.rejected``. When none passes nothing is renamed: the caller stops with one line,
-so a requeued job does not silently start over. Checkpoints written before records existed are checked by the
-CRC-32 of every member of their torch zip files.
+reason) and set aside as ``step-N.rejected``. A missing file counts only when it is still missing on a second look
+after ``SECOND_LOOK_S`` (shared file systems may show another node's file late). When none passes nothing is
+renamed: the caller stops with one line, so a requeued job does not silently start over. Nothing else sets a
+checkpoint aside: one that passed its check but does not load (``load_engine``) is a mismatch with the run or the
+program, which the caller reports without renaming anything (pretrain/training/resume.py).
+
+Without a record. Checkpoints written before records existed hold the same files, but their trainer.pt lacks the
+keys that came in with records (``_RECORD_ERA_KEY``): they are checked by the CRC-32 of every member of their torch
+zip files, and the resume says so. A folder whose trainer.pt has those keys but no record lost its record (this
+code always writes one last): it fails its check like a missing file.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import re
-import shutil
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +55,11 @@ RECORD = "checkpoint.json"
 FORMAT = "mor-checkpoint/1"
 REJECTED = ".rejected"
 _NAME = re.compile(r"^step-(\d{6,})$")
+# A missing file is looked for again after this many seconds before its checkpoint counts as damaged (_missing).
+SECOND_LOOK_S = 2.0
+# A key of trainer.pt since records exist (pretrain/training/trainer.py state()): a folder whose trainer.pt holds
+# it but that has no record lost its record; one without it was saved before records existed.
+_RECORD_ERA_KEY = "consecutive_skips"
 
 
 class CheckpointError(Exception):
@@ -87,7 +100,7 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 # ---- hashing, shared between ranks -----------------------------------------------------------------------------
-def _digest(path: Path, chunk: int = 1 << 22) -> dict[str, Any]:
+def digest(path: Path, chunk: int = 1 << 22) -> dict[str, Any]:
     """Size and sha256 of a file; fsyncs it on the way, so what the record vouches for is on disk."""
     h, size = hashlib.sha256(), 0
     with open(path, "rb") as f:
@@ -98,7 +111,7 @@ def _digest(path: Path, chunk: int = 1 << 22) -> dict[str, Any]:
     return {"bytes": size, "sha256": h.hexdigest()}
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -106,13 +119,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _world() -> tuple[int, int]:
+def rank_and_size() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def _broadcast(obj: Any) -> Any:
+def broadcast(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
@@ -121,7 +134,7 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def _gather(obj: Any) -> list[Any]:
+def gather(obj: Any) -> list[Any]:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
@@ -129,62 +142,22 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
 
-def _my_share(names: list[str]) -> list[str]:
-    rank, world = _world()
-    return names[rank::world]
+def my_share(names: list[str]) -> list[str]:
+    rank, size = rank_and_size()
+    return names[rank::size]
 
 
-def _files(folder: Path) -> list[str]:
+def files_in(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != RECORD)
 
 
-# ---- saving ----------------------------------------------------------------------------------------------------
-def save(engine, root: Path, step: int, trainer_state: dict[str, Any], rank_state: dict[str, Any], *,
-         keep: int, protect: Optional[int] = None) -> Path:
-    """Collective: every rank calls it at the same step. ``protect``: a step whose checkpoint pruning keeps."""
-    rank, _ = _world()
-    name = checkpoint_name(step)
-    final, staging = root / name, root / f".staging-{name}"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if staging.exists():                  # a crashed save's leftovers: never a checkpoint
-            shutil.rmtree(staging)
-        staging.mkdir()
-    _barrier()
-    engine.save(staging)
-    torch.save(rank_state, staging / f"trainer-rank-{rank}.pt")
-    if rank == 0:
-        torch.save(trainer_state, staging / "trainer.pt")
-    _barrier()
-    faults.point("save.staged")
-    names = _broadcast(_files(staging) if rank == 0 else None)
-    digests = {n: d for part in _gather({n: _digest(staging / n) for n in _my_share(names)}) for n, d in part.items()}
-    if rank == 0:
-        record = {"format": FORMAT, "step": step, "files": {n: digests[n] for n in names}}
-        atomic_write_bytes(staging / RECORD, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
-        _fsync_dir(staging)
-        faults.point("save.recorded")
-        if final.exists():   # a checkpoint of this step from an earlier attempt: keep it, renamed, not deleted
-            final.rename(_aside(final, ".superseded"))
-        staging.rename(final)
-        _fsync_dir(root)
-        faults.point("save.renamed")
-        atomic_write_bytes(root / LATEST, (name + "\n").encode())
-        faults.point("save.pointed")
-        done = list_checkpoints(root)
-        for old in done[:-keep]:
-            if protect is None or step_of(old) != protect:
-                shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
-
-
-def _aside(path: Path, suffix: str) -> Path:
+# ---- saving: pretrain/training/saving.py ------------------------------------------------------------------------
+def aside_name(path: Path, suffix: str) -> Path:
     """A free name beside ``path`` with ``suffix`` (``.rejected``, ``.rejected-2``, ...)."""
     target, n = path.with_name(path.name + suffix), 1
     while target.exists():
@@ -194,11 +167,42 @@ def _aside(path: Path, suffix: str) -> Path:
 
 
 # ---- checking ---------------------------------------------------------------------------------------------------
+def _missing(path: Path) -> bool:
+    """Whether ``path`` is not a file, confirmed on a second look: on a shared file system whose metadata lags
+    (NFS attribute caches), a file another node wrote may show up late, and a checkpoint is never set aside for
+    that. The folder is listed again before the second look, which makes such clients revalidate it."""
+    if path.is_file():
+        return False
+    time.sleep(SECOND_LOOK_S)
+    with contextlib.suppress(OSError):
+        os.listdir(path.parent)
+    return not path.is_file()
+
+
+def _written_with_record(folder: Path) -> bool:
+    """Whether the trainer.pt of a folder without record was written by a version that writes records (then the
+    record was lost: damage). The key below entered trainer.pt in the same change that introduced records. False
+    too when trainer.pt cannot be read here: the folder is then checked as an older one, by the CRC check, and the
+    load reports the rest."""
+    try:
+        with zipfile.ZipFile(folder / "trainer.pt") as z:
+            if z.testzip() is not None:
+                return False
+        state = torch.load(folder / "trainer.pt", weights_only=False, map_location="cpu")
+    except Exception:  # noqa: BLE001 - any unreadable file: decided by the checks after this one
+        return False
+    return isinstance(state, dict) and _RECORD_ERA_KEY in state
+
+
 def _check_record(folder: Path) -> tuple[Optional[dict], Optional[str]]:
     """(record, None), (None, None) for an older checkpoint without one, or (None, reason)."""
     path = folder / RECORD
-    if not path.exists():
-        return (None, None) if (folder / "trainer.pt").exists() else (None, f"{RECORD}: missing")
+    if not path.is_file() and (folder / "trainer.pt").exists() and not _written_with_record(folder):
+        return None, None              # saved before records existed
+    if _missing(path):
+        why = "" if not (folder / "trainer.pt").exists() else (
+            ", though its trainer.pt was saved by a version that always writes one (the record was deleted or lost)")
+        return None, f"{RECORD}: missing{why}"
     try:
         record = json.loads(path.read_bytes())
         files = record["files"]
@@ -212,13 +216,13 @@ def _check_record(folder: Path) -> tuple[Optional[dict], Optional[str]]:
 def _check_file(folder: Path, name: str, expected: Optional[dict]) -> Optional[str]:
     """Why ``folder/name`` fails its check, or None. ``expected`` None: an older checkpoint's file (zip CRCs)."""
     path = folder / name
-    if not path.is_file():
-        return f"{name}: missing"
+    if _missing(path):
+        return f"{name}: missing (also on a second look after {SECOND_LOOK_S:g} s)"
     if expected is not None:
         size = path.stat().st_size
         if size != expected["bytes"]:
             return f"{name}: {size} bytes, the record says {expected['bytes']} (truncated or replaced)"
-        if _digest(path)["sha256"] != expected["sha256"]:
+        if digest(path)["sha256"] != expected["sha256"]:
             return f"{name}: sha256 differs from the record (the file changed after it was saved)"
         return None
     if not name.endswith(".pt"):
@@ -233,20 +237,20 @@ def _check_file(folder: Path, name: str, expected: Optional[dict]) -> Optional[s
 
 def verify(folder: Path) -> Optional[str]:
     """Collective. Why ``folder`` fails its check (the same on every rank), or None when it passes."""
-    rank, _ = _world()
+    rank, _ = rank_and_size()
     record, why = _check_record(folder) if rank == 0 else (None, None)
-    record, why = _broadcast((record, why))
+    record, why = broadcast((record, why))
     if why:
         return why
     if record is not None:
         expected: dict[str, Optional[dict]] = record["files"]
         names = sorted(expected)
     else:   # an older checkpoint: every file in it, checked by its zip CRCs
-        names = _broadcast(_files(folder) if rank == 0 else None)
+        names = broadcast(files_in(folder) if rank == 0 else None)
         expected = {n: None for n in names}
     faults.point("resume.verify")
-    mine = [w for n in _my_share(names) if (w := _check_file(folder, n, expected[n]))]
-    problems = sorted(w for part in _gather(mine) for w in part)
+    mine = [w for n in my_share(names) if (w := _check_file(folder, n, expected[n]))]
+    problems = sorted(w for part in gather(mine) for w in part)
     return problems[0] if problems else None
 
 
@@ -277,12 +281,12 @@ def _read_pointer(root: Path) -> tuple[Optional[str], Optional[str]]:
 def resolve(root: Path, log: Callable[[str], None]) -> Resolution:
     """Collective. The newest checkpoint under ``root`` that passes ``verify``; newer ones that fail are set
     aside (renamed) once one passes. Raises CheckpointError (one line) when checkpoints exist and none passes."""
-    rank, _ = _world()
+    rank, _ = rank_and_size()
     if rank == 0:
         _, note = _read_pointer(root)
         candidates = [str(p) for p in reversed(list_checkpoints(root))]
         state = (candidates, [note] if note else [])
-    res_candidates, notes = _broadcast(state if rank == 0 else None)
+    res_candidates, notes = broadcast(state if rank == 0 else None)
     res = Resolution(None, notes)
     for path in map(Path, res_candidates):
         why = verify(path)
@@ -305,19 +309,19 @@ def resolve(root: Path, log: Callable[[str], None]) -> Resolution:
         res.notes.append(f"{path.name} set aside as {aside.name}")
     if rank == 0 and res.path is not None and _read_pointer(root)[0] != res.path.name:
         atomic_write_bytes(root / LATEST, (res.path.name + "\n").encode())
-    _barrier()
+    barrier()
     return res
 
 
 def reject(path: Path, why: str, log: Callable[[str], None], *, fallback: Optional[Path]) -> Path:
     """Collective: rank 0 renames a failed checkpoint aside and every rank knows the new name."""
-    rank, _ = _world()
-    aside = _aside(path, REJECTED) if rank == 0 else None
+    rank, _ = rank_and_size()
+    aside = aside_name(path, REJECTED) if rank == 0 else None
     if rank == 0:
         path.rename(aside)
         then = f"falling back to {fallback.name}" if fallback is not None else "no checkpoint left to fall back to"
         log(f"checkpoint: {path}/{why}; set aside as {aside.name}, {then}")
-    return Path(_broadcast(str(aside) if aside is not None else None))
+    return Path(broadcast(str(aside) if aside is not None else None))
 
 
 # ---- loading ----------------------------------------------------------------------------------------------------
@@ -326,19 +330,28 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     return torch.load(path / "trainer.pt", weights_only=False)
 
 
-def load_engine(engine, path: Path) -> dict[str, Any]:
-    """Collective. Restores the engine (model, optimizer) and returns this rank's state. Raises CheckpointError
-    (the same on every rank) when any rank cannot read its part."""
-    rank, _ = _world()
-    rank_file = path / f"trainer-rank-{rank}.pt"
-    why, rank_state = None, None
+def agree(why: Optional[str]) -> Optional[str]:
+    """Collective: the first rank's problem (one line) when any rank has one, the same on every rank; None when
+    none has. For steps where one rank may fail alone, so that every rank stops together."""
+    return next((w for w in gather(why) if w), None)
+
+
+def load_engine(engine, path: Path) -> None:
+    """Collective. Restores the engine (model, optimizer) from DeepSpeed's files in ``path`` (its ``engine/``
+    folder, or each stage's). Raises CheckpointError (one line naming the files and the exception, the same on
+    every rank) when any rank cannot read its part: for a checkpoint that passed ``verify``, a mismatch with this
+    run or program, not damage."""
+    why = None
     try:
         faults.point("resume.load")
         engine.load(path)
-        rank_state = torch.load(rank_file, weights_only=False)
     except Exception as e:  # noqa: BLE001 - any failure to read is reported the same way, on every rank
-        why = f"{e.__class__.__name__}: {' '.join(str(e).split())[:160]}"
-    whys = [w for w in _gather(why) if w]
-    if whys:
-        raise CheckpointError(f"cannot be read ({whys[0]})")
-    return rank_state
+        why = f"engine/ (DeepSpeed's model and optimizer files): {describe_exception(e)}"
+    why = agree(why)
+    if why:
+        raise CheckpointError(why)
+
+
+def describe_exception(e: BaseException) -> str:
+    """``KeyError: 'dynamic_loss_scale'``: an exception as one short line."""
+    return f"{e.__class__.__name__}: {' '.join(str(e).split())[:160]}"

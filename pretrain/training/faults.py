@@ -3,7 +3,12 @@
     MOR_FAULT_KILL_AT_STEP=N      the process SIGKILLs itself when step N begins (crash without cleanup)
     MOR_FAULT_SIGNAL_AT_STEP=N    the process sends itself SIGUSR1 when step N begins (a scheduler's warning)
     MOR_FAULT_SIGNAL_RANK=R       ... only on global rank R (default: every rank)
-    MOR_FAULT_NAN_AT_STEP=N       the loss of step N is made NaN
+    MOR_FAULT_NAN_AT_STEP=N       the loss of step N is made NaN: one element of the input embedding's output in
+                                  the step's last micro-batch becomes NaN, and the forward pass (and, through a
+                                  pipeline, the backward pass) carries it on (Engine.train_step's inject_nan)
+    MOR_FAULT_NAN_STEPS=K         ... and of the K-1 steps after N too (default 1)
+    MOR_FAULT_NAN_RANK=R          ... only on global rank R (default: every rank). Under pipeline parallelism only
+                                  a first-stage rank holds the embedding: the NaN enters there or nowhere.
     MOR_FAULT_STEP_SECONDS=X      every step takes at least X seconds (so a scheduler's requeue or time limit
                                   lands mid-run in the Slurm tests)
 
@@ -47,7 +52,7 @@ def point(name: str) -> None:
 
 
 def before_step(step: int, rank: int) -> bool:
-    """Called at the start of each step; returns True when this step's loss must be made NaN."""
+    """Called at the start of each step; returns True when this step's loss must be made NaN on this rank."""
     slow = os.environ.get("MOR_FAULT_STEP_SECONDS", "")
     if slow:
         time.sleep(float(slow))
@@ -55,4 +60,6 @@ def before_step(step: int, rank: int) -> bool:
         os.kill(os.getpid(), signal.SIGKILL)
     if _env("MOR_FAULT_SIGNAL_AT_STEP") == step and _env("MOR_FAULT_SIGNAL_RANK") in (None, rank):
         os.kill(os.getpid(), signal.SIGUSR1)
-    return _env("MOR_FAULT_NAN_AT_STEP") == step
+    first = _env("MOR_FAULT_NAN_AT_STEP")
+    nan = first is not None and first <= step < first + (_env("MOR_FAULT_NAN_STEPS") or 1)
+    return nan and _env("MOR_FAULT_NAN_RANK") in (None, rank)

@@ -2,6 +2,13 @@
 
 MFU = tokens/s × training FLOPs per token (model/flops.py, which follows the routing) ÷ (peak FLOP/s × GPUs).
 ``read_metrics`` is the one reader of metrics.jsonl (the trainer on a restart, the plot, the sweep's table).
+
+wandb is a guest: its service (``wandb-core``, a child process) gets the SIGTERM that Slurm sends to every process
+of a job step on ``scancel``, requeue, preemption or the time limit, and shuts down at once (a Go program: it
+cannot be made to ignore or block SIGTERM). The trainer must still save, so any wandb failure detaches wandb with
+one line and metrics.jsonl carries on; ``close`` bounds wandb's finish (a dead or wedged service must neither hang
+nor raise). Its console capture is off: it copies every printed line through a hook on stdout/stderr that, once
+the service is gone or the disk is full, fails on each line and prints the failure (thousands of lines).
 """
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -19,6 +27,9 @@ from conf.files import atomic_write_bytes, atomic_write_text
 
 # Dense bf16 peaks per device (FLOP/s); CPU runs report no MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# How long closing may wait for wandb (its last uploads, online): a job saving on a time-limit warning has a few
+# minutes left, and nothing is lost by stopping the wait (the run's files stay under RUN/wandb for `wandb sync`).
+WANDB_FINISH_S = 60.0
 
 
 def _parse(path: Path, *, strict: bool = True) -> tuple[list[tuple[bytes, dict[str, Any]]], int]:
@@ -69,11 +80,12 @@ class MetricsLog:
     """Rank 0 writes; other ranks get a no-op object from ``MetricsLog.for_rank``."""
 
     def __init__(self, run_dir: Path, *, wandb_mode: str, project: str, name: str, config: dict[str, Any],
-                 start_step: int = 0):
+                 start_step: int = 0, say=None):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         self.dropped = self._forget_after(start_step)
         self._file = open(self.path, "a", buffering=1)
+        self._say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._wandb = None
         if wandb_mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
@@ -83,7 +95,7 @@ class MetricsLog:
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
             atomic_write_text(id_file, run_id)
             self._wandb = wandb.init(project=project, name=name, id=run_id, resume="allow", mode=wandb_mode,
-                                     dir=str(run_dir), config=config)
+                                     dir=str(run_dir), config=config, settings=wandb.Settings(console="off"))
 
     def _forget_after(self, step: int) -> int:
         """Drop records past ``step``, where this (re)start begins: they describe steps whose weights were lost
@@ -104,12 +116,54 @@ class MetricsLog:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+            try:
+                self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
+                                step=record["step"])
+            except Exception as e:  # noqa: BLE001 - whatever wandb raises, training and its metrics go on
+                self._detach(f"{type(e).__name__}: {' '.join(str(e).split())[:120]}")
+
+    def _detach(self, why: str) -> None:
+        self._wandb = None
+        self._say(f"wandb: stopped working ({why}); detached, metrics.jsonl carries on "
+                  "(the records wandb missed are there)")
+        # wandb's exit hook would try the dead service again and print its failure: tear it down now, bounded.
+        _bounded(_wandb_teardown, 5.0)
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as e:   # a full disk: the run stops saying so; the unwritten record cannot be kept
+            self._say(f"metrics: the last record(s) could not be written to {self.path} ({e.strerror})")
         if self._wandb is not None:
-            self._wandb.finish()
+            run, self._wandb = self._wandb, None
+            why = _bounded(lambda: (run.finish(), _wandb_teardown()), WANDB_FINISH_S)
+            if why:
+                self._say(f"wandb: did not finish ({why}); its files stay under {self.path.parent / 'wandb'} "
+                          "(`wandb sync` uploads them); metrics.jsonl holds the run's records")
+
+
+def _wandb_teardown() -> None:
+    """wandb's own teardown of its service connection, which also removes its exit hook."""
+    import wandb
+    wandb.teardown()
+
+
+def _bounded(fn, seconds: float) -> Optional[str]:
+    """Run ``fn`` for at most ``seconds`` in a daemon thread; why it failed (one line), or None. wandb's teardown
+    raises on a dead service and may wait forever on a wedged one; neither may keep a run from ending."""
+    failure: list[str] = []
+
+    def call() -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - SystemExit too: wandb exits with its service's status
+            failure.append(f"{type(e).__name__}: {' '.join(str(e).split())[:120]}")
+    thread = threading.Thread(target=call, name="wandb-close", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        return f"no answer in {seconds:.0f} s"
+    return failure[0] if failure else None
 
 
 class NullLog:

@@ -21,11 +21,22 @@ lead takes half the limit or more, and every requeued start would be warned as e
 mostly start and save. Where the job's start and end are known (SLURM_JOB_START_TIME and SLURM_JOB_END_TIME, epoch
 seconds: Slurm >= 23.02 sets them, slurm/launch.sh sets them on older ones), the ranks agree on that too, and
 ``no_requeue_reason()`` gives the one line that says so; the entry point then exits TOO_SHORT_EXIT_CODE.
+
+The launcher's death. torchrun starts each rank in a session of its own, so a kill -9 of torchrun alone leaves its
+ranks training on as orphans (or waiting forever in a collective). ``die_with_launcher()``, called at a rank's
+start, asks Linux to send SIGTERM when the launcher dies (PR_SET_PDEATHSIG): ranks that have trained a step save
+it together and exit 75, ranks still starting end at once. A watchdog thread covers the rest: once the parent is
+gone it sends that SIGTERM itself (for platforms without prctl, and a parent that died before the request), and
+SIGKILL ORPHAN_GRACE_S later, for a rank that hangs (a collective whose peer is gone never returns, and a Python
+handler only runs between bytecodes).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import signal
+import threading
 import time
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: temporary failure, try again
@@ -34,6 +45,11 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 WARNINGS = (signal.SIGUSR1, signal.SIGUSR2)
 _early: list[tuple[int, float]] = []   # warnings received before a PreemptionFlag was installed, with their time
 _current: "PreemptionFlag | None" = None
+# After the launcher's death: the time a rank has to save before its watchdog ends it (a save of the largest
+# model takes well under this; a hung rank waits this long).
+ORPHAN_GRACE_S = 60.0
+_PR_SET_PDEATHSIG = 1
+_watching = False
 
 
 def _early_handler(signum, frame) -> None:
@@ -48,12 +64,51 @@ def catch_early() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, WARNINGS)
 
 
+def _parent_death_signal(sig: int) -> bool:
+    """Ask the kernel for ``sig`` when the parent dies (Linux's PR_SET_PDEATHSIG); False where there is none."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch(parent: int, grace: float) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    # Also where the kernel sent one: a parent that died before the prctl call sent none (a second SIGTERM only
+    # sets the flag again).
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(grace)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def die_with_launcher(*, grace: float = ORPHAN_GRACE_S, use_prctl: bool = True) -> bool:
+    """A rank started by a launcher (RANK or SLURM_PROCID in the environment: torchrun, srun, the slurm/ scripts)
+    ends with it (see the module docstring). Returns whether it watches; a plain single process does not.
+    ``use_prctl=False``: the watchdog alone, as on a platform without PR_SET_PDEATHSIG."""
+    global _watching
+    if _watching or not (os.environ.get("RANK") or os.environ.get("SLURM_PROCID")):
+        return _watching
+    parent = os.getppid()
+    if use_prctl:
+        _parent_death_signal(signal.SIGTERM)
+    threading.Thread(target=_watch, args=(parent, grace), name="launcher-watch", daemon=True).start()
+    _watching = True
+    return True
+
+
 def _job_times() -> tuple[float, float] | None:
     try:
         start, end = float(os.environ["SLURM_JOB_START_TIME"]), float(os.environ["SLURM_JOB_END_TIME"])
     except (KeyError, ValueError):
         return None
     return (start, end) if end > start else None
+
+
+def signalled() -> bool:
+    """Whether the last run of this process ended on a signal (a warning, SIGTERM, or one to another rank)."""
+    return _current is not None and _current.stopped
 
 
 def no_requeue_reason() -> str | None:
@@ -66,6 +121,7 @@ class PreemptionFlag:
         self.received: int | None = None     # the last signal received
         self.warned_at: float | None = None  # when the first warning came (time.time())
         self.too_short: str | None = None    # set when the ranks agree that a warning came too early to requeue
+        self.stopped = False                  # the ranks agreed to stop on a signal
         self._previous: dict = {}
 
     def install(self) -> "PreemptionFlag":
@@ -115,6 +171,7 @@ class PreemptionFlag:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         stop, early, elapsed = flag.tolist()
+        self.stopped = bool(stop)
         if stop and early and times is not None:
             limit = times[1] - times[0]
             self.too_short = (f"error: time limit too short for its warning: it came {elapsed:.0f} s into this job's "

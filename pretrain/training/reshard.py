@@ -16,12 +16,19 @@ converter expects Megatron-DeepSpeed's pipeline files and TP patterns rather tha
 core shards, and the re-sharding needs only the rules model/tp_shard.py already has. The cost is paid only when
 the layout changes, on load: every rank reads the whole state (fp32 weights and two moments) into CPU memory.
 ZeRO-3 partitions (each rank ceil(numel / DP) elements of every parameter) are read and written the same way.
+
+Precision. The same path carries a run between fp32 and bf16 (pretrain/training/resume.py sends a precision change
+here even when the layout is unchanged): the state is fp32 either way — the fp32 masters and moments of a bf16 run
+(under ZeRO-0 DeepSpeed's FP16_UnfusedOptimizer keeps them as ``fp32_groups`` beside the bf16 module; under ZeRO
+in its flat partitions), the module weights and torch's AdamW state of an fp32 one — and each engine is given it
+in its own form, its bf16 weights the masters rounded. ``saved_bf16`` tells which precision a checkpoint computed
+in from DeepSpeed's saved config, not from ``train.precision``, whose ``auto`` depends on the device.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -102,19 +109,45 @@ def _zero3_format(files: list[dict[str, Any]], shapes: dict[str, torch.Size]
 def _torch_format(optim: dict[str, Any], module: dict[str, Any], order: list[str]
                   ) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
     """ZeRO-0 (torch's AdamW state, by position in the optimizer's parameter order) with the module's weights,
-    which are the fp32 masters there."""
+    which are the fp32 masters there. In bf16 (DeepSpeed's FP16_UnfusedOptimizer, which ZeRO-0 uses for bf16) the
+    torch state is one level down and the fp32 masters are its ``fp32_groups``, in the same order."""
+    masters = None
+    if "fp32_groups" in optim:
+        masters = [t for group in optim["fp32_groups"] for t in group]
+        optim = optim["optimizer_state_dict"]
+        if len(masters) != len(order):
+            raise CheckpointError(f"the fp32 master weights hold {len(masters)} parameters, the model {len(order)}")
     out, step = {}, 0.0
     if len(optim["state"]) not in (0, len(order)):
         raise CheckpointError(f"the optimizer state holds {len(optim['state'])} parameters, the model {len(order)}")
     for i, name in enumerate(order):
         state = optim["state"].get(i)
-        weight = module[name].float()
+        weight = module[name].float() if masters is None else masters[i].float().view(module[name].shape)
         if state is None:   # saved before the first step: no moments yet
             out[name] = {"param": weight, **{k: torch.zeros_like(weight) for k in MOMENTS}}
             continue
         out[name] = {"param": weight, **{k: state[k].float() for k in MOMENTS}}
         step = float(state["step"])
     return out, step
+
+
+def saved_bf16(folder: Path) -> Optional[bool]:
+    """Whether the checkpoint ``folder`` was trained in bf16 (DeepSpeed's config, saved in every model file:
+    what the run computed with, whatever ``train.precision`` said — ``auto`` depends on the device). None: no
+    model file, or one without DeepSpeed's config. Reads the file memory-mapped: no weight is read."""
+    stages = _stages(folder)
+    files = [f for s in stages for _, f in sorted(s.model.items())]
+    if not files:
+        return None
+    ds_config = _torch_load(files[0]).get("ds_config")
+    if not isinstance(ds_config, dict):
+        return None
+    return bool(ds_config.get("bf16", {}).get("enabled", False))
+
+
+def engine_bf16(engine) -> bool:
+    """Whether this run's engine (pretrain/parallel/engine.py) computes in bf16."""
+    return bool(engine._ds.bfloat16_enabled())
 
 
 def read_training_state(folder: Path, run: RunConfig) -> TrainingState:
@@ -163,7 +196,7 @@ def _adam_step(step: float, like: torch.Tensor, optimizer: torch.optim.Optimizer
 
 @torch.no_grad()
 def load_training_state(engine, state: TrainingState, tp_rank: int, tp_size: int) -> None:
-    """Give this rank's engine (pretrain/parallel/engine.py, any layout but ZeRO-3) its slice of ``state``."""
+    """Give this rank's engine (pretrain/parallel/engine.py, any layout, fp32 or bf16) its slice of ``state``."""
     mine = {name: {k: shard_state_dict({name: v}, tp_rank, tp_size)[name] for k, v in kinds.items()}
             for name, kinds in state.params.items()}
     model = engine.model
@@ -196,7 +229,17 @@ def load_training_state(engine, state: TrainingState, tp_rank: int, tp_size: int
                 target = flat if key == "param" else inner.state[flat][key]
                 value = mine[name][key].flatten().narrow(0, lp.start, lp.numel)
                 target.narrow(0, hp.hp_fragment_address.start, lp.numel).copy_(value.to(target.dtype))
-    else:        # ZeRO-0: the torch optimizer, per parameter
+    elif hasattr(ds_optimizer, "fp32_groups"):   # ZeRO-0 in bf16: fp32 masters beside the bf16 weights
+        names = {id(p): n for n, p in named.items()}
+        inner = ds_optimizer.optimizer
+        for lp_group, hp_group in zip(ds_optimizer.fp16_groups, ds_optimizer.fp32_groups):
+            for p, master in zip(lp_group, hp_group):
+                name = names[id(p)]
+                master.copy_(mine[name]["param"].view_as(master))
+                inner.state[master] = {"step": _adam_step(state.step, master, inner),
+                                       **{k: mine[name][k].to(device=master.device, dtype=torch.float32)
+                                          .view_as(master) for k in MOMENTS}}
+    else:        # ZeRO-0 in fp32: the torch optimizer, per parameter (the weights are the masters)
         optimizer = engine.optimizer
         for name, p in named.items():
             optimizer.state[p] = {"step": _adam_step(state.step, p, optimizer),

@@ -14,9 +14,13 @@ finite loss stops the run (the update may already be applied by then).
 
 Token counts (tokens/s, MFU, the ``tokens`` total) count real labels only: the padding that ends a split carries
 IGNORE_INDEX labels and counts nowhere.
+
+The run folder is locked (pretrain/training/runlock.py) from right after the process group exists until ``close``;
+a full disk during a save ends the run with one line and DISK_FULL_EXIT_CODE (pretrain/training/saving.py).
 """
 from __future__ import annotations
 
+import errno
 import math
 import sys
 from pathlib import Path
@@ -34,13 +38,14 @@ from pretrain.data.loader import label_count, load_manifest, split_loader
 from pretrain.parallel.engine import Engine
 from pretrain.parallel.layout import init_distributed
 from pretrain.training import checkpoint as ckpt
-from pretrain.training import faults
+from pretrain.training import faults, runlock
 from pretrain.training import downstream
 from pretrain.training.callbacks import Callback, default_callbacks
 from pretrain.training.evaluate import ValidationMetrics, validate
 from pretrain.training.metrics import MetricsLog, NullLog, Progress, device_peak_flops
 from pretrain.training.preempt import PreemptionFlag
 from pretrain.training.resume import resume
+from pretrain.training.saving import DISK_FULL_EXIT_CODE, DiskFull, free_bytes, human, save_checkpoint
 from pretrain.training.schedule import lr_multiplier
 
 NONFINITE_EXIT_CODE = 3
@@ -65,6 +70,16 @@ class Trainer:
         faults.point("startup.distributed")
         self.device = self.layout.device
         self.is_main = self.layout.rank == 0
+        self.run_dir = Path(cfg.out_dir) / cfg.name
+        self.lock = runlock.take(self.run_dir, is_main=self.is_main, say=self.print)
+        try:
+            self._start(cfg)
+        except BaseException:
+            self._release()
+            raise
+
+    def _start(self, cfg: RunConfig) -> None:
+        """The rest of start-up, once this launch owns the run folder."""
         precision = cfg.train.precision
         bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         self.engine = Engine(cfg, self.layout, bf16=bf16)
@@ -74,7 +89,6 @@ class Trainer:
                        f"{cfg.model.attention_backend})")
         faults.point("startup.engine")
         self.loader = split_loader(cfg, "train", dp_rank=ps.get_data_parallel_rank(), dp_size=self.layout.dp)
-        self.run_dir = Path(cfg.out_dir) / cfg.name
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step, self.tokens = 0, 0
         self.callbacks: list[Callback] = default_callbacks(cfg)
@@ -88,7 +102,7 @@ class Trainer:
         faults.point("startup.resume")
         resume(self)
         self.metrics = (MetricsLog(self.run_dir, wandb_mode=cfg.logging.wandb, project=cfg.logging.project,
-                                   name=cfg.name, config=config_to_dict(cfg), start_step=self.step)
+                                   name=cfg.name, config=config_to_dict(cfg), start_step=self.step, say=self.print)
                         if self.is_main else NullLog())
         if self.metrics.dropped:
             self.print(f"metrics: dropped {self.metrics.dropped} record(s) past step {self.step}, where this run "
@@ -118,8 +132,8 @@ class Trainer:
 
     def save(self) -> Path:
         rank_state = {"rng": ckpt.rng_state(), "loader": self.loader.state_dict()}
-        path = ckpt.save(self.engine, self.ckpt_dir, self.step, self.state(), rank_state,
-                         keep=self.cfg.checkpoint.keep, protect=self.guard_step)
+        path = save_checkpoint(self.engine, self.ckpt_dir, self.step, self.state(), rank_state,
+                               keep=self.cfg.checkpoint.keep, protect=self.guard_step)
         self.last_saved = self.step
         return path
 
@@ -190,8 +204,16 @@ class Trainer:
             self.progress.close()
 
     def close(self) -> None:
-        self.metrics.close()
-        self.preempt.uninstall()
+        try:
+            self.metrics.close()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if getattr(self, "preempt", None) is not None:
+            self.preempt.uninstall()
+        if self.lock is not None:
+            self.lock.release()
 
     @torch.no_grad()
     def validate(self, say=None) -> Optional[ValidationMetrics]:
@@ -239,6 +261,18 @@ def run(cfg: RunConfig) -> int:
     trainer = Trainer(cfg)
     try:
         return trainer.fit()
+    except DiskFull as e:           # every rank, from the save
+        if trainer.is_main:
+            print(e, file=sys.stderr, flush=True)
+        return DISK_FULL_EXIT_CODE
+    except OSError as e:            # rank 0's own files (metrics.jsonl, wandb's id)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = Path(e.filename) if e.filename else trainer.run_dir
+        print(f"error: no space left on the device of {where} ({human(free_bytes(where))} free): free space there "
+              "(or set out_dir to a larger disk), then start the run again; it resumes from its newest checkpoint",
+              file=sys.stderr, flush=True)
+        return DISK_FULL_EXIT_CODE
     finally:
         trainer.close()
         sys.stdout.flush()

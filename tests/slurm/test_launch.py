@@ -126,6 +126,68 @@ def test_scontrol_requeue_resumes_without_repeating_or_missing_steps(slurm, data
     assert steps_logged(run) == list(range(1, 41)), text
 
 
+def gone(job: int) -> bool:
+    """Whether every process of the job has ended (a cancelled job reads CANCELLED while they still run)."""
+    res = subprocess.run(["squeue", "-h", "-j", str(job)], capture_output=True, text=True, timeout=30, check=False)
+    return res.returncode == 0 and not res.stdout.strip() or "Invalid job id" in res.stderr
+
+
+def sacct_exit_codes(job: int) -> dict[str, str]:
+    """JobID -> ExitCode of the job and its ended steps, from the accounting database (which may lag)."""
+    def read():
+        out = subprocess.run(["sacct", "-j", str(job), "-n", "-P", "-o", "JobID,State,ExitCode"],
+                             capture_output=True, text=True, timeout=30, check=False).stdout
+        rows = [line.split("|") for line in out.splitlines() if line.count("|") == 2]
+        codes = {jid: code for jid, state, code in rows if state not in ("RUNNING", "PENDING")}
+        return codes if f"{job}.0" in codes else None
+    return wait_for(read, 60, f"sacct to record job {job}'s steps", every=2)
+
+
+def test_scancel_with_wandb_offline_saves_exits_75_and_a_resubmission_logs_the_uninterrupted_losses(
+        slurm, data, tmp_path):
+    """scancel sends SIGTERM to the batch shell and every process of the step, wandb's service among them: the
+    ranks still save the step they were at and exit 75. The resubmitted job (past a lock left as a SIGKILLed rank 0
+    of the cancelled job would leave it) resumes and logs the losses of an uninterrupted run bit for bit."""
+    from pretrain.training.runlock import LOCK
+    from tests.distributed.harness import spawn_ranks
+    from tests.faults.runs import losses
+    steps, log, run = 10, tmp_path / "job.out", tmp_path / "runs" / "cancel"
+    args = [*tiny(data, tmp_path / "runs", steps=steps, every=0, name="cancel"), "logging.wandb=offline"]
+    exact = {"MKL_NUM_THREADS": "1", "MKL_DYNAMIC": "FALSE", "MKL_CBWR": "AVX2"}   # as spawn_ranks' ranks have
+    submit = [*CPU_ALLOC, NO_WARNING, f"--output={log}", f"--error={log}", "--open-mode=append", "slurm/mor_1b7.sh",
+              *args]
+    job = sbatch(submit, env={"MOR_FAULT_STEP_SECONDS": "0.5", **exact})
+    wait_for(lambda: len(steps_logged(run)) >= 3 or finished(job), 300, "step 3")
+    res = subprocess.run(["scancel", str(job)], capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 0, res.stderr
+    wait_for(lambda: gone(job), 120, "the cancelled job's processes to end", every=1)
+    info, text = job_info(job), log.read_text()
+    assert info["JobState"] == "CANCELLED" and sacct_exit_codes(job)[f"{job}.0"] == "75:0", (info, text)
+    said = [ln for ln in text.splitlines() if ln.startswith("preempted: saved step ")]
+    assert len(said) == 1 and "(SIGTERM)" in said[0], text
+    step = int(said[0].split()[3].rstrip(";"))
+    assert 3 <= step < steps and (run / "checkpoints" / "latest").read_text().strip() == f"step-{step:06d}"
+    assert "launch: trainer exited with status 75 after SIGTERM" in text and "Traceback" not in text, text
+    assert len([ln for ln in text.splitlines() if ln.startswith("wandb:")]) <= 1, text
+    assert not (run / LOCK).exists()
+    (run / LOCK).write_text(json.dumps({"host": "node-of-the-cancelled-job", "pid": 1, "pid_start": None,
+                                        "slurm_job": str(job), "slurm_restart": 0, "since": "then"}) + "\n")
+    log.write_text("")
+    again = sbatch(submit, env=exact)
+    ref = tmp_path / "reference"   # meanwhile: the same run uninterrupted, as two local processes
+    ref.mkdir()
+    assert spawn_ranks(2, ["-m", "pretrain.train", "1b7_mor_ec", *tiny(data, ref, steps=steps, every=0,
+                                                                       name="cancel")],
+                       ref, env=exact, timeout=600, check=False) == [0, 0]
+    info = wait_for(lambda: finished(again), 600, "the resubmitted job to finish", every=2)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", (info, text)
+    assert f"resumed from {run / 'checkpoints' / f'step-{step:06d}'}" in text, text
+    takeover = [ln for ln in text.splitlines() if ln.startswith("run lock: taking over")]
+    assert len(takeover) == 1 and f"Slurm job {job} is " in takeover[0], text
+    assert losses(run) == losses(ref / "cancel")   # every step once, each loss equal to the last bit
+
+
 def test_time_limit_signal_saves_requeues_and_finishes(slurm, data, tmp_path):
     """--time=2 with --signal=USR1@20 (to the ranks, not the batch shell): Slurm warns 20 to 80 s before the end,
     40 to 100 s after the start; the ranks save together and exit 75, the launcher requeues the job, which
