@@ -125,9 +125,8 @@ def sampling_of(args: argparse.Namespace) -> Sampling:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {args.batch_size}")
     temperature = 0.0 if args.greedy else (1.0 if args.temperature is None else args.temperature)
-    sampling = Sampling(temperature=temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    try:
-        return sampling.validate()
+    try:   # Sampling checks its values (NaN and infinity included) as it is made
+        return Sampling(temperature=temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     except ValueError as e:   # "top_p must be in (0, 1], got 1.5": name the option as the user typed it
         option = str(e).split(" ", 1)[0].replace("_", "-")
         raise ConfigError(f"--{option}: {str(e).split(' ', 1)[1]}") from None

@@ -1,6 +1,8 @@
 """Choosing the next token from logits: greedy, temperature, top-k and top-p (nucleus), with a seed."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -14,13 +16,24 @@ class Sampling:
     top_p: float = 1.0        # keep the smallest set of tokens whose probability reaches p (1.0: all)
     seed: Optional[int] = None  # the sampling generator's seed (None: nondeterministic)
 
+    def __post_init__(self) -> None:
+        self.validate()   # a Sampling that exists can sample: no NaN surfacing later in a softmax
+
     def validate(self) -> "Sampling":
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
+        """ValueError for a value that cannot sample. Each message starts with the field's name (callers that take
+        the values as options rename it: pretrain/generate.py)."""
+        # NaN fails every comparison, so each check asks for what is valid rather than rejecting what is not.
+        # Infinity is refused too: logits / inf are all 0, a uniform draw over the vocabulary whatever the model says.
+        if not (isinstance(self.temperature, numbers.Real) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0 and finite (0: greedy), got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) or self.top_k < 0:
+            raise ValueError(f"top_k must be a whole number >= 0 (0: all tokens), got {self.top_k}")
+        if not (isinstance(self.top_p, numbers.Real) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
+                                      or not -2**63 <= self.seed < 2**64):   # what torch.Generator can take
+            raise ValueError(f"seed must be a whole number in [-2**63, 2**64) or None, got {self.seed!r}")
         return self
 
     @property
@@ -41,7 +54,9 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: Optional[to
     logits = logits.float()
     if sampling.greedy:
         return logits.argmax(dim=-1)
-    logits = logits / sampling.temperature
+    # Shifted so that the largest logit is 0 before the division: a tiny temperature (1e-40) then sends the others
+    # to -inf (a one-hot softmax) instead of every logit to ±inf (a NaN softmax). Shifting changes no probability.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / sampling.temperature
     if sampling.top_k > 0 and sampling.top_k < logits.shape[-1]:
         kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

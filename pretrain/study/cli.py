@@ -11,10 +11,13 @@ model's steps × FLOPs per step lies within half a step of the budget. Each mode
 steps (validation under both routings, and downstream when downstream: true) and checkpoints there too. The plan
 (model, params, FLOPs/token, steps, tokens, eval every) is printed first; then the models train as one job array
 through the sweep machinery (pretrain.sweep: Slurm when present, else local processes; timed-out or preempted
-jobs requeue and resume), and the study draws out_dir/study.png (left: validation loss against training FLOPs, one
-colour per model, expert-choice's causal-routing loss dashed; right: downstream_avg) and writes out_dir/study.md and
-study.json (per model: unique params, FLOPs/token, steps, tokens, final val_loss and val_loss_causal, the last
-downstream record's average and per-task primary metrics; study.json also the curves).
+jobs requeue and resume), and the study draws out_dir/study.png (left: validation loss against measured training
+FLOPs, one colour per model, expert-choice's causal-routing loss dashed; right: downstream_avg) and writes
+out_dir/study.md and study.json (per model: unique params, FLOPs/token, steps, tokens, planned and measured training
+FLOPs, final val_loss and val_loss_causal, the last downstream record's average and per-task primary metrics;
+study.json also the curves). Planned FLOPs count at the plan's depth loads: exact for vanilla, recursive and
+expert-choice (capacities), assumed uniform for token-choice, whose router decides them; measured FLOPs count at
+the depth loads each run logged (its r{i}/kept_frac records in metrics.jsonl).
 
 STUDY.yaml:
   run: demo_cpu                   # base run: a name in conf/run/ or a path to a run file
@@ -65,7 +68,7 @@ def print_plan(cfg: StudyConfig, plans: list[ModelPlan], kind: str) -> None:
           f"{cfg.evals} evaluation(s) per model; executor {kind}; out_dir {cfg.out_dir}")
     print(f"  each job: {s.nodes} node(s) × {s.tasks_per_node} task(s), {s.gpus_per_node} GPU(s)/node, "
           f"{s.cpus_per_task} CPU(s)/task, {s.timeout_min} min")
-    head = ("model", "params", "FLOPs/token", "tokens/step", "steps", "tokens", "eval every", "training FLOPs")
+    head = ("model", "params", "FLOPs/token", "tokens/step", "steps", "tokens", "eval every", "planned FLOPs")
     rows = [(p.name, f"{p.params / 1e6:.2f}M", f"{p.flops_per_token:.4g}", f"{p.tokens_per_step:,}", str(p.steps),
              f"{p.steps * p.tokens_per_step:,}", str(p.eval_every), f"{p.steps * p.flops_per_step:.4g}")
             for p in plans]
@@ -74,6 +77,10 @@ def print_plan(cfg: StudyConfig, plans: list[ModelPlan], kind: str) -> None:
         print("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, width))))
     for p in plans:
         print(f"  {p.name}: {' '.join(p.own) or '(base run)'}")
+    for p in plans:
+        if p.loads_decide_flops:   # token-choice: its router, not the config, decides the FLOPs
+            print(f"  {p.name}: planned FLOPs assume {p.plan_basis}; the report also counts them at the depth "
+                  "loads the run logs (measured)")
 
 
 def write_report(cfg: StudyConfig, plans: list[ModelPlan]) -> int:

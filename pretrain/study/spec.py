@@ -4,6 +4,10 @@ plan: each model's training steps from the FLOPs budget, through the project's F
     steps = round(flops / (training FLOPs per token × tokens per optimizer step))
     tokens per optimizer step = micro_batch_size × gradient accumulation × data-parallel size × seq_len
 
+A plan counts FLOPs at assumed depth loads (``ModelPlan.plan_basis``): exact for vanilla, recursive and
+expert-choice, an assumption for token-choice (uniform loads: its router decides the real ones as it trains). The
+report (report.py) counts each run's FLOPs again at the loads it logged (``ModelPlan.step_flops``).
+
 seq_len is the data's (its manifest); the data-parallel size follows from the job's world size (slurm.nodes ×
 slurm.tasks_per_node) as the trainer's layout check computes it. Each model then evaluates every steps // evals
 steps, so its evaluations fall at the same fractions of the budget as every other model's.
@@ -14,11 +18,12 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional, Sequence
 
 from conf import load_config, run_file
 from conf.errors import ConfigError
 from model.flops import param_counts, training_flops
+from model.sharing import build_plan
 from pretrain.config import RunConfig
 from pretrain.data.loader import load_manifest
 from pretrain.parallel.layout import check_layout, grad_accumulation_steps
@@ -86,6 +91,34 @@ class ModelPlan:
     @property
     def routing(self) -> str:
         return self.cfg.model.routing
+
+    @property
+    def loads_decide_flops(self) -> bool:
+        """Whether the router's depth loads change this model's FLOPs (token-choice: a token's depth is its
+        router's choice). Not without a router, nor under expert-choice, whose capacities fix every step's tokens."""
+        n = len(build_plan(self.cfg.model).steps)
+        return n > 1 and self._flops_at([0.0] * (n - 1) + [1.0]) != self.flops_per_step   # all at the deepest
+
+    @property
+    def plan_basis(self) -> str:
+        """What the planned FLOPs assume about how many tokens each recursion step runs on."""
+        if self.loads_decide_flops:
+            n = len(build_plan(self.cfg.model).steps)
+            return (f"uniform depth loads (1/{n} of the tokens leave at each of the {n} depths): an assumption, the "
+                    "router decides them")
+        return "fixed by the config (no router, or the capacities): exact"
+
+    def step_flops(self, kept: Optional[Sequence[float]] = None) -> float:
+        """Training FLOPs of one optimizer step. ``kept``: the fraction of tokens that ran each recursion step
+        (the r{i}/kept_frac a run logs), turned into the depth loads model/flops.py counts with (the fraction
+        leaving at depth i is kept_i − kept_{i+1}); None: the plan's loads."""
+        if kept is None:
+            return self._flops_at(None)
+        return self._flops_at([k - (kept[i + 1] if i + 1 < len(kept) else 0.0) for i, k in enumerate(kept)])
+
+    def _flops_at(self, loads: Optional[Sequence[float]]) -> float:
+        return training_flops(self.cfg.model, self.seq_len, depth_loads=loads).training_per_token * \
+            self.tokens_per_step
 
 
 def load_study(path: str) -> StudyConfig:

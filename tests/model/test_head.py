@@ -32,14 +32,15 @@ def batch(cfg, b: int = 3, t: int = 40, seed: int = 0):
     return tokens[:, :-1], labels, mask
 
 
-def run(cfg, chunk: int, autocast: bool = False):
-    """Loss, every parameter's gradient, and the per-token scores of one forward/backward with ``chunk``."""
+def run(cfg, chunk: int, autocast: bool = False, scale: float = 1.0):
+    """Loss, every parameter's gradient, and the per-token scores of one forward/backward with ``chunk``; the
+    backward starts from ``scale`` × the loss (the head's loss then gets ``scale`` as its upstream gradient)."""
     torch.manual_seed(0)
     model = MoRModel(dataclasses.replace(cfg, loss_chunk=chunk))
     tokens, labels, mask = batch(cfg)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = model(tokens, labels, mask)
-        out.loss.backward()
+        (out.loss * scale).backward()
         with torch.no_grad():
             scored = model(tokens, labels, per_token=True)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -64,6 +65,20 @@ def test_chunked_loss_equals_the_plain_loss(variant: str, chunk: int):
     assert torch.equal(scored1.token_greedy, scored0.token_greedy)
     assert abs(float(scored1.lm_loss - scored0.lm_loss)) < 1e-6
     assert scored1.token_logprob[1, -7:].abs().max() == 0 and not scored1.token_greedy[1, -7:].any()
+
+
+# A static loss scale (3.7) over an accumulation of 2 micro-batches, as a loss-scaled, accumulating step feeds the
+# backward; every test above starts the backward from 1, which a backward that drops its upstream gradient passes.
+UPSTREAM = 3.7 / 2
+
+
+def test_chunked_backward_scales_by_its_upstream_gradient():
+    cfg = VARIANTS["mor_ec-untied"]()
+    _, grads0, _ = run(cfg, 0, scale=UPSTREAM)
+    _, grads1, _ = run(cfg, 7, scale=UPSTREAM)
+    assert grads1.keys() == grads0.keys()
+    for name in grads0:
+        assert rel(grads1[name], grads0[name]) < 1e-5, name
 
 
 def test_chunked_loss_under_bf16_autocast_stays_within_bf16_rounding():

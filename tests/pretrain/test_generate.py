@@ -278,3 +278,38 @@ def test_a_seed_makes_sampling_repeatable(run):
     # each completion whole, after its number and prompt (a sampled byte piece may be a newline: no splitlines)
     assert re.match(r"\[[12]\] ", a) and a.endswith("\n") and a.count("\n[") >= 1
     assert re.search(r"(^|\n)\[1\] The people", a) and re.search(r"(^|\n)\[2\] Congress", a)
+
+
+@pytest.mark.parametrize("option,value,expect", [
+    ("--temperature", "nan", "--temperature: must be >= 0 and finite (0: greedy), got nan"),
+    ("--temperature", "inf", "--temperature: must be >= 0 and finite (0: greedy), got inf"),
+    ("--temperature", "-0.5", "--temperature: must be >= 0 and finite"),
+    ("--top-p", "nan", "--top-p: must be in (0, 1], got nan"),
+    ("--top-p", "inf", "--top-p: must be in (0, 1], got inf"),
+    ("--top-p", "0", "--top-p: must be in (0, 1], got 0.0"),
+    ("--top-k", "-1", "--top-k: must be a whole number >= 0"),
+    ("--seed", str(2**64), "--seed: must be a whole number in [-2**63, 2**64)"),
+], ids=["temperature-nan", "temperature-inf", "temperature-negative", "top-p-nan", "top-p-inf", "top-p-zero",
+        "top-k-negative", "seed-too-large"])
+def test_a_bad_sampling_value_is_one_line_before_anything_loads(tmp_path, option, value, expect):
+    # The run folder does not exist: the sampling values are checked first, so the error is about them.
+    code, out, err = generate(str(tmp_path / "no-such-run"), "--prompt", "Hello", option, value)
+    assert code == 2, (code, err)
+    assert err.count("\n") == 1 and err.startswith("error: ") and expect in err, err
+    assert "no-such-run" not in err and out.getvalue() == ""
+
+
+@pytest.mark.parametrize("field,value", [("temperature", float("nan")), ("temperature", float("inf")),
+                                         ("temperature", -1.0), ("top_p", float("nan")), ("top_p", 1.5),
+                                         ("top_k", -3), ("top_k", 2.5), ("seed", 2**64)])
+def test_sampling_refuses_values_it_cannot_sample_with(field, value):
+    from model.inference import Sampling
+    with pytest.raises(ValueError, match=f"^{field} must be"):
+        Sampling(**{field: value})
+
+
+def test_a_tiny_temperature_samples_the_most_likely_token():
+    """logits / 1e-40 overflow to ±inf in fp32 (a NaN softmax); sampling shifts the largest logit to 0 first."""
+    from model.inference.sampling import Sampling, next_tokens
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(0)) * 10
+    assert torch.equal(next_tokens(logits, Sampling(temperature=1e-40, seed=0)), logits.argmax(dim=-1))

@@ -51,6 +51,22 @@ def data(tmp_path_factory) -> Path:
     return folder
 
 
+def measured_per_step(run_dir: Path, p) -> dict[int, float]:
+    """step -> training FLOPs of that step, counted by model/flops.py at the depth loads the step logged: the
+    fraction leaving at depth i is kept_i − kept_{i+1} (no routing: every token at the deepest)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" not in rec or "event" in rec:
+            continue
+        kept = [rec.get(f"r{i}/kept_frac") for i in range(1, p.cfg.model.num_recursions + 1)]
+        loads = None if None in kept else [a - b for a, b in zip(kept, kept[1:] + [0.0])]
+        if p.routing != "none":
+            assert loads is not None, rec
+        out[rec["step"]] = training_flops(p.cfg.model, 32, depth_loads=loads).training_per_token * p.tokens_per_step
+    return out
+
+
 def write_study(path: Path, data: Path, **extra) -> Path:
     body = {"run": "tiny_cpu", "out_dir": str(path.parent / "out"), "flops": FLOPS, "evals": 2,
             "overrides": {**TINY, "data.path": str(data)}, "models": MODELS, "slurm": CPU, **extra}
@@ -94,12 +110,15 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, data, capsys):
     assert "executor local" in out and "1 node(s) × 1 task(s)" in out
     lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("  ") and ":" not in line}
     head = lines.pop("model")
-    assert head == ["model", "params", "FLOPs/token", "tokens/step", "steps", "tokens", "eval", "every", "training",
+    assert head == ["model", "params", "FLOPs/token", "tokens/step", "steps", "tokens", "eval", "every", "planned",
                     "FLOPs"]
     assert {name: row[4] for name, row in lines.items()} == {"vanilla": "4", "recursive": "4", "mor_ec": "5",
                                                              "mor_tc": "5"}
     assert lines["vanilla"][3] == "64" and lines["mor_ec"][5] == "320" and lines["mor_ec"][6] == "2"
     assert "  mor_tc: model.routing=token_choice" in out and "would train 4 model(s)" in out
+    # token-choice's plan rests on an assumption about its router, and says so; no other model's does
+    assert "  mor_tc: planned FLOPs assume uniform depth loads (1/3 of the tokens leave at each of the 3 depths)" \
+        in out and out.count("planned FLOPs assume") == 1
     assert not (tmp_path / "out").exists()
 
 
@@ -124,6 +143,37 @@ def test_a_bad_study_is_one_line_naming_the_file(tmp_path, data, capsys, change,
     assert not (tmp_path / "out").exists()
 
 
+def test_measured_flops_hold_each_logged_load_over_the_steps_since_the_previous_log(tmp_path, data):
+    """train.log_every=2 on token-choice's 5 steps: the log at step 2 counts for steps 1-2, the one at step 4 for
+    3-4, and step 5 (never logged) keeps step 4's loads; a resumed run's repeated log of a step replaces it."""
+    from pretrain.study import report
+    f = write_study(tmp_path / "s.yaml", data)
+    tc = next(p for p in plan(load_study(str(f)), str(f)) if p.name == "mor_tc")
+    assert tc.steps == 5 and tc.eval_every == 2
+    kept = {2: [1.0, 0.5, 0.25], 4: [1.0, 0.9, 0.8]}
+    lines = [{"step": 2, "loss": 5.0, **{f"r{i + 1}/kept_frac": k for i, k in enumerate([1.0, 0.1, 0.1])}},
+             {"step": 2, "loss": 5.0, **{f"r{i + 1}/kept_frac": k for i, k in enumerate(kept[2])}},   # resumed
+             {"step": 2, "val_loss": 4.0, "val_loss_causal": 4.1},
+             {"step": 4, "loss": 4.0, **{f"r{i + 1}/kept_frac": k for i, k in enumerate(kept[4])}},
+             {"step": 4, "val_loss": 3.0, "val_loss_causal": 3.1},
+             {"step": 5, "event": "nonfinite_stop", "loss": None}]
+    tc.point.run_dir.mkdir(parents=True)
+    (tc.point.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+    def at(fractions):   # by hand: depth loads f_i = kept_i − kept_{i+1}
+        loads = [a - b for a, b in zip(fractions, fractions[1:] + [0.0])]
+        return training_flops(tc.cfg.model, 32, depth_loads=loads).training_per_token * tc.tokens_per_step
+    row = report.summary([tc])[0]
+    assert row["step"] == 4 and row["measured_logs"] == 2
+    assert row["measured_train_flops"] == pytest.approx(2 * at(kept[2]) + 2 * at(kept[4]), rel=1e-12)
+    assert [pt["measured_flops"] for pt in row["curve"]] == pytest.approx([2 * at(kept[2]),
+                                                                          2 * at(kept[2]) + 2 * at(kept[4])])
+    # deeper loads than the plan's uniform ones: more FLOPs than planned for the same steps
+    assert row["measured_train_flops"] > 4 * tc.flops_per_step
+    assert report.MeasuredFlops(tc, kept).at(5) == pytest.approx(2 * at(kept[2]) + 3 * at(kept[4]), rel=1e-12)
+    assert report.MeasuredFlops(tc, kept).at(3) == pytest.approx(2 * at(kept[2]) + at(kept[4]), rel=1e-12)
+
+
 def test_a_tiny_study_trains_every_model_to_the_budget_and_draws_it(tmp_path, data):
     f = write_study(tmp_path / "tiny.yaml", data)
     out = tmp_path / "out"
@@ -135,16 +185,30 @@ def test_a_tiny_study_trains_every_model_to_the_budget_and_draws_it(tmp_path, da
     report = json.loads((out / "study.json").read_text())
     rows = {r["model"]: r for r in report["models"]}
     assert list(rows) == list(MODELS) and report["flops"] == FLOPS
+    plans = {p.name: p for p in plan(load_study(str(f)), str(f))}
     for name, r in rows.items():
         assert r["done"] and r["step"] == r["steps"] == (4 if name in ("vanilla", "recursive") else 5)
-        assert abs(r["train_flops"] - FLOPS) <= r["train_flops"] / r["steps"] / 2
+        assert abs(r["planned_train_flops"] - FLOPS) <= r["planned_train_flops"] / r["steps"] / 2
         assert r["val_loss"] > 0 and r["val_loss_causal"] > 0
         assert [pt["step"] for pt in r["curve"]] == [2, 4]           # eval_every = steps // 2
-        assert r["curve"][-1]["flops"] == pytest.approx(4 * r["train_flops"] / r["steps"])
+        assert r["curve"][-1]["planned_flops"] == pytest.approx(4 * r["planned_train_flops"] / r["steps"])
+        # measured: model/flops.py at the depth loads each step logged (log_every=1), summed over the steps
+        per_step = measured_per_step(out / name, plans[name])
+        assert sorted(per_step) == list(range(1, r["steps"] + 1))
+        assert r["measured_logs"] == (0 if name in ("vanilla", "recursive") else r["steps"])
+        assert r["measured_train_flops"] == pytest.approx(sum(per_step.values()), rel=1e-12)
+        assert r["curve"][-1]["measured_flops"] == pytest.approx(sum(per_step[s] for s in range(1, 5)), rel=1e-12)
+        if name == "mor_tc":   # its router, not the plan's uniform loads, decided what ran
+            assert r["measured_train_flops"] != pytest.approx(r["planned_train_flops"], rel=1e-3)
+        else:                  # no routing, or expert-choice's capacities: the plan is what runs
+            assert r["measured_train_flops"] == pytest.approx(r["planned_train_flops"], rel=1e-12)
         assert [pt["step"] for pt in r["downstream_curve"]] == [2, 4] and r["downstream_items"] == 2
         assert set(r["downstream"]) == {"piqa", "arc_easy"} and 0 <= r["downstream_avg"] <= 1
     assert rows["vanilla"]["val_loss"] == rows["vanilla"]["val_loss_causal"]   # no router: one routing
     md = (out / "study.md").read_text()
+    assert "| planned training FLOPs | measured training FLOPs | measured / planned |" in md
+    tc = rows["mor_tc"]
+    assert f"| {tc['measured_train_flops']:.3g} | {tc['measured_train_flops'] / tc['planned_train_flops']:.3f} |" in md
     assert sum(line.startswith(f"| {name} |") for name in MODELS for line in md.splitlines()) == 4
     assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| mor_tc |" in res.stdout
