@@ -5,8 +5,9 @@
     RUN/checkpoints/latest            text file naming the newest checkpoint, replaced after the folder is in place
     RUN/checkpoints/step-000400.rejected   a checkpoint that failed its check on load: set aside, never deleted
 
-Saving (collective; pretrain/training/saving.py, which builds on this module). Every rank writes into ``.staging-step-N`` (DeepSpeed its model/optimizer shards, each rank
-``trainer-rank-R.pt`` with its RNG and loader state); rank 0 adds ``trainer.pt`` (step, tokens, config, tokenizer
+Saving (collective; pretrain/training/saving.py, which builds on this module). Every rank writes into
+``.staging-step-N`` (DeepSpeed its model/optimizer shards, each rank ``trainer-rank-R.pt`` with its RNG and loader
+state); rank 0 adds ``trainer.pt`` (step, tokens, config, tokenizer
 checksum). Then the ranks hash the files between them (size + sha256, each file fsynced as it is read) and rank 0
 writes the record ``checkpoint.json`` listing every file, renames the staging folder into place, atomically
 replaces ``latest`` and prunes all but the newest ``keep`` (and the one checkpoint the trainer asks to protect). A

@@ -21,7 +21,7 @@ import json
 import shutil
 import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -59,17 +59,23 @@ def human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def is_full(e: BaseException, folder: Path, need: Optional[int]) -> bool:
-    """Whether ``e``, raised while writing under ``folder``, is the file system running out of space."""
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    """``e`` and the exceptions it was raised from or during, each once."""
     seen: set[int] = set()
     cur: Optional[BaseException] = e
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
+
+
+def is_full(e: BaseException, folder: Path, need: Optional[int]) -> bool:
+    """Whether ``e``, raised while writing under ``folder``, is the file system running out of space."""
+    for cur in _chain(e):
         if isinstance(cur, OSError) and cur.errno in _NO_SPACE:
             return True
         if "No space left on device" in str(cur) or "Disk quota exceeded" in str(cur):
             return True
-        cur = cur.__cause__ or cur.__context__
     return free_bytes(folder) < max(need or 0, _NEARLY_FULL)
 
 
@@ -108,11 +114,9 @@ class _Stop:
         failures = [(r, f) for r, f in enumerate(ckpt.gather(mine)) if f]
         if not failures:
             return
-        cur, seen = self.error, set()
-        while cur is not None and id(cur) not in seen:   # a failed writer's open file, held by a traceback's
-            seen.add(id(cur))                             # frames, keeps its space after the folder is removed
-            traceback.clear_frames(cur.__traceback__)
-            cur = cur.__cause__ or cur.__context__
+        if self.error is not None:   # a failed writer's open file, held by a traceback's frames, keeps its
+            for cur in _chain(self.error):   # space after the folder is removed
+                traceback.clear_frames(cur.__traceback__)
         full, line = any(f[0] for _, f in failures), None
         if rank == 0:
             written = size_of(self.staging)
