@@ -109,8 +109,7 @@ class _Stop:
         rank, _ = ckpt.rank_and_size()
         mine = None
         if self.error is not None:
-            mine = (is_full(self.error, self.root, self.need),
-                    f"{type(self.error).__name__}: {' '.join(str(self.error).split())[:160]}")
+            mine = (is_full(self.error, self.root, self.need), ckpt.describe_exception(self.error))
         failures = [(r, f) for r, f in enumerate(ckpt.gather(mine)) if f]
         if not failures:
             return
