@@ -4,3 +4,7 @@ import warnings
 
 # megatron-core warns at import when the optional Transformer Engine / Apex kernels are absent; we use neither.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
+# The routing registry (model.config.ROUTINGS) is filled when model.routing is imported: importing it here keeps
+# it full for anything that validates a ModelConfig.
+from model import routing as _routing  # noqa: E402,F401

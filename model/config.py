@@ -10,12 +10,14 @@ goes through. The number of unique layers follows from it and the sharing strate
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from conf.errors import ConfigError
 
 Sharing = Literal["none", "cycle", "sequence", "middle_cycle", "middle_sequence"]
-Routing = Literal["none", "expert_choice", "token_choice"]
+# The routing variants: name -> its class, which holds the variant's traits (model/routing/base.py). Filled by
+# model/routing when it is imported; model/__init__ imports it, so the registry is full wherever a ModelConfig is.
+ROUTINGS: dict[str, Any] = {}
 
 
 @dataclass
@@ -56,10 +58,6 @@ class RouterConfig:
     bal_warmup_step: int = 0
 
 
-# Router activations each routing accepts (router.func); the defaults and the behaviour live in model/routing.
-ROUTER_FUNCS = {"none": (), "expert_choice": ("sigmoid", "tanh"), "token_choice": ("softmax", "sigmoid")}
-
-
 @dataclass
 class ModelConfig:
     name: str = "custom"
@@ -76,7 +74,7 @@ class ModelConfig:
     init_std: float = 0.02
     sharing: Sharing = "none"
     num_recursions: int = 1
-    routing: Routing = "none"
+    routing: str = "none"          # a variant of ROUTINGS: none, expert_choice, token_choice
     router: RouterConfig = field(default_factory=RouterConfig)
     # Recursive KV sharing: every recursion step after the first attends to the keys and values that the first
     # step made (layer j of step r reads layer j of step 1), in training and at inference, so only the first
@@ -149,6 +147,8 @@ class ModelConfig:
         need(self.head_dim % 2 == 0, "d_model", f"head dimension {self.head_dim} must be even for RoPE")
         need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
              f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        need(self.routing in ROUTINGS, "routing",
+             f"{self.routing!r} is not a routing; choose from {', '.join(ROUTINGS)}")
         need(self.init_std > 0, "init_std", "must be > 0")
         need(self.router.temperature > 0, "router.temperature", "must be > 0")
         if self.sharing == "none":
@@ -172,21 +172,21 @@ class ModelConfig:
             need(all(a >= b for a, b in zip(caps, caps[1:])), "router.capacities",
                  "must be non-increasing (kept sets are nested)")
         rc = self.router
-        funcs = ROUTER_FUNCS.get(self.routing, ())
+        funcs, reads = ROUTINGS[self.routing].router_funcs, ROUTINGS[self.routing].options
         need(rc.func is None or rc.func in funcs, "router.func",
              f"{rc.func!r} is not an activation of routing={self.routing}; "
              + (f"choose from {', '.join(funcs)}" if funcs else "there is no router, leave it unset"))
         need(rc.cap_warmup_step >= 0, "router.cap_warmup_step", f"must be >= 0, got {rc.cap_warmup_step}")
-        need(rc.cap_warmup_step == 0 or self.routing == "expert_choice", "router.cap_warmup_step",
+        need(rc.cap_warmup_step == 0 or "router.cap_warmup_step" in reads, "router.cap_warmup_step",
              "the capacity warm-up applies to expert-choice routing only; leave it 0")
         need(rc.bal_warmup_step >= 0, "router.bal_warmup_step", f"must be >= 0, got {rc.bal_warmup_step}")
-        need(rc.bal_warmup_step == 0 or self.routing == "token_choice", "router.bal_warmup_step",
+        need(rc.bal_warmup_step == 0 or "router.bal_warmup_step" in reads, "router.bal_warmup_step",
              "the balancing warm-up applies to token-choice routing only; leave it 0")
-        need(not rc.aux_router or self.routing == "expert_choice", "router.aux_router",
+        need(not rc.aux_router or "router.aux_router" in reads, "router.aux_router",
              "the auxiliary router predicts expert-choice decisions; leave it false for other routings")
         need(rc.aux_router_coef >= 0, "router.aux_router_coef", f"must be >= 0, got {rc.aux_router_coef}")
         need(self.tc_capacity >= 0, "tc_capacity", f"must be >= 0, got {self.tc_capacity}")
-        need(self.tc_capacity == 0 or self.routing == "token_choice", "tc_capacity",
+        need(self.tc_capacity == 0 or "tc_capacity" in reads, "tc_capacity",
              "a capacity factor is for routing=token_choice")
         need(self.loss_chunk >= 0, "loss_chunk", f"must be >= 0 tokens (0 = no chunking), got {self.loss_chunk}")
         need(not self.kv_sharing or self.num_recursions >= 2, "kv_sharing",

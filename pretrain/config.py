@@ -13,6 +13,12 @@ from model.config import ModelConfig
 from pretrain.parallel.layout import ParallelConfig
 
 
+def computes_in_bf16(choice: str, device) -> bool:
+    """The one precision rule, for train.precision and every --dtype: ``auto`` computes in bf16 on a GPU and in fp32
+    elsewhere (a CPU's bf16 matmuls are slow and its fp32 ones exact)."""
+    return choice == "bf16" or (choice == "auto" and getattr(device, "type", str(device)) == "cuda")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 3e-3

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     from conf.errors import ConfigError
     from pretrain.eval.fewshot import average, dump_records, markdown, score_tasks
     from pretrain.eval.tasks import load_task
-    from pretrain.generate import open_generator
+    from pretrain.serve.generate import open_generator
     with cli_errors():
         if args.limit is not None and args.limit < 1:
             raise ConfigError(f"--limit: must be >= 1, got {args.limit}")

@@ -17,7 +17,7 @@ The optimizer state starts fresh — AdamW's moment estimates at zero and its st
 at the start of its first epoch: the export does not carry them. The checkpoint's layout is the run config's
 (parallel.*): run this command as one process (a one-process checkpoint) or under torchrun with the run's process
 count (each rank loads its tensor-parallel shard and pipeline stage); the trainer resumes it under any layout
-(pretrain/training/reshard.py).
+(pretrain/checkpoint/reshard.py).
 
 RUN_DIR must be new or empty, outside every other run folder and outside HF_DIR (pretrain/training/outdir.py).
 Needs safetensors (the ``hf`` extra: pip install -e '.[hf]'). Exit status: 0 done; 2 a mistake (not an export, a
@@ -122,7 +122,7 @@ def run_config(hf_dir: Path, run_dir: Path, model_cfg, record: dict[str, Any], r
 
 
 def load_weights(full: dict[str, Any], model, tp_rank: int = 0, tp_size: int = 1) -> None:
-    """The Engine's ``init``: the stage starts from ``full`` (a TP = PP = 1 state dict), each rank taking its
+    """The TrainEngine's ``init``: the stage starts from ``full`` (a TP = PP = 1 state dict), each rank taking its
     tensor-parallel shard of the tensors its pipeline stage holds."""
     import torch
 
@@ -169,9 +169,9 @@ def import_export(hf_dir: Path, run_dir: Path, *, run: Optional[str] = None, ove
     from conf import config_to_dict, dump_yaml
     from conf.files import atomic_write_text
     from pretrain.data.loader import load_manifest, split_loader
-    from pretrain.training import checkpoint as ckpt
-    from pretrain.training.saving import save_checkpoint
-    from pretrain.training.callbacks import default_callbacks
+    from pretrain.checkpoint.checkpointer import Checkpointer
+    from pretrain.checkpoint.state import TrainerState
+    from pretrain.config import computes_in_bf16
     try:
         manifest = load_manifest(Path(cfg.data.path))
     except (FileNotFoundError, ValueError) as e:
@@ -190,20 +190,16 @@ def import_export(hf_dir: Path, run_dir: Path, *, run: Optional[str] = None, ove
 
     from megatron.core import parallel_state as ps
 
-    from pretrain.parallel.engine import Engine
+    from pretrain.parallel.engine import TrainEngine
     from pretrain.parallel.layout import init_distributed
     layout = init_distributed(cfg.parallel, cfg.model)
-    precision = cfg.train.precision
-    bf16 = precision == "bf16" or (precision == "auto" and layout.device.type == "cuda")
-    engine = Engine(cfg, layout, bf16=bf16, init=functools.partial(load_weights, full))
+    engine = TrainEngine(cfg, layout, bf16=computes_in_bf16(cfg.train.precision, layout.device),
+                    init=functools.partial(load_weights, full))
     loader = split_loader(cfg, "train", dp_rank=ps.get_data_parallel_rank(), dp_size=layout.dp)
-    state = {"step": step, "tokens": int(record.get("tokens", 0)), "config": config_to_dict(cfg),
-             "tokenizer_sha256": want, "world_size": layout.world, "skipped": 0, "consecutive_skips": 0,
-             "guard_step": None, "imported_from": str(hf_dir.resolve())}
-    for cb in default_callbacks(cfg):
-        state.update(cb.state())
-    rank_state = {"rng": ckpt.rng_state(), "loader": loader.state_dict()}
-    folder = save_checkpoint(engine, run_dir / "checkpoints", step, state, rank_state, keep=cfg.checkpoint.keep)
+    state = TrainerState(step=step, tokens=int(record.get("tokens", 0)), config=config_to_dict(cfg),
+                         tokenizer_sha256=want, world_size=layout.world, imported_from=str(hf_dir.resolve()))
+    checkpoints = Checkpointer(cfg, layout, run_dir, tokenizer_sha256=want, log=say)
+    folder = checkpoints.save(engine, state, loader.state_dict())
     if layout.rank == 0:
         atomic_write_text(run_dir / RUN_FILE, dump_yaml(cfg))
         say(f"imported {hf_dir} as {folder} (step {step}; the optimizer state starts fresh). Continue with: "

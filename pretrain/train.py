@@ -18,7 +18,8 @@ import os
 import sys
 import warnings
 
-from pretrain.training import faults, preempt
+from pretrain.checkpoint import faults
+from pretrain.training import preempt
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 # megatron imports its norms lazily at a pipeline's first step and says so; the model uses its own RMSNorm

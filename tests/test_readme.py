@@ -153,7 +153,7 @@ COMMANDS: dict[str, Cmd] = {
         Cmd(HELP, "needs the trained run of make demo (the demo's own sample takes this path)"),
     "python -m pretrain.generate runs/360m_mor_ec --prompts-file prompts.txt --temperature 0.8 --top-p 0.95 "
     "--seed 1": Cmd(HELP, "a 360M run and the user's prompts"),
-    "python -m pretrain.tools.decode_bench tiny_vanilla tiny_mor_ec tiny_mor_ec_kvshare --batch 8 --prompt 32 "
+    "python -m pretrain.serve.decode_bench tiny_vanilla tiny_mor_ec tiny_mor_ec_kvshare --batch 8 --prompt 32 "
     "--new 96": Cmd(RUN, "tiny random models on the CPU, seconds"),
     "python -m pretrain.serve_bench tiny_vanilla tiny_mor_ec --requests 64 --gen-mean 48 --gen-std 12 --batch 8 "
     "--depths 0.34,0.33,0.33": Cmd(RUN, "tiny random models on the CPU, seconds"),

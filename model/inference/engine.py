@@ -42,15 +42,15 @@ import torch
 
 from model.inference.kv_pool import KVPool
 from model.inference.sampling import Sampling
-from model.inference.serving import Completion, EngineStats, Request, SlotServer
+from model.inference.serving import Completion, ServeStats, Request, SlotServer
 from model.mor import MoRModel
 
-__all__ = ["Completion", "DepthBatchEngine", "EngineStats", "Request"]
+__all__ = ["Completion", "DepthBatchServer", "ServeStats", "Request"]
 
 IDLE, ENTER, BLOCK = 0, 1, 2
 
 
-class DepthBatchEngine(SlotServer):
+class DepthBatchServer(SlotServer):
     def __init__(self, model: MoRModel, slots: int, max_len: int, *, sampling: Optional[Sampling] = None,
                  eos_id: Optional[int] = None, keep_logits: bool = False, cache_dtype: Optional[torch.dtype] = None,
                  capacities: Optional[Sequence[float]] = None):

@@ -97,7 +97,7 @@ def max_slots(cfg: ModelConfig, budget: float, max_len: int, *, pooled: bool,
 
 
 class KVPool:
-    """Key/value storage of ``slots`` sequences of up to ``max_len`` tokens for DepthBatchEngine."""
+    """Key/value storage of ``slots`` sequences of up to ``max_len`` tokens for DepthBatchServer."""
 
     def __init__(self, cfg: ModelConfig, slots: int, max_len: int, *, capacities: Optional[Sequence[float]] = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):

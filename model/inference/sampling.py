@@ -21,7 +21,7 @@ class Sampling:
 
     def validate(self) -> "Sampling":
         """ValueError for a value that cannot sample. Each message starts with the field's name (callers that take
-        the values as options rename it: pretrain/generate.py)."""
+        the values as options rename it: pretrain/serve/generate.py)."""
         # NaN fails every comparison, so each check asks for what is valid rather than rejecting what is not.
         # Infinity is refused too: logits / inf are all 0, a uniform draw over the vocabulary whatever the model says.
         if not (isinstance(self.temperature, numbers.Real) and math.isfinite(self.temperature)

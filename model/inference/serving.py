@@ -8,7 +8,7 @@ fill in how a pass runs:
     StaticBatchServer (static.py)  every slot advances one token per iteration through the whole model with a
                                    static KV cache: the plain batched decode, the baseline for vanilla and
                                    recursive models
-    DepthBatchEngine (engine.py)   continuous depth-wise batching over recursion-wise KV pools (MoR models)
+    DepthBatchServer (engine.py)   continuous depth-wise batching over recursion-wise KV pools (MoR models)
 
 Bookkeeping stays on the host (which slot holds which request, how far it got); per-token state lives in tensors
 on the model's device.
@@ -39,7 +39,7 @@ class Completion:
 
 
 @dataclass
-class EngineStats:
+class ServeStats:
     ticks: int = 0
     block_rows: int = 0         # rows the recursion block ran on, summed over ticks (the engine's batch use)
     tokens: int = 0             # new tokens made
@@ -66,8 +66,8 @@ class SlotServer:
         self.owner: list[Optional[int]] = [None] * slots                       # request index in each slot
         self.stats = self.new_stats()
 
-    def new_stats(self) -> EngineStats:
-        return EngineStats(depth_counts=[0] * (self.nr + 1))
+    def new_stats(self) -> ServeStats:
+        return ServeStats(depth_counts=[0] * (self.nr + 1))
 
     # ---- the loop -------------------------------------------------------------------------------------------
     @torch.no_grad()

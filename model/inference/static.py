@@ -1,6 +1,6 @@
 """The plain batched decode: every slot advances one token per iteration through every layer, with a static cache.
 
-The baseline a depth-wise engine is measured against (pretrain/serve_bench.py): vanilla and recursive models
+The baseline a depth-wise engine is measured against (pretrain/serve/bench.py): vanilla and recursive models
 need no row gathering, so they get none. One iteration is one call of the model's own forward pass on all
 ``slots`` rows with a static KV cache (model/inference/cache.py: ``max_len`` positions per slot and layer,
 ``checks=False``, so nothing in the pass reads a value back to the host); a slot without a sequence (the queue

@@ -94,11 +94,22 @@ def head_params(cfg: ModelConfig, out: int) -> int:
 class Routing(nn.Module):
     """The interface. The defaults here are the no-router behaviour (vanilla and plain recursive models)."""
 
+    # A variant's traits: everything else (config validation, validation, export, the study, the serving
+    # benchmark, the tests' variant matrices) reads them from the registry (model.config.ROUTINGS).
     name: ClassVar[str]                        # the value of cfg.routing
+    display_name: ClassVar[str] = "no router"  # in model cards and reports
     has_router: ClassVar[bool] = False         # False: no router parameters, no routing ops
+    # Training routing is already causal (each token decides alone): validation's causal pass would repeat the
+    # training-routing pass, so it is skipped (pretrain/training/evaluate.py). Expert-choice's top-k is not.
+    causal_already: ClassVar[bool] = True
+    router_funcs: ClassVar[tuple[str, ...]] = ()   # the activations router.func may name
+    options: ClassVar[frozenset[str]] = frozenset()  # the variant-only config keys it reads (others must stay unset)
     default_alpha: ClassVar[float] = 1.0       # gate scale when router.alpha is unset
     default_z_loss_coef: ClassVar[float] = 0.0
     default_func: ClassVar[Optional[str]] = None  # router activation when router.func is unset
+    # The routing of the exported Hugging Face model code (pretrain/hf/modeling_mor.py) that runs this variant's
+    # causal rule; None: not exportable yet (the export says so).
+    export_name: ClassVar[Optional[str]] = None
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

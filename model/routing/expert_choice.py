@@ -54,7 +54,12 @@ class ExpertChoiceRouting(Routing):
     """
 
     name = "expert_choice"
+    display_name = "expert-choice routing"
     has_router = True
+    causal_already = False      # top-k over the whole sequence reads the future
+    router_funcs = ("sigmoid", "tanh")
+    options = frozenset({"router.cap_warmup_step", "router.aux_router"})
+    export_name = "expert_choice"
     default_alpha = 0.1  # the reference runs
     default_z_loss_coef = 0.0
     default_func = "sigmoid"

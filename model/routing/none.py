@@ -12,3 +12,4 @@ from model.routing.base import Routing
 
 class NoRouting(Routing):
     name = "none"
+    export_name = "none"

@@ -55,7 +55,11 @@ class TokenChoiceRouting(Routing):
     """
 
     name = "token_choice"
+    display_name = "token-choice routing"
     has_router = True
+    router_funcs = ("softmax", "sigmoid")
+    options = frozenset({"router.bal_warmup_step", "tc_capacity"})
+    export_name = "token_choice"
     default_alpha = 1.0
     default_z_loss_coef = 1e-5
     default_func = "softmax"

@@ -93,7 +93,7 @@ from torch.utils.data import DataLoader
 from conf.errors import ConfigError
 from data_prep.shards import MANIFEST, Manifest
 from model.loss import IGNORE_INDEX
-from pretrain.data.readers import Layout, Readers, RoundRobin, ShardError
+from pretrain.data.readers import ReadPlan, Readers, RoundRobin, ShardError
 
 __all__ = ["TokenLoader", "ShardError", "load_manifest", "label_count", "IGNORE_INDEX"]
 
@@ -167,7 +167,7 @@ class TokenLoader:
         self.micro_batch_size, self.seed, self.epochs, self.shuffle = micro_batch_size, seed, epochs, shuffle
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
-        self._layout = Layout(folder, entries, pads, seq_len=manifest.seq_len, dtype=manifest.np_dtype, seed=seed,
+        self._plan = ReadPlan(folder, entries, pads, seq_len=manifest.seq_len, dtype=manifest.np_dtype, seed=seed,
                                dp_rank=dp_rank, dp_size=dp_size, workers=max(1, num_workers),
                                batch=micro_batch_size, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
                                epochs=epochs, verify_sha256=verify_sha256, readers=readers)
@@ -177,7 +177,7 @@ class TokenLoader:
 
     # ---- position ----------------------------------------------------------------------------------------
     def _totals(self) -> list[Optional[int]]:
-        return [self._layout.reader_batches(w) for w in range(self._layout.workers)]
+        return [self._plan.reader_batches(w) for w in range(self._plan.workers)]
 
     def _round_robin(self, n: int) -> RoundRobin:
         rr = RoundRobin(self._totals())
@@ -191,18 +191,18 @@ class TokenLoader:
 
     @property
     def readers(self) -> int:
-        return self._layout.readers
+        return self._plan.readers
 
     @property
     def epoch(self) -> int:
         """The oldest epoch this rank is still reading: every sample of earlier epochs has been yielded."""
-        lay, rr = self._layout, self._round_robin(self._batches)
+        lay, rr = self._plan, self._round_robin(self._batches)
         return min(lay.locate(r, d * lay.batch)[0] for w, done in enumerate(rr.done)
                    for r, d in zip(lay.reader_ids(w), lay.reader_positions(w, done)[0]))
 
     # ---- state -------------------------------------------------------------------------------------------
     def _layout_key(self) -> dict[str, Any]:
-        lay = self._layout
+        lay = self._plan
         return dict(split=self.split, seed=self.seed, dp_rank=self.dp_rank, dp_size=self.dp_size,
                     num_workers=self.num_workers, micro_batch_size=self.micro_batch_size, shuffle=self.shuffle,
                     shuffle_buffer=lay.shuffle_buffer, epochs=self.epochs, shards=self._fingerprint,
@@ -223,7 +223,7 @@ class TokenLoader:
         n = int(state["batches"])
         if diff:
             # Another number of ranks or workers over the same readers: global micro-batch g comes from reader
-            # g mod R whatever the layout (readers.Layout.reader_ids), so the position is the count of global
+            # g mod R whatever the layout (readers.ReadPlan.reader_ids), so the position is the count of global
             # micro-batches read — every rank's count × ranks, taken at a step, where all ranks have read alike.
             consumed = n * state["dp_size"]
             if consumed % self.dp_size:
@@ -239,7 +239,7 @@ class TokenLoader:
         if self.epochs is not None and self._batches >= len(self):
             self._batches = 0                       # a finished bounded pass: the next ``for`` is a new pass
         rr = self._round_robin(self._batches)
-        readers = Readers(self._layout, list(rr.done), rr.turn)
+        readers = Readers(self._plan, list(rr.done), rr.turn)
         if self.num_workers == 0:
             source: Any = iter(readers)
         else:

@@ -1,5 +1,5 @@
 """The reading side of ``pretrain.data.loader.TokenLoader``: which reader gets which parts of which shards in which epoch
-(``Layout``), the order in which DataLoader hands out its workers' batches (``RoundRobin``), and the per-worker
+(``ReadPlan``), the order in which DataLoader hands out its workers' batches (``RoundRobin``), and the per-worker
 webdataset pipeline (``Readers``: plan of parts -> tar samples -> decoded, counted -> shuffled -> batches). The
 design is described in ``pretrain/data/loader.py``."""
 from __future__ import annotations
@@ -36,7 +36,7 @@ def parts_per_shard(counts: list[int], readers: int) -> int:
     return m
 
 
-class Layout:
+class ReadPlan:
     """Everything derived from the manifest and the loader's settings, shared by the loader and its workers.
 
     The unit of assignment is a *part*: a contiguous run of a shard's samples, (shard, first, end). A shard is one
@@ -166,13 +166,13 @@ def _shard_handler(path: Path):
 class Readers(IterableDataset):
     """The per-worker part: a webdataset pipeline (plan of shards -> tar samples -> shuffled -> batches)."""
 
-    def __init__(self, layout: Layout, done: list[int], turn: int):
+    def __init__(self, plan: ReadPlan, done: list[int], turn: int):
         super().__init__()
-        self.layout, self.done, self.turn = layout, done, turn
+        self.plan, self.done, self.turn = plan, done, turn
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         info = get_worker_info()
-        lay = self.layout
+        lay = self.plan
         worker = ((info.id if info is not None else 0) + self.turn) % lay.workers
         readers = lay.reader_ids(worker)
         done, turn = lay.reader_positions(worker, self.done[worker])
@@ -187,7 +187,7 @@ class Readers(IterableDataset):
 
     def _plan(self, reader: int, start: int) -> Iterator[dict[str, Any]]:
         """The reader's parts from sample ``start`` on, whole parts before it skipped by their counts."""
-        lay = self.layout
+        lay = self.plan
         epoch, skip = lay.locate(reader, start)
         while lay.epochs is None or epoch < lay.epochs:
             for i in lay.shards(epoch, reader):
@@ -202,7 +202,7 @@ class Readers(IterableDataset):
 
     def _samples(self, plan: Iterator[dict[str, Any]]) -> Iterator[tuple[np.ndarray, int]]:
         """(sample, padding tokens at its end) of each planned part, shuffled within the part."""
-        lay = self.layout
+        lay = self.plan
         for item in plan:
             shard, first, end = lay.parts[item["part"]]
             path, entry = Path(item["url"]), lay.entries[shard]
@@ -229,14 +229,14 @@ class Readers(IterableDataset):
     def _decode(self, tar: Iterator[dict[str, Any]], path: Path, expected: int,
                 pad: int) -> Iterator[tuple[np.ndarray, int]]:
         """(sample, its padding tokens): only a shard's last sample can end in padding, ``pad`` tokens of it."""
-        width, count = self.layout.seq_len + 1, 0
+        width, count = self.plan.seq_len + 1, 0
         for sample in tar:
             data = sample.get(SUFFIX)
-            if data is None or len(data) != width * self.layout.dtype.itemsize:
+            if data is None or len(data) != width * self.plan.dtype.itemsize:
                 got = f"no .{SUFFIX} member" if data is None else f"{len(data)} bytes"
                 raise ShardError(f"{path}: sample {sample.get('__key__')} has {got}, expected {width} tokens "
-                                 f"of {self.layout.dtype.itemsize} bytes; re-create it with data_prep/tokenize.py")
-            tokens = np.frombuffer(data, dtype=self.layout.dtype)
+                                 f"of {self.plan.dtype.itemsize} bytes; re-create it with data_prep/tokenize.py")
+            tokens = np.frombuffer(data, dtype=self.plan.dtype)
             count += 1
             if count > expected:
                 raise ShardError(f"{path}: holds more than the {expected} samples its manifest entry lists")
@@ -246,7 +246,7 @@ class Readers(IterableDataset):
                              "re-create it with data_prep/tokenize.py")
 
     def _shuffle(self, samples: Iterator[Any], n: int, rng: np.random.Generator) -> Iterator[Any]:
-        size, buf = self.layout.shuffle_buffer, []
+        size, buf = self.plan.shuffle_buffer, []
         picks = rng.random(n)                        # drawn up front: one uniform per sample of the shard
         for i, s in enumerate(samples):
             if len(buf) < size:
@@ -259,7 +259,7 @@ class Readers(IterableDataset):
             yield buf[j]
 
     def _batches(self, samples: Iterator[tuple[np.ndarray, int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        b, rows = self.layout.batch, []
+        b, rows = self.plan.batch, []
         for s in samples:
             rows.append(s)
             if len(rows) == b:

@@ -119,9 +119,20 @@ def hf_config(cfg: ModelConfig, sp: dict[str, Any], doc_start: Optional[int]):
     """The MoRConfig of ``cfg``, with the tokenizer's special ids: BOS is the token that started every training
     document (``doc_start``), not the SentencePiece model's BOS, which data without BOS never shows the model."""
     from conf import config_to_dict
+    from model.routing import routing_class
     from pretrain.hf.configuration_mor import MoRConfig
     eos = sp.get("eos_id")
-    config = MoRConfig(**config_to_dict(cfg), bos_token_id=doc_start, eos_token_id=eos,
+    fields = config_to_dict(cfg)
+    routing = routing_class(cfg)
+    if routing.export_name is None:
+        raise ConfigError(f"routing: {cfg.routing} has no Hugging Face implementation yet (its export_name is "
+                          "unset; model/routing/__init__.py says what adding one takes); it cannot be exported")
+    if routing.export_name != cfg.routing:   # run by another variant's code: its router defaults, resolved here
+        settings = routing.settings(cfg)
+        fields["router"] = {**fields["router"], "alpha": settings["alpha"], "func": settings["func"],
+                            "z_loss_coef": settings["z_loss_coef"]}
+        fields["routing"] = routing.export_name
+    config = MoRConfig(**fields, bos_token_id=doc_start, eos_token_id=eos,
                        pad_token_id=sp.get("pad_id") if sp.get("pad_id") is not None else eos,
                        doc_start_token_id=doc_start, dtype="float32", architectures=["MoRForCausalLM"])
     config.auto_map = {"AutoConfig": "configuration_mor.MoRConfig",
@@ -330,9 +341,9 @@ def export_run(path: Path, out: Path, *, overwrite: bool = False, tokenizer: Opt
     require_hf()
     check_out_dir(Path(out), overwrite, [Path(path)])
     from conf import config_to_dict
-    from pretrain.training import checkpoint as ckpt
-    from pretrain.training.checkpoint import CheckpointError
-    from pretrain.training.consolidate import load_model, open_checkpoint
+    from pretrain.checkpoint import verify as ckpt
+    from pretrain.checkpoint.verify import CheckpointError
+    from pretrain.checkpoint.consolidate import load_model, open_checkpoint
     try:
         info = open_checkpoint(Path(path))
     except CheckpointError as e:

@@ -33,8 +33,8 @@ def model_card(cfg: ModelConfig, info: ExportInfo, sp: dict[str, Any], doc_start
     seq_len = info.seq_len or cfg.max_seq_len
     flops = training_flops(cfg, seq_len)
     params = param_counts(cfg)
-    variant = {"none": "no router", "expert_choice": "expert-choice routing",
-               "token_choice": "token-choice routing"}[cfg.routing]
+    from model.routing import routing_class
+    variant = routing_class(cfg).display_name
     kind = ("vanilla transformer" if cfg.sharing == "none" else
             f"recursive transformer, {cfg.sharing} sharing, {cfg.num_recursions} recursions, {variant}"
             + (", recursive KV sharing" if cfg.kv_sharing else ""))

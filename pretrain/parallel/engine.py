@@ -2,7 +2,7 @@
 
 Under every layout (TP × PP × DP, ZeRO 0-3) the loop, validation and checkpoints see the same few calls:
 
-    engine = Engine(cfg, layout, bf16=...)     this rank's stage, the optimizer, the DeepSpeed engine
+    engine = TrainEngine(cfg, layout, bf16=...)     this rank's stage, the optimizer, the DeepSpeed engine
     engine.set_lr(lr)
     engine.begin_step(step) ... engine.end_step(applied)   routing state that moves once per optimizer step
     result = engine.train_step(micro_batches)  forward, backward and optimizer step over the micro-batches
@@ -22,7 +22,7 @@ so no NaN reaches a gradient or ZeRO's partitions; a pipeline's backward runs in
 the NaN reaches every stage's gradients, which are replaced by zeros before the optimizer sees them. Every rank
 takes the same decision (a MIN all-reduce of the finite flag over the world).
 
-Fault injection (``train_step(inject_nan=True)``, from pretrain/training/faults.py): one element of the input
+Fault injection (``train_step(inject_nan=True)``, from pretrain/checkpoint/faults.py): one element of the input
 embedding's output in the step's last micro-batch becomes NaN (``nan_output``), so the NaN travels the real
 forward (and, through a pipeline, backward) pass.
 """
@@ -62,7 +62,7 @@ class StepResult:
 
 @dataclass
 class EvalSums:
-    """What ``Engine.eval_sums`` adds up over one rank's batches (validation adds these over data-parallel ranks)."""
+    """What ``TrainEngine.eval_sums`` adds up over one rank's batches (validation adds these over data-parallel ranks)."""
     loss: torch.Tensor                              # (2,): Σ batch's mean lm loss × its real tokens, Σ real tokens
     stats: dict[str, tuple[float, float]]           # router statistic -> (Σ batch value × positions, Σ positions)
 
@@ -95,7 +95,7 @@ def merge_stat_sums(parts: Sequence[dict[str, tuple[float, float]]]) -> dict[str
 def nan_output(module: Optional[torch.nn.Module], call: int = 1) -> Iterator[None]:
     """While open, the ``call``-th forward of ``module`` (1-based; None: nothing happens) returns its output with
     its first element NaN — a value in the graph, as an overflow would leave it, that the layers after it and
-    their gradients carry on. The fault injection of pretrain/training/faults.py (MOR_FAULT_NAN_*)."""
+    their gradients carry on. The fault injection of pretrain/checkpoint/faults.py (MOR_FAULT_NAN_*)."""
     if module is None:
         yield
         return
@@ -130,7 +130,7 @@ def check_compile(cfg: RunConfig) -> None:
                           "train.compile=false")
 
 
-class Engine:
+class TrainEngine:
     # train.compile's torch.compile backend, on CPU as on GPU (on CPU inductor builds C++ with the system's
     # compiler: minutes before the first step of even a tiny model on two cores)
     compile_backend = "inductor"
@@ -196,7 +196,7 @@ class Engine:
 
     def train_step(self, micro: Sequence[Batch], *, inject_nan: bool = False) -> StepResult:
         """One optimizer step over ``micro`` (this rank's micro-batches, already on the device). ``inject_nan``:
-        the fault of pretrain/training/faults.py poisons this step (module docstring)."""
+        the fault of pretrain/checkpoint/faults.py poisons this step (module docstring)."""
         if self.pipelined:
             return self._pipeline_step(micro, inject_nan)
         total, finite, stats = torch.zeros((), device=self.device), True, {}

@@ -53,7 +53,7 @@ from pretrain.study import report
 from pretrain.study.spec import ModelPlan, StudyConfig, load_study, plan, sweep_config
 from pretrain.sweep import results
 from pretrain.sweep.plan import submit, validate
-from pretrain.training.checkpoint import list_checkpoints, step_of
+from pretrain.checkpoint.verify import list_checkpoints, step_of
 
 
 def finished(p: ModelPlan) -> bool:

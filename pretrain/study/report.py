@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from conf.files import atomic_write_bytes, atomic_write_text
+from model.config import ROUTINGS
 from model.sharing import build_plan
 from pretrain.study.spec import ModelPlan, StudyConfig
 from pretrain.training.metrics import read_metrics
@@ -156,7 +157,7 @@ def plot(cfg: StudyConfig, rows: list[dict], path: Path) -> Path:
         name = r["model"] + (" (planned FLOPs)" if r["measured_train_flops"] is None else "")
         xs = [_x(pt) for pt in r["curve"]]
         left.plot(xs, [pt["val_loss"] for pt in r["curve"]], "o-", color=colour, label=name)
-        if r["routing"] == "expert_choice":
+        if not ROUTINGS[r["routing"]].causal_already:   # a causal-routing curve of its own
             left.plot(xs, [pt["val_loss_causal"] for pt in r["curve"]], "o--", color=colour, mfc="none",
                       label=f"{name} (causal routing)")
         down = r["downstream_curve"]

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.flops import param_counts
     from model.inference import Sampling
     from pretrain.config import RunConfig
-    from pretrain.generate import complete, open_generator
+    from pretrain.serve.generate import complete, open_generator
     from pretrain.tools.plot import plot
     from pretrain.train import run_name_override
     from pretrain.training.trainer import Trainer

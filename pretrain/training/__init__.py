@@ -1,2 +1,2 @@
-"""The training loop (trainer) and what hangs on it: callbacks, checkpoints and resume, validation, the LR
-schedule, metrics, preemption and fault injection points."""
+"""The training loop (trainer) and what hangs on it: callbacks, validation, the LR schedule, metrics, preemption,
+the run lock. Checkpoints are pretrain/checkpoint/'s."""

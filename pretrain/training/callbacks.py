@@ -68,7 +68,7 @@ class SpikeMonitor(Callback):
         return {"loss_ema": self.loss_ema}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.loss_ema = state["loss_ema"]
+        self.loss_ema = state.get("loss_ema")   # absent in an imported run's first checkpoint
 
 
 class MetricsLogger(Callback):

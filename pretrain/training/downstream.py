@@ -4,7 +4,7 @@ Every ``eval.downstream_every`` steps the model scores the first ``eval.downstre
 ``eval.downstream_tasks`` (pretrain/eval/tasks.py: the registry package's requests) with causal routing, as
 ``python -m pretrain.fewshot`` does after training: the same requests, tokenized the same way, the same metrics
 (pretrain/eval/fewshot.py). Only the forward pass differs: here it is the training engine's own, under TP × PP ×
-DP and ZeRO (Engine.token_scores), where the command uses one process and a KV cache; both are causal, so the
+DP and ZeRO (TrainEngine.token_scores), where the command uses one process and a KV cache; both are causal, so the
 numbers agree (tests/distributed/test_validation_layouts.py checks every layout against one process).
 
 Requests are sorted by length and cut into batches of ``eval.downstream_batch_size`` rows, padded to a multiple of

@@ -24,12 +24,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from pretrain.parallel.engine import Batch, Engine, EvalSums, merge_stat_sums
-
-# Routings whose training forward pass is causal already (token-choice picks each token's depth from its own
-# state; no router: every token runs every step): their causal pass would repeat the training one exactly, so it
-# is skipped and both losses are the same number. Any other routing gets its own causal pass.
-CAUSAL_ALREADY = frozenset({"none", "token_choice"})
+from model.routing import routing_class
+from pretrain.parallel.engine import Batch, EvalSums, TrainEngine, merge_stat_sums
 
 
 @dataclass
@@ -89,7 +85,7 @@ def _all_ranks(sums: EvalSums) -> tuple[float, dict[str, float]]:
 
 
 @torch.no_grad()
-def validate(engine: Engine, loader: Iterable[Batch], max_batches: int) -> ValidationMetrics:
+def validate(engine: TrainEngine, loader: Iterable[Batch], max_batches: int) -> ValidationMetrics:
     """Both routings over the first ``max_batches`` micro-batches of each DP rank's share of the validation split
     (``loader``: this rank's TokenLoader over it), all DP ranks together; identical on every rank. Losses are the
     mean next-token loss (without router losses) per real token: batches weigh by their real tokens (padding
@@ -101,8 +97,10 @@ def validate(engine: Engine, loader: Iterable[Batch], max_batches: int) -> Valid
             break
         batches.append((tokens.to(engine.device), labels.to(engine.device)))
     loss, stats = _all_ranks(engine.eval_sums(batches))
-    # Token-choice's causal kept fractions are then its training pass's depth loads: the same tokens run.
-    loss_causal, causal_stats = ((loss, stats) if engine.cfg.model.routing in CAUSAL_ALREADY
+    # A routing whose training pass is causal already (the class's causal_already: token-choice picks each token's
+    # depth from its own state; no router: every token runs every step) would repeat it exactly: both losses are
+    # the same number, and token-choice's causal kept fractions its training pass's depth loads.
+    loss_causal, causal_stats = ((loss, stats) if routing_class(engine.cfg.model).causal_already
                                  else _all_ranks(engine.eval_sums(batches, causal_routing=True)))
     steps = [StepStats(stats.get(f"r{r}/rule_continue_frac"), stats.get(f"r{r}/sampling_acc"),
                        causal_stats.get(f"r{r}/kept_frac"))

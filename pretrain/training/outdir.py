@@ -21,8 +21,8 @@ CHECKPOINTS = "checkpoints"       # Trainer.ckpt_dir
 METRICS = "metrics.jsonl"         # pretrain/training/metrics.py, MetricsLog
 RUN_FILE = "run.yaml"             # pretrain/import_hf.py
 RUN_LOCK = "run.lock"             # pretrain/training/runlock.py: the first file a launch writes there
-LATEST = "latest"                 # pretrain/training/checkpoint.py, LATEST
-STEP_PREFIX = "step-"             # pretrain/training/checkpoint.py, checkpoint_name()
+LATEST = "latest"                 # pretrain/checkpoint/verify.py, LATEST
+STEP_PREFIX = "step-"             # pretrain/checkpoint/verify.py, checkpoint_name()
 # How far check_place looks below a folder for a run (runs/NAME, runs/studies/S/MODEL, runs/sweeps/S/POINT are
 # within it) and how many entries it reads at most: the check runs before every export and must stay cheap.
 _DEPTH, _BUDGET = 4, 20_000

@@ -16,7 +16,9 @@ Token counts (tokens/s, MFU, the ``tokens`` total) count real labels only: the p
 IGNORE_INDEX labels and counts nowhere.
 
 The run folder is locked (pretrain/training/runlock.py) from right after the process group exists until ``close``;
-a full disk during a save ends the run with one line and DISK_FULL_EXIT_CODE (pretrain/training/saving.py).
+a full disk during a save ends the run with one line and DISK_FULL_EXIT_CODE (pretrain/checkpoint/save.py).
+Checkpoints go through a Checkpointer (pretrain/checkpoint/checkpointer.py): the trainer hands it a TrainerState
+and takes one back.
 """
 from __future__ import annotations
 
@@ -33,19 +35,19 @@ from megatron.core import parallel_state as ps
 from conf import config_to_dict
 from conf.errors import ConfigError
 from model.flops import training_flops
-from pretrain.config import RunConfig
+from pretrain.checkpoint import faults
+from pretrain.checkpoint.checkpointer import Checkpointer
+from pretrain.checkpoint.save import DISK_FULL_EXIT_CODE, DiskFull, free_bytes, human
+from pretrain.checkpoint.state import TrainerState
+from pretrain.config import RunConfig, computes_in_bf16
 from pretrain.data.loader import label_count, load_manifest, split_loader
-from pretrain.parallel.engine import Engine
+from pretrain.parallel.engine import TrainEngine
 from pretrain.parallel.layout import init_distributed
-from pretrain.training import checkpoint as ckpt
-from pretrain.training import faults, runlock
-from pretrain.training import downstream
+from pretrain.training import downstream, runlock
 from pretrain.training.callbacks import Callback, default_callbacks
 from pretrain.training.evaluate import ValidationMetrics, validate
 from pretrain.training.metrics import MetricsLog, NullLog, Progress, device_peak_flops
 from pretrain.training.preempt import PreemptionFlag
-from pretrain.training.resume import resume
-from pretrain.training.saving import DISK_FULL_EXIT_CODE, DiskFull, free_bytes, human, save_checkpoint
 from pretrain.training.schedule import lr_multiplier
 
 NONFINITE_EXIT_CODE = 3
@@ -80,16 +82,15 @@ class Trainer:
 
     def _start(self, cfg: RunConfig) -> None:
         """The rest of start-up, once this launch owns the run folder."""
-        precision = cfg.train.precision
-        bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
-        self.engine = Engine(cfg, self.layout, bf16=bf16)
+        self.engine = TrainEngine(cfg, self.layout, bf16=computes_in_bf16(cfg.train.precision, self.device))
         self.model = self.engine.model
         if self.is_main:
             self.print(f"attention: {self.engine.attention_backend} (model.attention_backend="
                        f"{cfg.model.attention_backend})")
         faults.point("startup.engine")
         self.loader = split_loader(cfg, "train", dp_rank=ps.get_data_parallel_rank(), dp_size=self.layout.dp)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.checkpoints = Checkpointer(cfg, self.layout, self.run_dir, log=self.print,
+                                        tokenizer_sha256=self.manifest.tokenizer.get("sha256"))
         self.step, self.tokens = 0, 0
         self.callbacks: list[Callback] = default_callbacks(cfg)
         # Non-finite steps: the run's total, the current run of them, and the newest checkpoint saved before it
@@ -100,7 +101,10 @@ class Trainer:
         self.peak = device_peak_flops()
         self.preempt = PreemptionFlag().install()
         faults.point("startup.resume")
-        resume(self)
+        resumed = self.checkpoints.resume(self.engine, self.loader)
+        if resumed is not None:
+            self.loader = resumed.loader
+            self.load_state(resumed.state)
         self.metrics = (MetricsLog(self.run_dir, wandb_mode=cfg.logging.wandb, project=cfg.logging.project,
                                    name=cfg.name, config=config_to_dict(cfg), start_step=self.step, say=self.print)
                         if self.is_main else NullLog())
@@ -111,29 +115,25 @@ class Trainer:
         faults.point("startup.done")
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
-    def state(self) -> dict:
+    def state(self) -> TrainerState:
         """The run-level part of a checkpoint (rank 0 writes it as trainer.pt)."""
-        state = {"step": self.step, "tokens": self.tokens,
-                 "config": config_to_dict(self.cfg), "tokenizer_sha256": self.manifest.tokenizer.get("sha256"),
-                 "world_size": self.layout.world, "skipped": self.skipped,
-                 "consecutive_skips": self.consecutive_skips, "guard_step": self.guard_step}
+        extra = {}
         for cb in self.callbacks:
-            state.update(cb.state())
-        return state
+            extra.update(cb.state())
+        return TrainerState(step=self.step, tokens=self.tokens, config=config_to_dict(self.cfg),
+                            tokenizer_sha256=self.manifest.tokenizer.get("sha256"), world_size=self.layout.world,
+                            skipped=self.skipped, consecutive_skips=self.consecutive_skips,
+                            guard_step=self.guard_step, callbacks=extra)
 
-    def load_state(self, state: dict) -> None:
-        self.step, self.tokens = state["step"], state["tokens"]
+    def load_state(self, state: TrainerState) -> None:
+        self.step, self.tokens = state.step, state.tokens
         for cb in self.callbacks:
-            cb.load_state(state)
-        self.skipped = state.get("skipped", 0)
-        self.consecutive_skips = state.get("consecutive_skips", 0)
-        self.guard_step = state.get("guard_step")
+            cb.load_state(state.callbacks)
+        self.skipped, self.consecutive_skips, self.guard_step = state.skipped, state.consecutive_skips, state.guard_step
         self.last_saved = self.step
 
     def save(self) -> Path:
-        rank_state = {"rng": ckpt.rng_state(), "loader": self.loader.state_dict()}
-        path = save_checkpoint(self.engine, self.ckpt_dir, self.step, self.state(), rank_state,
-                               keep=self.cfg.checkpoint.keep, protect=self.guard_step)
+        path = self.checkpoints.save(self.engine, self.state(), self.loader.state_dict(), protect=self.guard_step)
         self.last_saved = self.step
         return path
 
@@ -166,7 +166,7 @@ class Trainer:
                      f"({'stopping' if stop else 'skipping the update'})")
         if not stop and self.consecutive_skips >= cfg.max_consecutive_skips:
             stop = True
-            kept = (f"; the newest checkpoint before them, {self.ckpt_dir / ckpt.checkpoint_name(self.guard_step)}, "
+            kept = (f"; the newest checkpoint before them, {self.checkpoints.path_of(self.guard_step)}, "
                     "is kept" if self.guard_step is not None else "; no checkpoint was saved before them")
             progress.say(f"step {step}: {self.consecutive_skips} non-finite steps in a row "
                          f"(max_consecutive_skips={cfg.max_consecutive_skips}): stopping{kept}")

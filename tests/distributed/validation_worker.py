@@ -27,7 +27,7 @@ def main(case_path: str) -> None:
     from model.config import ModelConfig
     from model.tp_shard import shard_state_dict
     from pretrain.config import RunConfig
-    from pretrain.parallel.engine import Engine
+    from pretrain.parallel.engine import TrainEngine
     from pretrain.parallel.layout import ParallelConfig, init_distributed
     from pretrain.training.downstream import score_requests
     from pretrain.training.evaluate import validate
@@ -42,7 +42,7 @@ def main(case_path: str) -> None:
         ref = torch.load(Path(case["dir"]) / f"{variant}_val.pt")
         run = RunConfig(model=cfgs[variant], parallel=pcfg)
         run.train.precision = "fp32"
-        engine = Engine(run, layout, bf16=False)
+        engine = TrainEngine(run, layout, bf16=False)
         full = shard_state_dict(ref["state"], tp_rank, layout.tp)
         engine.model.load_state_dict({k: full[k] for k in engine.model.state_dict()}, strict=True)
         # this DP rank's share of the sequences (which ones does not matter: every metric pools real tokens or

@@ -191,7 +191,7 @@ def test_a_checkpoint_whose_record_was_deleted_is_set_aside(base, data, straight
 def test_a_file_missing_at_the_first_look_is_looked_for_again(base, tmp_path, monkeypatch):
     """A shared file system may show another node's file late: a missing file is looked for again after a pause, and
     a checkpoint whose file is there at the second look passes; one still missing fails."""
-    from pretrain.training import checkpoint as ckpt
+    from pretrain.checkpoint import verify as ckpt
     folder = copy_run(base, tmp_path) / "checkpoints" / NEWEST
     away = tmp_path / "away.pt"
     (folder / "trainer-rank-0.pt").rename(away)
@@ -247,13 +247,13 @@ def test_a_checkpoint_that_passes_its_check_but_does_not_load_is_never_set_aside
 
 def test_a_precision_change_on_resume_carries_the_fp32_state_over(base, data, straight, tmp_path):
     """fp32 → bf16 → fp32 across two resumes: the fp32 master weights, Adam moments and step go through
-    pretrain/training/reshard.py into the other engine. DeepSpeed's own save of the converted bf16 engine holds
+    pretrain/checkpoint/reshard.py into the other engine. DeepSpeed's own save of the converted bf16 engine holds
     exactly the fp32 checkpoint's state, and the losses follow the fp32 run's within bf16 rounding (measured: 2e-4
     relative; with the moments lost, 9e-3 by the second step)."""
     from conf import load_config
     from pretrain.config import RunConfig
-    from pretrain.training.consolidate import read_run
-    from pretrain.training.reshard import read_training_state
+    from pretrain.checkpoint.consolidate import read_run
+    from pretrain.checkpoint.reshard import read_training_state
     from pretrain.training.trainer import Trainer
     ckpts = copy_run(base, tmp_path) / "checkpoints"
     said: list[str] = []

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.training.checkpoint import verify
+from pretrain.checkpoint.verify import verify
 from pretrain.training.runlock import LOCK
-from pretrain.training.saving import DISK_FULL_EXIT_CODE
+from pretrain.checkpoint.save import DISK_FULL_EXIT_CODE
 from tests.distributed.harness import ROOT, _free_port
 from tests.faults.runs import RUN, args, losses
 from tests.faults.test_launcher_death import wait_until

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.training import faults
+from pretrain.checkpoint import faults
 from pretrain.training.trainer import NONFINITE_EXIT_CODE
 from tests.faults.runs import args, losses, run_main
 from tests.pretrain.fixtures import make_shards

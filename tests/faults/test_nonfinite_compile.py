@@ -4,7 +4,7 @@ are the eager run's, and a NaN step is skipped as in an eager run; a layout it c
 before anything is built. tests/model/test_one_graph.py checks the bare model; this checks what ``pretrain.train``
 runs.
 
-Stand-in, named: the engine compiles with inductor (``Engine.compile_backend``); here it compiles with aot_eager.
+Stand-in, named: the engine compiles with inductor (``TrainEngine.compile_backend``); here it compiles with aot_eager.
 Graph capture, graph breaks and recompilations are dynamo's and AOTAutograd's (forward and backward), the same for
 both; only inductor's code generation is left out, which costs minutes of g++ per run on a 2-core machine
 (measured on this shared 2-core machine, a 3-step tiny run through pretrain.train: 325 s with inductor and a cold
@@ -20,8 +20,8 @@ import pytest
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from pretrain.parallel.engine import Engine
-from pretrain.training import faults
+from pretrain.parallel.engine import TrainEngine
+from pretrain.checkpoint import faults
 from tests.faults.runs import args, losses, run_main
 from tests.pretrain.fixtures import make_shards
 
@@ -56,15 +56,15 @@ def _train(data: Path, out: Path, name: str, monkeypatch, *extra: str) -> tuple[
 
 
 def test_a_compiled_run_is_one_graph_with_the_eager_losses_and_skips_a_nan_step(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(Engine, "compile_backend", "aot_eager")   # the stand-in for inductor (module docstring)
+    monkeypatch.setattr(TrainEngine, "compile_backend", "aot_eager")   # the stand-in for inductor (module docstring)
     compiled = []
-    plain_init = Engine.__init__
+    plain_init = TrainEngine.__init__
 
     def init(self, *a, **kw):
         plain_init(self, *a, **kw)
         compiled.append(self._ds.is_compiled)
 
-    monkeypatch.setattr(Engine, "__init__", init)
+    monkeypatch.setattr(TrainEngine, "__init__", init)
     code, graphs, err = _train(data, tmp_path, "compiled", monkeypatch, "train.compile=true")
     assert code == 0, err
     assert compiled == [True]

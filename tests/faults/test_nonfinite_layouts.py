@@ -1,6 +1,6 @@
 """The non-finite skip under the parallel layouts that keep weights apart: DP=2 with ZeRO-2 and ZeRO-3 (optimizer
 state, and with ZeRO-3 the weights too, partitioned over the ranks) and PP=2 (the backward inside megatron's
-schedule). Real 2-process gloo runs of the Trainer; the NaN is the fault of pretrain/training/faults.py — one
+schedule). Real 2-process gloo runs of the Trainer; the NaN is the fault of pretrain/checkpoint/faults.py — one
 element of the input embedding's output in a step's last micro-batch — so it travels the real forward pass (and,
 through the pipeline, the backward pass into every stage's gradients).
 

@@ -4,7 +4,7 @@ With parallel.global_batch_size unset the batch follows DP (micro_batch_size × 
 fewer ranks would silently take other steps: that is refused before anything is loaded, in one line naming both
 batches and what to set. Set to the old batch, the run continues exactly (the same samples per step: the
 checkpoint's readers are adopted); set to a new one, the change is accepted and said. Real ``pretrain.train``
-runs: DP=2 as separate processes, one process in-process (pretrain/training/resume.py)."""
+runs: DP=2 as separate processes, one process in-process (pretrain/checkpoint/resume.py)."""
 from __future__ import annotations
 
 import json

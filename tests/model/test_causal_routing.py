@@ -9,12 +9,25 @@ from model.config import RouterConfig
 from model.mor import MoRModel
 from model.program import packed_rows, stage_ranges, state_spec
 from tests.model.helpers import SHARP_STD, tiny
+from tests.model.variants import matrix
 
-KINDS = [("expert_choice", "middle_cycle"), ("expert_choice", "cycle"), ("token_choice", "middle_cycle"),
-         ("none", "middle_cycle"), ("none", "none"), ("expert_choice", "middle_cycle", "kv"),
-         ("expert_choice", "middle_cycle", "aux"), ("expert_choice", "middle_sequence", "aux", "kv"),
-         ("token_choice", "sequence", "kv"), ("token_choice", "middle_cycle", "kv"), ("none", "cycle", "kv"),
-         ("none", "sequence"), ("none", "middle_sequence", "kv")]
+# The registry's matrix (tests/model/variants.py), and the expert-choice options beside it: the tanh gate (an
+# expert-choice gate only) and the auxiliary router, with and without KV sharing.
+CASES = {
+    **matrix(),
+    "ec-middle_cycle-tanh": dict(routing="expert_choice", sharing="middle_cycle", router=RouterConfig(func="tanh")),
+    "ec-cycle-tanh": dict(routing="expert_choice", sharing="cycle", router=RouterConfig(func="tanh")),
+    "ec-middle_cycle-aux": dict(routing="expert_choice", sharing="middle_cycle", router=RouterConfig(aux_router=True)),
+    "ec-middle_sequence-aux-kv": dict(routing="expert_choice", sharing="middle_sequence", kv_sharing=True,
+                                      router=RouterConfig(aux_router=True, func="tanh")),
+    "ec-middle_sequence-aux-kv-sigmoid": dict(routing="expert_choice", sharing="middle_sequence", kv_sharing=True,
+                                              router=RouterConfig(aux_router=True)),
+    "ec-middle_cycle-kv-tanh": dict(routing="expert_choice", sharing="middle_cycle", kv_sharing=True,
+                                    router=RouterConfig(func="tanh")),
+    "tc-sequence-kv": dict(routing="token_choice", sharing="sequence", kv_sharing=True),
+    "none-cycle-kv": dict(routing="none", sharing="cycle", kv_sharing=True),
+    "none-middle_sequence-kv": dict(routing="none", sharing="middle_sequence", kv_sharing=True),
+}
 
 
 def _pair(vocab=128, b=2, t=32, cut=16, seed=0):
@@ -36,15 +49,14 @@ def _model(routing, sharing, **kw):
     return MoRModel(tiny(routing=routing, sharing=sharing, init_std=SHARP_STD, **kw)).eval()
 
 
-# expert-choice with both gates (tanh is an expert-choice gate only)
-CASES = [k + (f,) for k in KINDS for f in (("sigmoid", "tanh") if k[0] == "expert_choice" else ("default",))]
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_future_never_changes_the_past(case):
+    check_causal(CASES[case])
 
 
-@pytest.mark.parametrize("kind", CASES, ids=lambda k: "-".join(k))
-def test_the_future_never_changes_the_past(kind):
-    routing, sharing, *extra, func = kind
-    router = (RouterConfig(func=func, aux_router="aux" in extra) if routing == "expert_choice" else RouterConfig())
-    model = _model(routing, sharing, router=router, kv_sharing="kv" in extra)
+def check_causal(case: dict) -> None:
+    kw = dict(case)
+    model = _model(kw.pop("routing"), kw.pop("sharing"), **kw)
     a, z = _pair()
     la, lz = _logits(model, a, causal_routing=True), _logits(model, z, causal_routing=True)
     assert torch.equal(la[:, :16], lz[:, :16])

@@ -8,7 +8,9 @@ import torch
 from model.config import RouterConfig
 from model.inference import KVCache, Sampling, cache_bytes, decode_step, generate, prefill
 from model.mor import MoRModel
+from model.routing import ExpertChoiceRouting, TokenChoiceRouting, routing_class
 from tests.model.helpers import SHARINGS, tiny
+from tests.model.variants import matrix
 
 # Large enough weights that a token at a wrong position or a missing key moves the logits by ~0.1-1 (a cache whose
 # positions were shifted by one moved them by 0.2), while prefill + decode and the full forward agree to ~1e-6.
@@ -17,18 +19,14 @@ PROMPTS = [5, 11, 2]   # prompt lengths: a batch of different lengths
 DECODE = 64            # decode steps of the longest-running sequence
 TOTAL = min(PROMPTS) + DECODE
 
+# The registry's matrix (tests/model/variants.py) and option cases of the routings beside it.
 VARIANTS = {
-    "vanilla": dict(sharing="none"),
-    **{f"recursive-{s}": dict(routing="none", sharing=s) for s in SHARINGS},
-    **{f"recursive-{s}-kv": dict(routing="none", sharing=s, kv_sharing=True) for s in SHARINGS},
-    "ec": dict(routing="expert_choice"),
-    "ec-kv": dict(routing="expert_choice", kv_sharing=True),
+    **matrix(),
+    **{f"none-{s}-kv": dict(routing="none", sharing=s, kv_sharing=True) for s in SHARINGS},
     "ec-aux": dict(routing="expert_choice", router=RouterConfig(aux_router=True)),
     "ec-aux-kv": dict(routing="expert_choice", kv_sharing=True, router=RouterConfig(aux_router=True)),
     "ec-tanh-residual-cycle": dict(routing="expert_choice", sharing="cycle",
                                    router=RouterConfig(func="tanh", gating="residual")),
-    "tc": dict(routing="token_choice"),
-    "tc-kv": dict(routing="token_choice", kv_sharing=True),
     "tc-sequence-sigmoid": dict(routing="token_choice", sharing="middle_sequence",
                                 router=RouterConfig(func="sigmoid")),
 }
@@ -65,7 +63,11 @@ def _decode_all(model: MoRModel, seqs: torch.Tensor, prompts: list[int]) -> tupl
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_prefill_and_decode_equal_the_full_forward(name):
-    model = _model(**VARIANTS[name])
+    check_decode(VARIANTS[name])
+
+
+def check_decode(variant: dict) -> None:
+    model = _model(**variant)
     seqs = _tokens(len(PROMPTS), TOTAL)
     with torch.no_grad():
         full = model(seqs, causal_routing=True).logits
@@ -81,21 +83,26 @@ def _depths(model: MoRModel, seqs: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         model(seqs, causal_routing=True)
     trace, model.trace = model.trace, None
-    if model.cfg.routing == "token_choice":
+    routing = routing_class(model.cfg)
+    if issubclass(routing, TokenChoiceRouting):
         return trace[0]["depth"]
-    if model.cfg.routing == "expert_choice":
+    if issubclass(routing, ExpertChoiceRouting):
         return torch.stack([t["active"] for t in trace]).sum(dim=0)
     return torch.full(seqs.shape, model.cfg.num_recursions)
 
 
-@pytest.mark.parametrize("name", ["vanilla", "recursive-cycle", "recursive-cycle-kv", "ec", "ec-kv", "tc", "tc-kv"])
+@pytest.mark.parametrize("name", list(matrix()))
 def test_each_step_caches_only_its_tokens(name):
     """Recursion-wise caching: the cache of a step-r layer holds exactly the tokens that ran step r, at their
     positions; under KV sharing the later steps keep no cache at all."""
-    model = _model(**VARIANTS[name])
+    check_caches(VARIANTS[name])
+
+
+def check_caches(variant: dict) -> None:
+    model = _model(**variant)
     seqs = _tokens(len(PROMPTS), 24)
     depth = _depths(model, seqs)
-    assert 0 < int((depth < model.cfg.num_recursions).sum()) or model.cfg.routing == "none"
+    assert 0 < int((depth < model.cfg.num_recursions).sum()) or not routing_class(model.cfg).has_router
     _, cache = _decode_all(model, seqs, [3, 7, 1])
     for op in cache.layer_ops:
         if op.kv_from >= 0:
@@ -174,7 +181,7 @@ def test_aux_router_decides_at_inference():
 
 
 def test_generate_matches_greedy_full_forward_and_streams():
-    model = _model(**VARIANTS["ec"])
+    model = _model(**VARIANTS["expert_choice-middle_cycle"])
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
     seen: list[tuple[int, int]] = []
     out = generate(model, prompts, 12, sampling=Sampling(temperature=0), on_token=lambda i, t: seen.append((i, t)))
@@ -188,7 +195,7 @@ def test_generate_matches_greedy_full_forward_and_streams():
 
 
 def test_generate_stops_at_eos_and_sampling_repeats_with_a_seed():
-    model = _model(**VARIANTS["tc"])
+    model = _model(**VARIANTS["token_choice-middle_cycle"])
     prompts = [[1, 2, 3], [7]]
     a = generate(model, prompts, 20, sampling=Sampling(temperature=1.0, top_k=20, top_p=0.9, seed=3))
     b = generate(model, prompts, 20, sampling=Sampling(temperature=1.0, top_k=20, top_p=0.9, seed=3))

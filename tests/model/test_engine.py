@@ -11,7 +11,7 @@ import torch
 from model.config import RouterConfig
 from model.inference import Sampling, generate
 from model.inference.depths import calibrate_depths
-from model.inference.engine import DepthBatchEngine, Request
+from model.inference.engine import DepthBatchServer, Request
 from model.inference.static import StaticBatchServer
 from model.mor import MoRModel
 from tests.model.helpers import tiny
@@ -61,7 +61,7 @@ def _alone(model: MoRModel, req: Request, eos_id=None) -> tuple[list[int], torch
 def test_every_request_gets_what_decoding_it_alone_gives(name):
     model = _model(**VARIANTS[name])
     requests = _requests(9)                       # 9 requests through 3 slots: slots are refilled mid-run
-    engine = DepthBatchEngine(model, slots=3, max_len=32, keep_logits=True)
+    engine = DepthBatchServer(model, slots=3, max_len=32, keep_logits=True)
     done = engine.run(requests)
     for req, got in zip(requests, done):
         want, logits = _alone(model, req)
@@ -78,7 +78,7 @@ def test_full_pools_preempt_and_every_request_still_gets_what_decoding_it_alone_
     model = _model(**VARIANTS[name])
     calibrate_depths(model, [0.1, 0.2, 0.7])
     requests = _requests(9)
-    engine = DepthBatchEngine(model, slots=3, max_len=32, keep_logits=True, capacities=[0.3, 0.2, 0.1])
+    engine = DepthBatchServer(model, slots=3, max_len=32, keep_logits=True, capacities=[0.3, 0.2, 0.1])
     assert engine.pool.sizes == ([32] if name == "ec-kv" else [32, 32, 32])   # one sequence's worth each
     done = engine.run(requests)
     assert engine.stats.preemptions > 0
@@ -100,7 +100,7 @@ def test_the_plain_batched_decode_gives_the_engines_tokens(name):
     requests = _requests(7, seed=2)
     static = StaticBatchServer(model, slots=3, max_len=32, keep_logits=True)
     got = static.run(requests)
-    want = DepthBatchEngine(model, slots=2, max_len=32, keep_logits=True).run(requests)
+    want = DepthBatchServer(model, slots=2, max_len=32, keep_logits=True).run(requests)
     for a, b in zip(got, want):
         assert a.tokens == b.tokens
         torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), rtol=0, atol=1e-5)
@@ -113,12 +113,12 @@ def test_the_plain_batched_decode_gives_the_engines_tokens(name):
 def test_eos_in_the_middle_frees_the_slot_and_the_rest_still_match():
     model = _model(**VARIANTS["ec"], tie_embeddings=False)   # untied: greedy does not just repeat its input
     requests = _requests(6, seed=3)
-    first = DepthBatchEngine(model, slots=2, max_len=32).run(requests)
+    first = DepthBatchServer(model, slots=2, max_len=32).run(requests)
     # a request whose output has a token first made at position cut > 0: as EOS it stops that request there
     which, cut = next((i, j) for i, c in enumerate(first) for j in range(1, len(c.tokens))
                       if c.tokens[j] not in c.tokens[:j])
     eos = first[which].tokens[cut]
-    engine = DepthBatchEngine(model, slots=2, max_len=32, eos_id=eos)
+    engine = DepthBatchServer(model, slots=2, max_len=32, eos_id=eos)
     done = engine.run(requests)
     assert done[which].tokens == first[which].tokens[:cut + 1]
     for req, got in zip(requests, done):
@@ -130,7 +130,7 @@ def test_the_block_batches_tokens_of_different_depths_together():
     """Depth-wise batching: some block calls hold tokens at different steps, and a slot whose token leaves early
     takes its next token at once — the block runs on more rows per tick than the last-step tokens alone."""
     model = _model(**VARIANTS["ec"])
-    engine = DepthBatchEngine(model, slots=4, max_len=32)
+    engine = DepthBatchServer(model, slots=4, max_len=32)
     mixed = []
     real = engine._block
 
@@ -150,5 +150,5 @@ def test_the_block_batches_tokens_of_different_depths_together():
 def test_more_slots_than_requests():
     model = _model(**VARIANTS["tc"])
     requests = _requests(2, seed=4)
-    done = DepthBatchEngine(model, slots=5, max_len=32).run(requests)
+    done = DepthBatchServer(model, slots=5, max_len=32).run(requests)
     assert [c.tokens for c in done] == [_alone(model, r)[0] for r in requests]

@@ -4,7 +4,7 @@ through tests/distributed/harness.spawn_ranks, never by pytest itself):
     python -m tests.pretrain.generate_worker OUT RUN_FILE key=value ...
 
 Trains with pretrain's Trainer — the real engine, DeepSpeed and checkpoint code — then records what the trained
-parallel model computes, without pretrain/training/consolidate.py: the logits of a fixed batch as the parallel
+parallel model computes, without pretrain/checkpoint/consolidate.py: the logits of a fixed batch as the parallel
 forward pass gives them (vocab-parallel logits gathered over the TP ranks; with PP > 1 the batch's loss, the only
 output of the pipeline schedule), and every full weight and buffer (ZeRO-3 partitions gathered by DeepSpeed, TP
 shards joined, pipeline stages united: the first stage's copy of a replica). Rank 0 saves them in

@@ -1,4 +1,4 @@
-"""Every key of a run's config is classified for resume (pretrain/training/config_keys.py), found by walking the
+"""Every key of a run's config is classified for resume (pretrain/checkpoint/config_keys.py), found by walking the
 dataclasses themselves — every field, recursively into nested dataclasses (ModelConfig's router, ...) — so a key
 added anywhere in RunConfig fails here until someone decides what a resume may do with it."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import typing
 
 from conf import config_to_dict, load_config
 from pretrain.config import RunConfig
-from pretrain.training import config_keys
-from pretrain.training.resume import batch_change, config_mismatch, data_position_problem
+from pretrain.checkpoint import config_keys
+from pretrain.checkpoint.resume import batch_change, config_mismatch, data_position_problem
 
 
 def _dataclass_in(hint) -> type | None:
@@ -35,7 +35,7 @@ def test_every_key_of_the_run_config_is_classified_and_none_is_stale():
     leaves = _leaves(RunConfig)
     assert "model.router.alpha" in leaves and "parallel.global_batch_size" in leaves   # the walk goes deep
     missing = [k for k in leaves if k not in config_keys.KEYS]
-    assert not missing, f"classify these keys in pretrain/training/config_keys.py: {missing}"
+    assert not missing, f"classify these keys in pretrain/checkpoint/config_keys.py: {missing}"
     stale = sorted(set(config_keys.KEYS) - set(leaves))
     assert not stale, f"no longer keys of RunConfig: {stale}"
     assert all(config_keys.WHY[k] for k in leaves)

@@ -105,7 +105,7 @@ def test_bounded_epochs_read_every_sample_once_per_epoch(uneven: Path):
 
 def test_uneven_shards_rotate_the_extra_shard_over_epochs(uneven: Path):
     """7 shards, 4 readers: per epoch each reader gets 1 or 2 shards; over 4 epochs exactly 7 each."""
-    lay = TokenLoader(uneven, micro_batch_size=4, dp_size=2, num_workers=2)._layout
+    lay = TokenLoader(uneven, micro_batch_size=4, dp_size=2, num_workers=2)._plan
     per_reader = Counter()
     for epoch in range(4):
         owned = [list(lay.shards(epoch, c)) for c in range(4)]

@@ -43,7 +43,7 @@ def test_unbounded_epoch_reads_every_sample_once(one: Path, dp: int, workers: in
     epoch0 = []
     for rank in range(dp):
         loader = TokenLoader(one, micro_batch_size=1, seed=3, dp_rank=rank, dp_size=dp, num_workers=workers)
-        totals = [loader._layout.total(0, loader._layout.reader_ids(k)[0]) for k in range(w)]
+        totals = [loader._plan.total(0, loader._plan.reader_ids(k)[0]) for k in range(w)]
         assert min(totals) >= 1
         got = flat(take(loader, w * max(totals)))
         for k in range(w):
@@ -81,7 +81,7 @@ def test_resume_is_exact(tmp_path: Path, sizes, dp: int, workers: int):
 
 def test_parts_are_contiguous_and_cover_each_shard(tmp_path: Path):
     folder = make_data(tmp_path, (5, 1, 4), val=(1,))
-    lay = TokenLoader(folder, micro_batch_size=1, dp_size=4, num_workers=2, epochs=1)._layout
+    lay = TokenLoader(folder, micro_batch_size=1, dp_size=4, num_workers=2, epochs=1)._plan
     # 3 shards, 8 readers: m = ceil(8 / 3) = 3 gives 7 parts (the 1-sample shard is one part), m = 4 gives 9
     assert lay.parts == [(0, 0, 1), (0, 1, 2), (0, 2, 3), (0, 3, 5), (1, 0, 1), (2, 0, 1), (2, 1, 2), (2, 2, 3),
                          (2, 3, 4)]
@@ -113,4 +113,4 @@ def test_enough_shards_read_as_before(tmp_path: Path, rank: int, workers: int):
     loader = TokenLoader(folder, micro_batch_size=3, seed=11, dp_rank=rank, dp_size=2, num_workers=workers)
     assert flat(take(loader, 8)) == BEFORE_PARTS[rank, workers]
     assert loader.state_dict()["shards"] == "2671fd2b031d729f"
-    assert [p[0] for p in loader._layout.parts] == list(range(len(UNEVEN)))
+    assert [p[0] for p in loader._plan.parts] == list(range(len(UNEVEN)))

@@ -17,7 +17,7 @@ from conf.errors import ConfigError
 from pretrain.config import RunConfig
 from pretrain.eval.fewshot import evaluate
 from pretrain.eval.tasks import load_task
-from pretrain.training.consolidate import load
+from pretrain.checkpoint.consolidate import load
 from pretrain.training.downstream import record
 from tests.distributed.harness import spawn_ranks
 from tests.pretrain.fixtures import make_shards, with_tokenizer

@@ -8,7 +8,7 @@ gives the same weights file, and the trainer resumes from the imported checkpoin
 or enter the run (pretrain/training/outdir.py): refusals leave every file of it as it was. Random models of every
 variant: tests/pretrain/test_export_variants.py.
 
-Exports of tensor-parallel, pipeline or ZeRO-3 checkpoints go through the same pretrain.training.consolidate.load,
+Exports of tensor-parallel, pipeline or ZeRO-3 checkpoints go through the same pretrain.checkpoint.consolidate.load,
 tested under those layouts in tests/pretrain/test_generate.py and tests/distributed/.
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _auto(folder: Path):
 def test_the_export_holds_the_checkpoints_model_and_its_card(run, exported):
     from safetensors import safe_open
 
-    from pretrain.training.consolidate import load
+    from pretrain.checkpoint.consolidate import load
     loaded = load(run)
     names = sorted(exported.iterdir())
     assert {p.name for p in names} == {"model.safetensors", "config.json", "configuration_mor.py", "modeling_mor.py",
@@ -105,7 +105,7 @@ def test_the_export_holds_the_checkpoints_model_and_its_card(run, exported):
 
 
 def test_auto_model_logits_match_causal_routing(run, exported):
-    from pretrain.training.consolidate import load
+    from pretrain.checkpoint.consolidate import load
     ref = load(run).model
     hf = _auto(exported)
     tokens = torch.randint(0, VOCAB, (3, 40))
@@ -118,7 +118,7 @@ def test_auto_model_logits_match_causal_routing(run, exported):
 
 
 def test_greedy_generate_matches_pretrain_generate(run, exported):
-    from pretrain.generate import encode_prompts, open_generator
+    from pretrain.serve.generate import encode_prompts, open_generator
     gen = open_generator(run, device="cpu", dtype="fp32")
     prompts = ["The state of our Union is", "Congress"]
     ids = encode_prompts(gen, prompts)
@@ -199,7 +199,7 @@ def test_lm_eval_harness_gives_pretrain_fewshots_loglikelihoods(run, exported, t
     from model.inference.score import score
     from pretrain.eval.fewshot import encode_pair, encode_task
     from pretrain.eval.tasks import load_task
-    from pretrain.generate import open_generator
+    from pretrain.serve.generate import open_generator
     from pretrain.tools import lmeval_check
     gen = open_generator(run, device="cpu", dtype="fp32")
     # (continuations of at most max_seq_len tokens: lm-eval refuses longer ones, and this tokenizer is small)

@@ -14,7 +14,9 @@ import torch
 from model.config import RouterConfig
 from model.inference import KVCache, Sampling, generate, prefill
 from model.mor import MoRModel
+from model.routing import ExpertChoiceRouting, routing_class
 from tests.model.helpers import tiny
+from tests.model.variants import matrix
 
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -26,9 +28,10 @@ def _auto(folder):
 
 
 # ---- every variant, random weights ---------------------------------------------------------------------------------
+# The registry's matrix (tests/model/variants.py), and option cases beside it.
 VARIANTS = {
-    "vanilla_untied": dict(sharing="none", tie_embeddings=False),
-    "recursive_cycle": dict(routing="none", sharing="cycle"),
+    **matrix(),
+    "vanilla_untied": dict(routing="none", sharing="none", tie_embeddings=False),
     "ec_middle_cycle_aux_kvshare": dict(routing="expert_choice", sharing="middle_cycle", kv_sharing=True,
                                         router=RouterConfig(aux_router=True)),
     "ec_sequence_residual_tanh": dict(routing="expert_choice", sharing="sequence",
@@ -44,13 +47,17 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_variant_exports_to_the_same_model(variant, tmp_path):
+    check_export(VARIANTS[variant], tmp_path / "m")
+
+
+def check_export(variant: dict, folder) -> None:
     from pretrain.export import write_export
-    kw = dict(VARIANTS[variant])
-    cfg = tiny(kw.pop("routing", "none"), kw.pop("sharing"), init_std=0.1, **kw)
+    kw = dict(variant)
+    cfg = tiny(kw.pop("routing"), kw.pop("sharing"), init_std=0.1, **kw)
     model = MoRModel(cfg).eval()
-    if cfg.routing == "token_choice" and cfg.router.balance == "loss_free":
+    if cfg.router.balance == "loss_free" and hasattr(model.router, "bias_steps"):
         model.router.bias_steps.copy_(torch.tensor([3, -2, 0]))
-    out = write_export(model, cfg, tmp_path / "m")
+    out = write_export(model, cfg, folder)
     hf = _auto(out)
     tokens = torch.randint(0, cfg.vocab_size, (2, 48))
     with torch.no_grad():
@@ -72,5 +79,5 @@ def test_every_variant_exports_to_the_same_model(variant, tmp_path):
     ours = {pos: int(n[0]) for pos, n in cache.cached_tokens().items()}
     theirs = {pos: int(buf.count[0]) for pos, buf in ref_cache.buffers.items()}
     assert ours == theirs
-    if cfg.routing == "expert_choice" and not cfg.kv_sharing:   # recursion-wise: later steps cache fewer
+    if issubclass(routing_class(cfg), ExpertChoiceRouting) and not cfg.kv_sharing:   # recursion-wise: fewer later
         assert min(ours.values()) < 20

@@ -118,7 +118,7 @@ DUMP_SCHEMA = {"task": str, "shots": int, "doc_id": int, "choice": int, "gold": 
 
 def test_the_command_writes_its_table_json_and_request_dump(run, tmp_path, capsys):
     from pretrain.fewshot import main
-    from pretrain.generate import open_generator
+    from pretrain.serve.generate import open_generator
     out, dump = tmp_path / "eval" / "new", tmp_path / "requests.jsonl"
     assert main([str(run), "--tasks", "piqa,lambada", "--limit", "3", "--out", str(out), "--dump", str(dump)]) == 0
     table = capsys.readouterr().out

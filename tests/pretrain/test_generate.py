@@ -1,4 +1,4 @@
-"""``python -m pretrain.generate`` and pretrain/training/consolidate.py.
+"""``python -m pretrain.generate`` and pretrain/checkpoint/consolidate.py.
 
 Loading: checkpoints saved by real 2-process runs (tests/pretrain/generate_worker.py: the Trainer, DeepSpeed and
 the checkpoint code as they run) under TP = 2, ZeRO-2, ZeRO-3 (fp32 and bf16), TP = 2 × ZeRO-3 and PP = 2 (ZeRO-0
@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.training.checkpoint import CheckpointError
-from pretrain.training.consolidate import load
+from pretrain.checkpoint.verify import CheckpointError
+from pretrain.checkpoint.consolidate import load
 from tests.distributed.harness import ROOT, library_chatter, spawn_ranks
 from tests.pretrain.fixtures import make_shards
 
@@ -100,7 +100,7 @@ def test_a_checkpoint_of_any_layout_loads_as_the_parallel_model_ran(tmp_path, da
 def assert_stages_in_one_folder_are_refused(folder: Path, copy: Path) -> None:
     """Pipeline stages that saved into one folder (as the engine did before it gave each stage its own) have
     overwritten each other's files: refused in one line, before any weight is read."""
-    from pretrain.training.consolidate import full_state_dict, read_run
+    from pretrain.checkpoint.consolidate import full_state_dict, read_run
     shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("*_states.pt"))
     for f in sorted(folder.rglob("*_states.pt")):            # stage by stage: the last one's files win
         (copy / "engine").mkdir(exist_ok=True)
@@ -113,7 +113,7 @@ def assert_stages_in_one_folder_are_refused(folder: Path, copy: Path) -> None:
 
 def assert_diverged_replicas_are_reported(folder: Path) -> None:
     """A replica that differs between stages (the pipeline keeps them equal) is named in a warning."""
-    from pretrain.training.consolidate import full_state_dict, read_run
+    from pretrain.checkpoint.consolidate import full_state_dict, read_run
     last = sorted(folder.rglob("mp_rank_00_model_states.pt"))[-1]     # the last stage's file
     saved = torch.load(last, weights_only=False)
     shared = next(n for n in saved["module"] if n.startswith("layers.") and n.endswith("qkv.weight"))
@@ -172,7 +172,7 @@ class Writes(io.StringIO):
 
 def generate(*argv: str) -> tuple[int, Writes, str]:
     """``python -m pretrain.generate ARGV`` in this process: (exit code, stdout, stderr)."""
-    from pretrain.generate import main
+    from pretrain.serve.generate import main
     out, err = Writes(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -264,7 +264,7 @@ def test_greedy_text_is_deterministic_and_streams(run):
     # the continuation came piece by piece, each flushed as it came, and adds up to the text generated
     assert len(pieces) >= 2 and first[1].flushed[:len(writes) - 1] == list(range(1, len(writes)))
     from model.inference import Sampling
-    from pretrain.generate import complete, open_generator
+    from pretrain.serve.generate import complete, open_generator
     gen = open_generator(run["run"])
     assert "".join(pieces) == complete(gen, [prompt], 12, Sampling(temperature=0.0))[0]
     assert "step-000004" in first[2] and "tokenizer" in first[2] and not library_chatter(first[2])

@@ -1,4 +1,4 @@
-"""Resuming under another parallel layout (pretrain/training/reshard.py): a checkpoint saved under one layout
+"""Resuming under another parallel layout (pretrain/checkpoint/reshard.py): a checkpoint saved under one layout
 continues under another — weights, Adam moments and step re-sharded, the data position carried over (with a fixed
 number of readers the data order does not depend on the number of data-parallel ranks) — and the losses after the
 switch equal, within fp32 tolerance, those of the run that went on under the original layout; runs on different
@@ -117,7 +117,7 @@ def test_checkpoints_of_every_layout_export_to_hugging_face(runs, tp2pp2, dp2, t
     from transformers import AutoModelForCausalLM
 
     from pretrain.export import export_run
-    from pretrain.training.consolidate import load
+    from pretrain.checkpoint.consolidate import load
     tokens = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
     for run in (runs / "runs" / "one", tp2pp2, dp2):
         out = tmp_path / run.name

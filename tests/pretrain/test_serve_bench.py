@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-import pretrain.serve_bench as serve_bench
-from pretrain.serve_bench import main
+from pretrain.serve import bench as serve_bench
+from pretrain.serve.bench import main
 
 
 def test_fixed_and_memory_sized_batches_in_one_table(tmp_path, capsys):

@@ -16,7 +16,7 @@ from model.flops import training_flops
 from pretrain.config import RunConfig
 from pretrain.training.metrics import mfu
 from pretrain.training.preempt import REQUEUE_EXIT_CODE
-from pretrain.training.resume import config_mismatch
+from pretrain.checkpoint.resume import config_mismatch
 from pretrain.training.trainer import NONFINITE_EXIT_CODE, Trainer
 from tests.distributed.harness import spawn_ranks
 from tests.pretrain.fixtures import make_shards

@@ -1,7 +1,7 @@
 """Decoding throughput and KV-cache bytes of model configs, measured in one process so the ratios are fair.
 
-    python -m pretrain.tools.decode_bench tiny_vanilla tiny_mor_ec [--batch 8] [--prompt 64] [--new 128]
-    python -m pretrain.tools.decode_bench 360m_vanilla 360m_mor_ec --device cuda --dtype bf16
+    python -m pretrain.serve.decode_bench tiny_vanilla tiny_mor_ec [--batch 8] [--prompt 64] [--new 128]
+    python -m pretrain.serve.decode_bench 360m_vanilla 360m_mor_ec --device cuda --dtype bf16
 
 Each config prefills ``--batch`` random prompts of ``--prompt`` tokens and decodes ``--new`` tokens per prompt
 with the KV cache (model/inference: causal routing, recursion-wise caches, recursive KV sharing when the config
@@ -73,8 +73,8 @@ def bench_one(model: MoRModel, *, batch: int, prompt: int, new: int, dtype: torc
 def _load(name: str, checkpoint: Optional[str], device: torch.device, dtype: torch.dtype) -> MoRModel:
     if checkpoint:
         from conf.errors import ConfigError
-        from pretrain.training.checkpoint import CheckpointError
-        from pretrain.training.consolidate import load
+        from pretrain.checkpoint.verify import CheckpointError
+        from pretrain.checkpoint.consolidate import load
         try:
             model = load(Path(checkpoint)).model
         except CheckpointError as e:
@@ -86,7 +86,7 @@ def _load(name: str, checkpoint: Optional[str], device: torch.device, dtype: tor
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.tools.decode_bench", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m pretrain.serve.decode_bench", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("models", nargs="+", help="model presets (conf/model/NAME.yaml) or YAML paths; the first "
                                                   "is the baseline of the ratios (with --checkpoint: labels)")

@@ -5,7 +5,7 @@
     MOR_FAULT_SIGNAL_RANK=R       ... only on global rank R (default: every rank)
     MOR_FAULT_NAN_AT_STEP=N       the loss of step N is made NaN: one element of the input embedding's output in
                                   the step's last micro-batch becomes NaN, and the forward pass (and, through a
-                                  pipeline, the backward pass) carries it on (Engine.train_step's inject_nan)
+                                  pipeline, the backward pass) carries it on (TrainEngine.train_step's inject_nan)
     MOR_FAULT_NAN_STEPS=K         ... and of the K-1 steps after N too (default 1)
     MOR_FAULT_NAN_RANK=R          ... only on global rank R (default: every rank). Under pipeline parallelism only
                                   a first-stage rank holds the embedding: the NaN enters there or nowhere.

@@ -4,7 +4,7 @@
     MATCH     must match the checkpoint's config: it defines the model, the optimizer state or the data order;
               a difference is one error listing the keys, before anything is loaded
     LAYOUT    may change: the checkpoint's training state is made layout-free and converted for this run
-              (pretrain/training/reshard.py: fp32 master weights and Adam moments carried over)
+              (pretrain/checkpoint/reshard.py: fp32 master weights and Adam moments carried over)
     CHECKED   may change within what the checkpoint can continue from, checked before anything is loaded: the
               effective global batch (micro × accumulation × DP) and the data position (readers)
 

@@ -4,7 +4,7 @@ A checkpoint holds DeepSpeed's files as the saving layout wrote them: per pipeli
 tensor-parallel rank, and with ZeRO-1/2 the fp32 master weights and Adam moments cut into one flat partition per
 data-parallel rank. ``read_training_state`` turns them into one record per parameter of the whole (TP = PP = 1)
 model — fp32 master weight, ``exp_avg``, ``exp_avg_sq`` — plus the optimizer's step count, the way
-pretrain/training/consolidate.py does for the weights alone: TP shards joined (model/tp_shard.py), pipeline
+pretrain/checkpoint/consolidate.py does for the weights alone: TP shards joined (model/tp_shard.py), pipeline
 replicas taken once, ZeRO fragments put back in place by DeepSpeed's own ``param_slice_mappings`` (each
 parameter's slice of each partition). ``load_training_state`` then gives each rank of the new layout its slice:
 the module's weights, and the optimizer's state — the torch optimizer's per-parameter state under ZeRO-0, the
@@ -17,7 +17,7 @@ core shards, and the re-sharding needs only the rules model/tp_shard.py already 
 the layout changes, on load: every rank reads the whole state (fp32 weights and two moments) into CPU memory.
 ZeRO-3 partitions (each rank ceil(numel / DP) elements of every parameter) are read and written the same way.
 
-Precision. The same path carries a run between fp32 and bf16 (pretrain/training/resume.py sends a precision change
+Precision. The same path carries a run between fp32 and bf16 (pretrain/checkpoint/resume.py sends a precision change
 here even when the layout is unchanged): the state is fp32 either way — the fp32 masters and moments of a bf16 run
 (under ZeRO-0 DeepSpeed's FP16_UnfusedOptimizer keeps them as ``fp32_groups`` beside the bf16 module; under ZeRO
 in its flat partitions), the module weights and torch's AdamW state of an fp32 one — and each engine is given it
@@ -34,8 +34,8 @@ import torch
 
 from model.tp_shard import shard_state_dict, unshard_tensor
 from pretrain.config import RunConfig
-from pretrain.training.checkpoint import CheckpointError
-from pretrain.training.consolidate import _stages, _torch_load
+from pretrain.checkpoint.verify import CheckpointError
+from pretrain.checkpoint.consolidate import _stages, _torch_load
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 

@@ -5,7 +5,7 @@
     RUN/checkpoints/latest            text file naming the newest checkpoint, replaced after the folder is in place
     RUN/checkpoints/step-000400.rejected   a checkpoint that failed its check on load: set aside, never deleted
 
-Saving (collective; pretrain/training/saving.py, which builds on this module). Every rank writes into
+Saving (collective; pretrain/checkpoint/save.py, which builds on this module). Every rank writes into
 ``.staging-step-N`` (DeepSpeed its model/optimizer shards, each rank ``trainer-rank-R.pt`` with its RNG and loader
 state); rank 0 adds ``trainer.pt`` (step, tokens, config, tokenizer
 checksum). Then the ranks hash the files between them (size + sha256, each file fsynced as it is read) and rank 0
@@ -23,7 +23,7 @@ reason) and set aside as ``step-N.rejected``. A missing file counts only when it
 after ``SECOND_LOOK_S`` (shared file systems may show another node's file late). When none passes nothing is
 renamed: the caller stops with one line, so a requeued job does not silently start over. Nothing else sets a
 checkpoint aside: one that passed its check but does not load (``load_engine``) is a mismatch with the run or the
-program, which the caller reports without renaming anything (pretrain/training/resume.py).
+program, which the caller reports without renaming anything (pretrain/checkpoint/resume.py).
 
 Without a record. Checkpoints written before records existed hold the same files, but their trainer.pt lacks the
 keys that came in with records (``_RECORD_ERA_KEY``): they are checked by the CRC-32 of every member of their torch
@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from conf.files import atomic_write_bytes
-from pretrain.training import faults
+from pretrain.checkpoint import faults
 
 LATEST = "latest"
 RECORD = "checkpoint.json"
@@ -157,7 +157,7 @@ def files_in(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != RECORD)
 
 
-# ---- saving: pretrain/training/saving.py ------------------------------------------------------------------------
+# ---- saving: pretrain/checkpoint/save.py ------------------------------------------------------------------------
 def aside_name(path: Path, suffix: str) -> Path:
     """A free name beside ``path`` with ``suffix`` (``.rejected``, ``.rejected-2``, ...)."""
     target, n = path.with_name(path.name + suffix), 1

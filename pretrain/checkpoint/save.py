@@ -1,4 +1,4 @@
-"""Writing a checkpoint (collective; the layout on disk is pretrain/training/checkpoint.py's), and a full disk
+"""Writing a checkpoint (collective; the layout on disk is pretrain/checkpoint/verify.py's), and a full disk
 told in one line.
 
 Every rank writes into ``.staging-step-N``, the ranks hash the files between them, rank 0 writes the record, renames
@@ -26,8 +26,8 @@ from typing import Any, Iterator, Optional
 import torch
 
 from conf.files import atomic_write_bytes
-from pretrain.training import checkpoint as ckpt
-from pretrain.training import faults
+from pretrain.checkpoint import verify as ckpt
+from pretrain.checkpoint import faults
 
 DISK_FULL_EXIT_CODE = 74   # EX_IOERR: not a requeue (75), the disk needs a person
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)

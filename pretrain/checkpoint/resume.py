@@ -1,30 +1,40 @@
-"""Resuming a run: pick the checkpoint (verified, with fallback), check it belongs to this run, then load it.
+"""Resuming a run (the read side of pretrain/checkpoint/checkpointer.py): pick the checkpoint (verified, with
+fallback), check it belongs to this run, then load it.
 
-Order matters. The checkpoint is checked against its record first (pretrain/training/checkpoint.py): only a
+Order matters. The checkpoint is checked against its record first (pretrain/checkpoint/verify.py): only a
 failed integrity check — a file of another size or sha256, a missing file — sets a checkpoint aside. Then, before
 any state is loaded, everything this run could disagree with is checked, each a one-line error: the config
-(every key classified in pretrain/training/config_keys.py), the tokenizer, the effective global batch and the data
+(every key classified in pretrain/checkpoint/config_keys.py), the tokenizer, the effective global batch and the data
 position (the loader is rebuilt and positioned here). Only then are the engine, RNG and step restored. A checkpoint
 that passed its check but cannot be loaded is a mismatch with this run or program, not damage: one line naming
 the file and the exception, nothing renamed (exit 2).
 
 A changed layout or compute precision (fp32 ↔ bf16, also ``auto`` resolving differently on another device) goes
-through pretrain/training/reshard.py: the checkpoint's training state made layout-free — fp32 master weights,
+through pretrain/checkpoint/reshard.py: the checkpoint's training state made layout-free — fp32 master weights,
 Adam moments and step per parameter — and written into this run's engine. DeepSpeed's own loader cannot do it
 (its bf16 and fp32 optimizers save different state: ``KeyError: 'dynamic_loss_scale'``), and refusing would
 strand a run that moves between a GPU (bf16 under ``auto``) and a CPU.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from conf import config_to_dict
 from conf.errors import ConfigError
-from pretrain.training import checkpoint as ckpt
-from pretrain.training.config_keys import ADDED, MATCH, kind
+from pretrain.checkpoint import verify as ckpt
+from pretrain.checkpoint.config_keys import ADDED, MATCH, kind
+from pretrain.checkpoint.state import TrainerState
+
+
+@dataclass
+class Resumed:
+    path: Path             # the checkpoint folder
+    state: TrainerState    # its run-level record
+    loader: Any            # the training loader at its data position (another one where the readers changed)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -52,16 +62,16 @@ def _describe(layout: tuple[int, int, int, int], bf16: bool) -> str:
     return "TP={} PP={} DP={} ZeRO-{}".format(*layout) + (", bf16" if bf16 else ", fp32")
 
 
-def _check_belongs(trainer, path: Path, state: dict) -> None:
+def _check_belongs(ck, path: Path, state: dict) -> None:
     """ConfigError unless the checkpoint at ``path`` was saved by this run's config and tokenizer."""
-    saved, now = {**ADDED, **_flatten(state["config"])}, _flatten(config_to_dict(trainer.cfg))
-    diff = config_mismatch(state["config"], config_to_dict(trainer.cfg))
+    saved, now = {**ADDED, **_flatten(state["config"])}, _flatten(config_to_dict(ck.cfg))
+    diff = config_mismatch(state["config"], config_to_dict(ck.cfg))
     if diff:
         shown = ", ".join(f"{k} (saved {saved.get(k, '-')!r}, now {now.get(k, '-')!r})" for k in diff[:6])
         raise ConfigError(f"checkpoint.resume: {path} was saved with a different config in {shown}"
                           + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
                           + "; restore those keys or start a new run (checkpoint.resume=none, another name)")
-    if state["tokenizer_sha256"] != trainer.manifest.tokenizer.get("sha256"):
+    if state["tokenizer_sha256"] != ck.tokenizer_sha256:
         raise ConfigError(f"data.path: tokenized with another tokenizer than the checkpoint {path}")
 
 
@@ -117,13 +127,13 @@ def data_position_problem(readers: int, set_readers: int, dp: int, num_workers: 
                   "to move between DP sizes starts with data.readers set to a multiple of each)")
 
 
-def _check_batch(trainer, path: Path, state: dict) -> Optional[str]:
+def _check_batch(ck, path: Path, state: dict) -> Optional[str]:
     """ConfigError for a changed effective batch that was not asked for; a note to print for one that was."""
     saved = state["config"]["parallel"]
-    saved_world = state.get("world_size") or trainer.layout.world
+    saved_world = state.get("world_size") or ck.layout.world
     saved_dp = _layout_of(saved, saved_world)[2]
-    p = trainer.cfg.parallel
-    old, new, why = batch_change(saved, saved_dp, p.micro_batch_size, p.global_batch_size, trainer.layout.dp)
+    p = ck.cfg.parallel
+    old, new, why = batch_change(saved, saved_dp, p.micro_batch_size, p.global_batch_size, ck.layout.dp)
     if why:
         raise ConfigError(f"parallel.global_batch_size: {path} {why}")
     if old == new:
@@ -132,14 +142,14 @@ def _check_batch(trainer, path: Path, state: dict) -> Optional[str]:
             f"(parallel.global_batch_size={new})")
 
 
-def _conversion(trainer, path: Path, state: dict) -> Optional[tuple[str, str, bool]]:
+def _conversion(ck, engine, path: Path, state: dict) -> Optional[tuple[str, str, bool]]:
     """(how the checkpoint was saved, how this run trains, whether the layout differs) when its state must be
     converted (another layout or compute precision), else None."""
-    from pretrain.training.reshard import engine_bf16, saved_bf16
-    saved_world = state.get("world_size") or trainer.layout.world
+    from pretrain.checkpoint.reshard import engine_bf16, saved_bf16
+    saved_world = state.get("world_size") or ck.layout.world
     old = _layout_of(state["config"]["parallel"], saved_world)
-    new = _layout_of(config_to_dict(trainer.cfg)["parallel"], trainer.layout.world)
-    now_bf16 = engine_bf16(trainer.engine)
+    new = _layout_of(config_to_dict(ck.cfg)["parallel"], ck.layout.world)
+    now_bf16 = engine_bf16(engine)
     try:
         was_bf16 = saved_bf16(path)
     except ckpt.CheckpointError as e:
@@ -150,13 +160,13 @@ def _conversion(trainer, path: Path, state: dict) -> Optional[tuple[str, str, bo
     return _describe(old, was_bf16), _describe(new, now_bf16), old != new
 
 
-def _rank_state(trainer, path: Path, converting: bool) -> dict:
+def _rank_state(ck, path: Path, converting: bool) -> dict:
     """This rank's saved state (RNG, data position): its own file under the same layout; under another, a saving
     rank's with this rank's data-parallel index where there is one (taken at an optimizer step, every rank's
     position is the same count of global micro-batches), so that an unchanged DP size continues each rank's own
     stream (pretrain/data/loader.py: load_state_dict)."""
     if not converting:
-        return _torch_read(path / f"trainer-rank-{trainer.layout.rank}.pt")
+        return _torch_read(path / f"trainer-rank-{ck.layout.rank}.pt")
     from megatron.core import parallel_state as ps
     files = sorted(path.glob("trainer-rank-*.pt"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
     if not files:
@@ -184,14 +194,14 @@ def _saved_readers(rank_state: dict) -> int:
     return saved.get("readers", saved["dp_size"] * max(1, saved["num_workers"]))   # saved before readers were
 
 
-def _check_data(trainer, path: Path, rank_state: dict) -> None:
-    why = data_position_problem(_saved_readers(rank_state), trainer.cfg.data.readers, trainer.layout.dp,
-                                trainer.cfg.data.num_workers)
+def _check_data(ck, path: Path, rank_state: dict) -> None:
+    why = data_position_problem(_saved_readers(rank_state), ck.cfg.data.readers, ck.layout.dp,
+                                ck.cfg.data.num_workers)
     if why:
         raise ConfigError(why if why.startswith("data.") else f"checkpoint.resume: {path}: {why}")
 
 
-def _position_data(trainer, path: Path, rank_state: dict) -> None:
+def _position_data(ck, loader, path: Path, rank_state: dict):
     """The training loader at the checkpoint's data position (ConfigError where the loader refuses it). With
     data.readers unset the run reads with the checkpoint's number of readers, so that another DP size or worker
     count continues the same data order."""
@@ -199,39 +209,41 @@ def _position_data(trainer, path: Path, rank_state: dict) -> None:
 
     from pretrain.data.loader import split_loader
     readers = _saved_readers(rank_state)
-    if trainer.loader.readers != readers:
-        trainer.loader = split_loader(trainer.cfg, "train", dp_rank=ps.get_data_parallel_rank(),
-                                      dp_size=trainer.layout.dp, readers=readers)
+    if loader.readers != readers:
+        loader = split_loader(ck.cfg, "train", dp_rank=ps.get_data_parallel_rank(),
+                                      dp_size=ck.layout.dp, readers=readers)
     try:
-        trainer.loader.load_state_dict(rank_state["loader"])
+        loader.load_state_dict(rank_state["loader"])
     except ValueError as e:
         raise ConfigError(f"checkpoint.resume: {path}: {e}") from None
+    return loader
 
 
-def _before_loading(trainer, path: Path) -> tuple[dict, dict, Optional[tuple[str, str, bool]], Optional[str]]:
+def _before_loading(ck, engine, loader, path: Path) -> tuple[dict, dict, Optional[tuple[str, str, bool]],
+                                                             Optional[str], object]:
     """Every check that needs no weight (see the module docstring); (trainer state, rank state, conversion, a note
     on a changed batch)."""
     state = _torch_read(path / "trainer.pt")
-    _check_belongs(trainer, path, state)
-    conversion = _conversion(trainer, path, state)
-    rank_state = _rank_state(trainer, path, conversion is not None)
-    _check_data(trainer, path, rank_state)   # first: where the data cannot continue under this DP, the batch is moot
-    note = _check_batch(trainer, path, state)
-    _position_data(trainer, path, rank_state)
-    return state, rank_state, conversion, note
+    _check_belongs(ck, path, state)
+    conversion = _conversion(ck, engine, path, state)
+    rank_state = _rank_state(ck, path, conversion is not None)
+    _check_data(ck, path, rank_state)   # first: where the data cannot continue under this DP, the batch is moot
+    note = _check_batch(ck, path, state)
+    loader = _position_data(ck, loader, path, rank_state)
+    return state, rank_state, conversion, note, loader
 
 
-def _load_converted(trainer, path: Path) -> None:
+def _load_converted(ck, engine, path: Path) -> None:
     """Collective: the checkpoint's training state, layout-free, into this run's engine."""
     from megatron.core import parallel_state as ps
 
-    from pretrain.training.consolidate import read_run
-    from pretrain.training.reshard import load_training_state, read_training_state
+    from pretrain.checkpoint.consolidate import read_run
+    from pretrain.checkpoint.reshard import load_training_state, read_training_state
     why = None
     try:
         saved_run, _ = read_run(path)
         training = read_training_state(path, saved_run)
-        load_training_state(trainer.engine, training, ps.get_tensor_model_parallel_rank(), trainer.layout.tp)
+        load_training_state(engine, training, ps.get_tensor_model_parallel_rank(), ck.layout.tp)
     except ckpt.CheckpointError as e:
         why = _not_loadable(path, str(e))
     except Exception as e:  # noqa: BLE001 - any failure while converting: one line, the same on every rank
@@ -241,9 +253,9 @@ def _load_converted(trainer, path: Path) -> None:
         raise ConfigError(why)
 
 
-def _pick(trainer) -> Optional[Path]:
+def _pick(ck) -> Optional[Path]:
     """The checkpoint to resume from (collective): the verified newest one, an explicit folder, or None."""
-    mode = trainer.cfg.checkpoint.resume
+    mode = ck.cfg.checkpoint.resume
     if mode == "none":
         return None
     if mode != "auto":
@@ -256,22 +268,23 @@ def _pick(trainer) -> Optional[Path]:
             raise ConfigError(f"checkpoint.resume: {path}/{why}; nothing was changed there")
         return path
     try:
-        return ckpt.resolve(trainer.ckpt_dir, trainer.print).path
+        return ckpt.resolve(ck.dir, ck.log).path
     except ckpt.CheckpointError as e:
         raise ConfigError(str(e)) from None
 
 
-def resume(trainer) -> Optional[Path]:
-    """Collective. Restores ``trainer`` from its checkpoint, if any; returns the folder it resumed from."""
-    path = _pick(trainer)
+def resume(ck, engine, loader) -> Optional[Resumed]:
+    """Collective. Loads the checkpoint to resume from, if any, into ``engine`` and this rank's RNG; None when the
+    run starts afresh. See Checkpointer.resume."""
+    path = _pick(ck)
     if path is None:
         return None
-    if trainer.is_main and not (path / ckpt.RECORD).exists():
-        trainer.print(f"checkpoint: {path} has no {ckpt.RECORD} (saved before records existed): checked only by "
-                      "the CRC-32 of its zip members")
+    if ck.is_main and not (path / ckpt.RECORD).exists():
+        ck.log(f"checkpoint: {path} has no {ckpt.RECORD} (saved before records existed): checked only by "
+               "the CRC-32 of its zip members")
     why, found = None, None
     try:
-        found = _before_loading(trainer, path)
+        found = _before_loading(ck, engine, loader, path)
     except ConfigError as e:   # one rank alone may fail (its own file): every rank stops, with the same line
         why = str(e)
     except Exception as e:  # noqa: BLE001 - a verified file that holds something else: one line, not a traceback
@@ -279,22 +292,23 @@ def resume(trainer) -> Optional[Path]:
     why = ckpt.agree(why)
     if why:
         raise ConfigError(why)
-    state, rank_state, conversion, note = found
+    state, rank_state, conversion, note, loader = found
     if conversion is not None:
-        _load_converted(trainer, path)
-        if trainer.is_main:
+        _load_converted(ck, engine, path)
+        if ck.is_main:
             saved, now, relayout = conversion
             verb = "re-sharded" if relayout else "converted"
-            trainer.print(f"checkpoint: {path} was saved under {saved}; {verb} for {now} (fp32 master weights and "
-                          "Adam moments carried over)")
+            ck.log(f"checkpoint: {path} was saved under {saved}; {verb} for {now} (fp32 master weights and "
+                   "Adam moments carried over)")
     else:
         try:
-            ckpt.load_engine(trainer.engine, path)
+            ckpt.load_engine(engine, path)
         except ckpt.CheckpointError as e:
             raise ConfigError(_not_loadable(path, str(e))) from None
-    trainer.load_state(state)
     ckpt.set_rng_state(rank_state["rng"])
-    if trainer.is_main:
+    resumed = Resumed(path, TrainerState.from_dict(state), loader)
+    if ck.is_main:
         if note:
-            trainer.print(note)
-        trainer.print(f"resumed from {path} at step {trainer.step}")
+            ck.log(note)
+        ck.log(f"resumed from {path} at step {resumed.state.step}")
+    return resumed

@@ -1,6 +1,6 @@
 """One process's model from a checkpoint saved under any layout: TP × PP × DP, ZeRO 0-3, fp32 or bf16.
 
-What a checkpoint folder holds (pretrain/training/checkpoint.py; the DeepSpeed files come from
+What a checkpoint folder holds (pretrain/checkpoint/verify.py; the DeepSpeed files come from
 pretrain/parallel/engine.py, which saves with the tag ``engine``, into ``stage-P/`` for pipeline stage P when
 PP > 1):
 
@@ -59,8 +59,8 @@ from model.config import ModelConfig
 from model.mor import MoRModel
 from model.tp_shard import unshard_tensor
 from pretrain.config import RunConfig
-from pretrain.training import checkpoint as ckpt
-from pretrain.training.checkpoint import CheckpointError
+from pretrain.checkpoint import verify as ckpt
+from pretrain.checkpoint.verify import CheckpointError
 
 _MODEL_FILE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
 _OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
