@@ -14,12 +14,13 @@ from typing import Optional
 import torch
 
 from model.attention import position_mask
+from model.state import ForwardState
 
 
 class SaveFirstStep:
     """Key source of a first-step layer whose keys later steps read: keep them, attend as usual."""
 
-    def __init__(self, state: dict, pos: int, positions: torch.Tensor, valid: Optional[torch.Tensor], n: int):
+    def __init__(self, state: ForwardState, pos: int, positions: torch.Tensor, valid: Optional[torch.Tensor], n: int):
         self.state, self.pos, self.positions, self.valid, self.n = state, pos, positions, valid, n
 
     def __call__(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -33,7 +34,7 @@ class SaveFirstStep:
 class ReadFirstStep:
     """Key source of a later-step layer: the first step's keys and values, visible up to each query's position."""
 
-    def __init__(self, state: dict, source: int, q_positions: torch.Tensor):
+    def __init__(self, state: ForwardState, source: int, q_positions: torch.Tensor):
         self.state, self.source, self.q_positions = state, source, q_positions
 
     def __call__(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -5,7 +5,9 @@
 Routing (none, expert-choice, token-choice) lives in model/routing, one module per variant: ``self.router`` runs
 the routing ops of the program and tells each layer op inside a recursion step which tokens to run (the kept,
 compacted tokens of expert-choice; the tokens still recursing under token-choice) at which RoPE positions.
-This module holds the rest: embedding, layers, head, pipeline stages, sequence parallelism and the op loop.
+This module holds the rest: embedding, layers, head, pipeline stages and the op loop; the forward pass's state is
+a model.state.ForwardState, and how layer ops see the stream (whole, or split by sequence parallelism) is
+model/seq_sharding.py's.
 
 The forward pass runs the flat op program of model/program.py. A pipeline stage (``pp_size`` > 1) builds only
 the layers its slice of the program uses, and receives / returns the packed state at its edges.
@@ -15,15 +17,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from megatron.core import ModelParallelConfig
-from megatron.core.tensor_parallel import (VocabParallelEmbedding,
-                                           gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region)
+from megatron.core.tensor_parallel import VocabParallelEmbedding
 
 from model.config import ModelConfig
 from model.layers import (RMSNorm, Rotary, TransformerLayer, make_parallel_config, normal_init, tp_group,
@@ -32,7 +33,9 @@ from model.kv_sharing import ReadFirstStep, SaveFirstStep
 from model.head import LMHead
 from model.program import Op, build_program, pack, packed_rows, stage_ranges, state_spec, unpack
 from model.routing import Routing, Stream, build_routing
+from model.seq_sharding import sequence_sharding
 from model.sharing import build_plan
+from model.state import ForwardState
 
 if TYPE_CHECKING:
     from model.inference.cache import KVCache
@@ -59,6 +62,7 @@ class MoRModel(nn.Module):
         self.cfg = cfg
         mp = mp or make_parallel_config(cfg)
         self.sequence_parallel = mp.sequence_parallel
+        self.sharding = sequence_sharding(mp.sequence_parallel)   # how layer ops see the stream (none / SP)
         self.plan = build_plan(cfg)
         self.program = build_program(cfg)
         self.pp_rank, self.pp_size = pp_rank, pp_size
@@ -104,13 +108,33 @@ class MoRModel(nn.Module):
         if self.trace is not None:
             self.trace.append({k: v.detach().clone() for k, v in state.items()})
 
-    def _run(self, layer_ids: tuple[int, ...], h: torch.Tensor, positions: torch.Tensor,
-             key_active: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Run unique layers ``layer_ids`` in order (tests and references use this directly)."""
-        rope = self.rotary(positions)
+    # ---- the pieces, for a serving engine (model/inference/engine.py), references and tests --------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, n) token ids -> (B, n, d) the residual stream's start."""
+        return self.embedding(tokens)
+
+    def rope(self, positions: torch.Tensor):
+        """The RoPE tables of (B, n) positions, as ``run_layer`` takes them."""
+        return self.rotary(positions)
+
+    def run_layer(self, layer: int, x: torch.Tensor, rope, key_active: Optional[torch.Tensor] = None,
+                  kv=None) -> torch.Tensor:
+        """Unique layer ``layer`` on the rows ``x`` (B, n, d) at RoPE ``rope``; ``kv``: where its keys and values
+        come from besides ``x`` (a cache's or a KV pool's source), None: x's own, causally."""
+        return self.layers[self._layer_keys[layer]](x, rope, key_active, kv)
+
+    def run_layers(self, layer_ids: Sequence[int], h: torch.Tensor, positions: torch.Tensor,
+                   key_active: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Unique layers ``layer_ids`` in order over ``h`` at ``positions``, each token attending causally."""
+        rope = self.rope(positions)
         for i in layer_ids:
-            h = self.layers[str(i)](h, rope, key_active)
+            h = self.run_layer(i, h, rope, key_active)
         return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, n, d) final residual stream -> (B, n, V / TP) logits: final norm, then the (tied) output layer."""
+        weight = self.embedding.weight if self.cfg.tie_embeddings else None
+        return self.output_layer(self.final_norm(h), weight=weight)[0]
 
     def _layer(self, i: int, x: torch.Tensor, rope, active, kv=None) -> torch.Tensor:
         layer = self.layers[self._layer_keys[i]]
@@ -120,13 +144,12 @@ class MoRModel(nn.Module):
             return torch.utils.checkpoint.checkpoint(layer, x, rope, active, kv, use_reentrant=False)
         return layer(x, rope, active, kv)
 
-    def _key_source(self, op: Op, s: dict, positions: torch.Tensor, active: Optional[torch.Tensor], n: int):
+    def _key_source(self, op: Op, s: ForwardState, positions: torch.Tensor, active: Optional[torch.Tensor], n: int):
         """Where layer op ``op`` takes keys and values from besides its own input: the inference KV cache, or
         recursive KV sharing's first-step keys (model/kv_sharing.py); None for its own, causally."""
-        cache = s.get("_cache")
-        if cache is not None:
-            valid = s["_valid"] if active is None else s["_valid"] & active
-            return cache.source(op, positions, valid)
+        if s.cache is not None:
+            valid = s.valid if active is None else s.valid & active
+            return s.cache.source(op, positions, valid)
         if op.kv_from >= 0:
             return ReadFirstStep(s, op.kv_from, positions)
         if op.pos in self.kv_sources:
@@ -134,90 +157,25 @@ class MoRModel(nn.Module):
         return None
 
     # ---- the op interpreter -----------------------------------------------------------------------------------
-    def _op(self, op: Op, s: dict, stats: dict) -> None:
-        """Apply one op to the state ``s`` in place. Keys with a leading "_" are local caches."""
+    def _op(self, op: Op, s: ForwardState, stats: dict) -> None:
+        """Apply one op to the state ``s`` in place."""
         if op.kind == "layer":
-            if self.sequence_parallel:
-                self._sp_layer(op, s)
-            else:
-                self._sp_gather(s)
-                self._plain_layer(op, s)
+            self.sharding.layer(self, op, s)
             return
         # Routing ops see whole sequences, and end the stream the layers before them ran on.
-        self._sp_gather(s)
-        s.pop("_stream", None)
+        self.sharding.gather(s)
+        s.stream = None
         record = self.router.run_op(op, s, stats)
         if record is not None:
             self._record(**record)
 
-    def _stream(self, op: Op, s: dict, compact: bool) -> Stream:
+    def _stream(self, op: Op, s: ForwardState, compact: bool) -> Stream:
         """The stream of layer op ``op``, asked of the routing once per recursion step; outside the recursions,
         the whole residual stream."""
-        cached = s.get("_stream")
-        if cached is None or cached[0] != op.step:
-            cached = s["_stream"] = (op.step, self.router.stream(op.step, s, compact) if op.step >= 0 else Stream("h"))
-            s.pop("_step_rope", None)
-        return cached[1]
-
-    def _plain_layer(self, op: Op, s: dict) -> None:
-        # a KV cache appends whole rows under a mask: never a gathered subsequence
-        stream = self._stream(op, s, compact=self.cfg.tc_compact and "_cache" not in s)
-        x = s[stream.key]
-        if stream.positions is None:  # the rows' own positions: one RoPE for the whole forward pass
-            if "_pos_rope" not in s:
-                b, n = x.shape[:2]
-                s.setdefault("_positions", torch.arange(n, device=x.device).expand(b, n))
-                s["_pos_rope"] = self.rotary(s["_positions"])
-            positions, rope = s["_positions"], s["_pos_rope"]
-        else:  # the step's tokens at their original positions: one RoPE per step
-            if "_step_rope" not in s:
-                s["_step_rope"] = self.rotary(stream.positions)
-            positions, rope = stream.positions, s["_step_rope"]
-        kv = self._key_source(op, s, positions, stream.key_active, positions.shape[1])
-        if stream.index is None:
-            s[stream.key] = self._layer(op.layer, x, rope, stream.key_active, kv)
-            return
-        where = stream.index[..., None].expand(-1, -1, x.shape[-1])
-        y = self._layer(op.layer, torch.gather(x, 1, where), rope, stream.key_active, kv)
-        # Rows outside the index keep their value (compact token-choice: those tokens' y is never read again).
-        s[stream.key] = x.scatter(1, where, y)
-
-    # ---- sequence parallelism ---------------------------------------------------------------------------------
-    # Between routing ops the stream a layer runs on (h, the compacted x, or token-choice's y) is split along the
-    # sequence over the TP group, padded to a multiple of TP at the end (causal attention keeps the padding from
-    # touching real tokens). Routing ops gather it back whole, so routers see exactly what a TP = 1 run sees and
-    # keep the same tokens under any layout.
-    def _sp_layer(self, op: Op, s: dict) -> None:
-        stream = self._stream(op, s, compact=False)
-        if s.get("_sp_key") != stream.key:
-            self._sp_gather(s)
-            full = s[stream.key]
-            b, n = full.shape[:2]
-            pad = (-n) % tp_world_size()
-            positions = (stream.positions if stream.positions is not None
-                         else torch.arange(n, device=full.device).expand(b, n))
-            active = stream.key_active
-            if pad:
-                full = F.pad(full, (0, 0, 0, pad))
-                positions = F.pad(positions, (0, pad))
-                active = F.pad(active, (0, pad)) if active is not None else None
-            local = scatter_to_sequence_parallel_region(full.transpose(0, 1).contiguous(), group=tp_group())
-            s.update(_sp_key=stream.key, _sp_x=local.transpose(0, 1), _sp_len=n, _sp_rope=self.rotary(positions),
-                     _sp_active=active, _sp_pos=positions)
-        # the padding rows are keys of no real token; shared keys keep only the first n rows
-        kv = self._key_source(op, s, s["_sp_pos"], s["_sp_active"], s["_sp_len"])
-        s["_sp_x"] = self._layer(op.layer, s["_sp_x"], s["_sp_rope"], s["_sp_active"], kv)
-
-    def _sp_gather(self, s: dict) -> None:
-        key = s.pop("_sp_key", None)
-        if key is None:
-            return
-        local, n = s.pop("_sp_x"), s.pop("_sp_len")
-        s.pop("_sp_rope"), s.pop("_sp_active"), s.pop("_sp_pos")
-        # Everything after this point is computed identically on every TP rank: backward splits the gradient.
-        full = gather_from_sequence_parallel_region(local.transpose(0, 1).contiguous(),
-                                                    tensor_parallel_output_grad=False, group=tp_group())
-        s[key] = full.transpose(0, 1)[:, :n]
+        if s.stream is None or s.stream[0] != op.step:
+            s.stream = (op.step, self.router.stream(op.step, s, compact) if op.step >= 0 else Stream("h"))
+            s.step_rope = None
+        return s.stream[1]
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def set_input_tensor(self, tensor) -> None:
@@ -250,28 +208,27 @@ class MoRModel(nn.Module):
         spec = partial(state_spec, self.cfg, batch=b, seq_len=t, kept=kept, causal=causal_routing,
                        tp=tp_world_size())
         if self.is_first:
-            s = {"h": self.embedding(tokens), "aux": torch.zeros((), device=tokens.device)}
+            s = ForwardState({"h": self.embedding(tokens), "aux": torch.zeros((), device=tokens.device)})
         else:
-            s = unpack(self.input_tensor, spec(start), torch.float32)
-        if causal_routing:
-            s["_causal"] = True
+            s = ForwardState(unpack(self.input_tensor, spec(start), torch.float32))
+        s.causal = causal_routing
         if cache is not None:
             if self.pp_size > 1 or tp_world_size() > 1:
                 raise NotImplementedError("a KV cache runs the model in one process (tensor and pipeline parallel "
                                           "size 1); load the checkpoint with pretrain.generate")
             lengths = torch.full((b,), t, device=tokens.device) if lengths is None else lengths.to(tokens.device)
-            s.update(_cache=cache, _positions=cache.positions(t), _valid=cache.valid(t, lengths))
+            s.cache, s.positions, s.valid = cache, cache.positions(t), cache.valid(t, lengths)
         stats: dict[str, torch.Tensor] = {}
         for op in self.program[start:end]:
             self._op(op, s, stats)
-        self._sp_gather(s)
+        self.sharding.gather(s)
         # the statistics of this stage's routing ops, also where no MoROutput carries them (a pipeline stage)
         self.last_router_stats = {k: v.detach() for k, v in stats.items()}
         if cache is not None:
             cache.advance(lengths)
         if not self.is_last:
             rows = packed_rows(self.cfg, self.pp_size, b, t, tp_world_size())
-            return pack(s, spec(end), rows, self.pipeline_dtype)
+            return pack(s.carried, spec(end), rows, self.pipeline_dtype)
         h = self.final_norm(s["h"])
         weight = self.embedding.weight if self.cfg.tie_embeddings else None
         aux_loss = s["aux"]

@@ -134,9 +134,9 @@ class DepthBatchServer(SlotServer):
     # ---- stages ---------------------------------------------------------------------------------------------
     def _layers(self, ops, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         positions = self.length[rows][:, None]
-        rope = self.model.rotary(positions)
+        rope = self.model.rope(positions)
         for op in ops:
-            x = self.model.layers[str(op.layer)](x, rope, None, self.pool.static_source(op.pos, rows, positions))
+            x = self.model.run_layer(op.layer, x, rope, None, self.pool.static_source(op.pos, rows, positions))
         return x
 
     def _decide(self, rows: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -151,7 +151,7 @@ class DepthBatchServer(SlotServer):
         return rows[~runs]
 
     def _enter(self, rows: torch.Tensor) -> torch.Tensor:
-        x = self.model.embedding(self.token[rows][:, None])
+        x = self.model.embed(self.token[rows][:, None])
         h = self._layers(self.prelude, rows, x)[:, 0]
         for key, value in self.model.router.token_enter(h).items():
             if key not in self.route:
@@ -164,20 +164,20 @@ class DepthBatchServer(SlotServer):
     def _block(self, rows: torch.Tensor, stack: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
         step = self.step[rows]
         positions = self.length[rows][:, None]
-        rope = self.model.rotary(positions)
+        rope = self.model.rope(positions)
         x = self.h[rows][:, None]
         index_rows = self.pool.index[stack, rows]   # each row's map of its own step (step 1's under sharing)
         for j in range(len(self.steps[0])):
             if self.one_layer[j]:     # cycle sharing: one call for every depth
-                x = self.model.layers[str(self.steps[0][j])](x, rope, None,
-                                                             self.pool.block_source(j, index_rows, dest, positions))
+                x = self.model.run_layer(self.steps[0][j], x, rope, None,
+                                         self.pool.block_source(j, index_rows, dest, positions))
                 continue
             ids = self.layer_of[j][step]   # sequence sharing: each row's layer, one call per layer
             out = torch.empty_like(x)
             for layer in torch.unique(ids).tolist():
                 m = ids == layer
                 kv = self.pool.block_source(j, index_rows[m], dest[m], positions[m])
-                out[m] = self.model.layers[str(layer)](x[m], (rope[0][m], rope[1][m]), None, kv)
+                out[m] = self.model.run_layer(layer, x[m], (rope[0][m], rope[1][m]), None, kv)
             x = out
         st = {k: v[rows] for k, v in self.route.items()}
         h = self.model.router.token_update(step, self.h[rows], x[:, 0], st, self.gate[rows])
@@ -188,9 +188,7 @@ class DepthBatchServer(SlotServer):
 
     def _exit(self, rows: torch.Tensor) -> None:
         x = self._layers(self.coda, rows, self.h[rows][:, None])
-        model = self.model
-        weight = model.embedding.weight if self.cfg.tie_embeddings else None
-        logits = model.output_layer(model.final_norm(x), weight=weight)[0][:, 0]
+        logits = self.model.head(x)[:, 0]
         self.length[rows] += 1
         self.phase[rows] = IDLE
         go_on = self._finish(rows.tolist(), logits, self.depth[rows].tolist())

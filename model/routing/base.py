@@ -13,9 +13,9 @@ program and the FLOPs counter never branch on ``cfg.routing``:
     training   begin_step / end_step     once per optimizer step: warm-ups, loss-free balancing
     inference  continues(step, h)        the rule one token applies alone, without seeing the rest of the sequence
 
-The forward state is a dict of tensors: ``h`` (the residual stream, B x T x d) and ``aux`` (router losses so far)
-are the model's; every other key belongs to the variant. Keys starting with "_" are local caches that never cross
-a pipeline stage.
+The forward state is a ``model.state.ForwardState``: its carried tensors, by name, are ``h`` (the residual stream,
+B x T x d) and ``aux`` (router losses so far), the model's, and the variant's own keys; its typed fields (whether
+it routes causally, the inference cache, ...) never cross a pipeline stage.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.config import ModelConfig
+from model.state import ForwardState
 
 # key -> (shape, is_integer): the state alive between two ops of the program.
 StateSpec = dict[str, tuple[tuple[int, ...], bool]]
@@ -176,12 +177,12 @@ class Routing(nn.Module):
         return 0.0
 
     # ---- the forward pass -------------------------------------------------------------------------------------
-    def run_op(self, op: Op, s: dict, stats: dict) -> Optional[dict[str, torch.Tensor]]:
+    def run_op(self, op: Op, s: ForwardState, stats: dict) -> Optional[dict[str, torch.Tensor]]:
         """Run routing op ``op`` on the state ``s`` in place; add per-step statistics (detached scalars) to
         ``stats``. Returns the tensors that MoRModel.trace records for a closed recursion step, if any."""
         raise NotImplementedError(f"routing={self.name} has no routing op {op.kind}")
 
-    def stream(self, step: int, s: dict, compact: bool) -> Stream:
+    def stream(self, step: int, s: ForwardState, compact: bool) -> Stream:
         """The stream a layer of recursion step ``step`` runs on. ``compact`` False: the same tokens as full rows
         with a key mask instead of a gathered subsequence (sequence parallelism scatters whole rows)."""
         return Stream("h")

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.config import ModelConfig
+from model.state import ForwardState
 from model.routing.base import Op, Routing, RouterHead, StateSpec, Stream, head_params
 
 _ACTIVATION = {"sigmoid": (torch.sigmoid, 0.5), "tanh": (torch.tanh, 0.0)}  # G, and G(0): the continue threshold
@@ -180,8 +181,8 @@ class ExpertChoiceRouting(Routing):
         update = g * x if self.gating == "weighted" else g * (x - x0)
         return h.scatter_add(1, idx[..., None].expand(-1, -1, h.shape[-1]), update.to(h.dtype))
 
-    def run_op(self, op: Op, s: dict, stats: dict) -> Optional[dict[str, torch.Tensor]]:
-        if s.get("_causal"):
+    def run_op(self, op: Op, s: ForwardState, stats: dict) -> Optional[dict[str, torch.Tensor]]:
+        if s.causal:
             return self._run_causal_op(op, s, stats)
         b, t, d = s["h"].shape
         r = op.step
@@ -198,7 +199,7 @@ class ExpertChoiceRouting(Routing):
                 s["x0"] = s["x"]
             terms = self.losses(r, step, aux_logits)
             s["aux"] = s["aux"] + sum(terms.values())
-            s["_logits"] = step.logits  # for the trace only: never crosses a stage
+            s.trace_logits = step.logits  # for the trace only: never crosses a stage
             stats[f"r{r + 1}/kept_frac"] = torch.tensor(k / t)
             stats[f"r{r + 1}/gate_mean"] = step.gate.detach().mean()
             # What the inference rule would do with these candidates: the fraction it sends on, and how often it
@@ -213,11 +214,12 @@ class ExpertChoiceRouting(Routing):
             s["h"] = self.write_back(s["h"], x, idx, gate, s.pop("x0", None))
             if r < self.nr - 1:
                 s["cand"] = idx
-            return {"idx": idx, "h": s["h"], "gate": gate, "logits": s.pop("_logits", torch.empty(0))}
+            logits, s.trace_logits = s.trace_logits, None
+            return {"idx": idx, "h": s["h"], "gate": gate, "logits": torch.empty(0) if logits is None else logits}
         return super().run_op(op, s, stats)
 
-    def stream(self, step: int, s: dict, compact: bool) -> Stream:
-        if s.get("_causal"):  # whole rows; attention among the tokens still running (and each token itself)
+    def stream(self, step: int, s: ForwardState, compact: bool) -> Stream:
+        if s.causal:  # whole rows; attention among the tokens still running (and each token itself)
             return Stream("x", key_active=s["active"].bool())
         return Stream("x", positions=s["idx"])  # the kept tokens, already compacted at ec_route
 
@@ -225,7 +227,7 @@ class ExpertChoiceRouting(Routing):
     # Each token decides alone whether it runs step r (``continues``), so no token's path depends on a later
     # token. State: ``active`` (B, T) bool, the tokens running this step (a token that stopped never runs
     # again), ``gate`` (B, T), ``x`` (B, T, d) the rows the block runs on, ``x0`` for residual gating.
-    def _run_causal_op(self, op: Op, s: dict, stats: dict) -> Optional[dict[str, torch.Tensor]]:
+    def _run_causal_op(self, op: Op, s: ForwardState, stats: dict) -> Optional[dict[str, torch.Tensor]]:
         r = op.step
         if op.kind == "ec_route":
             activation = _ACTIVATION[self.func][0]

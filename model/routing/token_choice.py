@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig
+from model.state import ForwardState
 from model.routing.base import Op, Routing, RouterHead, StateSpec, Stream, all_reduce_over_replicas, head_params
 
 
@@ -186,10 +187,10 @@ class TokenChoiceRouting(Routing):
         leaving = h1 + gate[..., None].to(y.dtype) * y
         return torch.where((depth > r)[..., None], y, torch.where((depth == r)[..., None], leaving, h))
 
-    def run_op(self, op: Op, s: dict, stats: dict) -> Optional[dict[str, torch.Tensor]]:
+    def run_op(self, op: Op, s: ForwardState, stats: dict) -> Optional[dict[str, torch.Tensor]]:
         if op.kind == "tc_route":
             route = self.route(s["h"])
-            depth = route.depth if s.get("_causal") else self.cap_depth(route.depth)
+            depth = route.depth if s.causal else self.cap_depth(route.depth)
             s.update(h1=s["h"], depth=depth, gate=route.gate)
             terms = self.losses(route)
             s["aux"] = s["aux"] + sum(terms.values())
@@ -213,14 +214,14 @@ class TokenChoiceRouting(Routing):
             return record
         return super().run_op(op, s, stats)
 
-    def stream(self, step: int, s: dict, compact: bool) -> Stream:
+    def stream(self, step: int, s: ForwardState, compact: bool) -> Stream:
         if step == 0:
             return Stream("y")  # every token runs the first recursion
         if not compact:
             return Stream("y", key_active=s["depth"] > step)
         active = s["depth"] > step
         t = active.shape[1]
-        if self.cfg.tc_capacity > 0 and not s.get("_causal"):
+        if self.cfg.tc_capacity > 0 and not s.causal:
             k = self.step_capacity(step + 1, t)   # static: cap_depth left at most this many per row
         else:
             k = int(active.sum(dim=1).max())      # dropless: the one host sync of the step

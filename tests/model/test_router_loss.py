@@ -61,7 +61,7 @@ def test_token_choice_total_is_the_sum_of_its_terms(balance):
     stats = _loss_stats(out)
     # the router's own terms on the stream entering the first recursion, recomputed here
     with torch.no_grad():
-        h1 = model._run(model.plan.prelude, model.embedding(tokens), torch.arange(T).expand(B, T))
+        h1 = model.run_layers(model.plan.prelude, model.embed(tokens), torch.arange(T).expand(B, T))
         terms = model.router.losses(model.router.route(h1))
     assert torch.equal(model.router.route(h1).depth, trace[0]["depth"])
     assert set(stats) == set(terms) == ({"balance", "z"} if balance == "loss" else {"z"})

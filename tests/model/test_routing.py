@@ -134,14 +134,14 @@ def test_loss_free_bias_moves_towards_balance_and_changes_only_the_choice():
 
 # ---- slow loop references -------------------------------------------------------------------------------------
 def run_layers(model, ids, x, pos):
-    return model._run(ids, x[None], torch.tensor(pos)[None])[0]
+    return model.run_layers(ids, x[None], torch.tensor(pos)[None])[0]
 
 
 @torch.no_grad()
 def reference_expert_choice(model: MoRModel, tokens: torch.Tensor) -> torch.Tensor:
     """Per sequence, per step, plain Python: the obvious reading of the algorithm."""
     cfg, plan = model.cfg, model.plan
-    h = model._run(plan.prelude, model.embedding(tokens), torch.arange(tokens.shape[1]).expand_as(tokens)).clone()
+    h = model.run_layers(plan.prelude, model.embed(tokens), torch.arange(tokens.shape[1]).expand_as(tokens)).clone()
     for b in range(tokens.shape[0]):
         candidates = list(range(tokens.shape[1]))
         for r, ids in enumerate(plan.steps):
@@ -161,7 +161,7 @@ def reference_expert_choice(model: MoRModel, tokens: torch.Tensor) -> torch.Tens
 @torch.no_grad()
 def reference_token_choice(model: MoRModel, tokens: torch.Tensor) -> torch.Tensor:
     alpha, plan = model.router.alpha, model.plan
-    h1 = model._run(plan.prelude, model.embedding(tokens), torch.arange(tokens.shape[1]).expand_as(tokens))
+    h1 = model.run_layers(plan.prelude, model.embed(tokens), torch.arange(tokens.shape[1]).expand_as(tokens))
     out = h1.clone()
     for b in range(tokens.shape[0]):
         probs = torch.softmax(h1[b].double() @ model.router.router.net.weight.double().T, -1)
@@ -202,8 +202,8 @@ def test_residual_gating_option():
     # under residual gating, a kept token moves by g * (block(h) - h): check step 1 against a manual step
     plan, g = model.plan, trace[0]["gate"]
     with torch.no_grad():
-        h0 = model._run(plan.prelude, model.embedding(tokens), torch.arange(T)[None])
-        y = model._run(plan.steps[0], h0, torch.arange(T)[None])
+        h0 = model.run_layers(plan.prelude, model.embed(tokens), torch.arange(T)[None])
+        y = model.run_layers(plan.steps[0], h0, torch.arange(T)[None])
     assert torch.allclose(trace[0]["h"], h0 + g[..., None] * (y - h0), atol=1e-6)
 
 

@@ -16,6 +16,7 @@ from model.routing import Op
 from model.routing.expert_choice import ExpertChoiceRouting
 from model.routing.none import NoRouting
 from model.routing.token_choice import TokenChoiceRouting
+from model.state import ForwardState
 from tests.model.helpers import tiny
 
 E = math.e
@@ -172,7 +173,7 @@ def test_balancing_warmup_forces_depth_nr_with_the_unbiased_gate_and_holds_the_b
     out = routing.route(h)
     assert out.depth.tolist() == [[3, 3, 3, 3]]
     assert close(out.gate, [[0.5 * softmax(r)[2] for r in rows]])
-    routing.run_op(Op("tc_route"), {"h": h, "aux": torch.zeros(())}, {})
+    routing.run_op(Op("tc_route"), ForwardState({"h": h, "aux": torch.zeros(())}), {})
     stats = routing.end_step()
     assert routing.bias_steps.tolist() == [0, 0, 0]      # reset, and not moved by the all-depth-3 load
     assert stats["load/d3"] == 1.0 and stats["bias/d1"] == 0.0
@@ -180,7 +181,7 @@ def test_balancing_warmup_forces_depth_nr_with_the_unbiased_gate_and_holds_the_b
     assert routing.route(h).depth.tolist() == [[1, 2, 2, 1]]
     routing.train()
     routing.begin_step(3)                                # warm-up over: chosen depths, and the bias moves
-    routing.run_op(Op("tc_route"), {"h": h, "aux": torch.zeros(())}, {})
+    routing.run_op(Op("tc_route"), ForwardState({"h": h, "aux": torch.zeros(())}), {})
     routing.end_step()
     assert routing.bias_steps.tolist() == [-1, -1, 1]    # loads (2, 2, 0), mean 4/3
 
@@ -203,7 +204,7 @@ def test_end_step_moves_the_bias_by_the_load_summed_over_micro_batches():
     routing = token_choice(balance="loss_free")
     routing.begin_step(0)
     for depths in ([1, 1, 1, 1, 1, 2], [2, 2, 3, 3, 3, 3]):     # loads (5, 1, 0) then (0, 2, 4)
-        routing.run_op(Op("tc_route"), {"h": states(one_hot_rows(depths)), "aux": torch.zeros(())}, {})
+        routing.run_op(Op("tc_route"), ForwardState({"h": states(one_hot_rows(depths)), "aux": torch.zeros(())}), {})
     stats = routing.end_step()
     # summed (5, 3, 4), mean 4: signs (-1, +1, 0); the last micro-batch alone would give (+1, 0, -1)
     assert routing.bias_steps.tolist() == [-1, 1, 0]
@@ -216,13 +217,13 @@ def test_only_training_forwards_with_grad_count_towards_the_load():
     routing = token_choice(balance="loss_free")
     s = {"h": states(one_hot_rows([1, 1, 1, 2])), "aux": torch.zeros(())}
     with torch.no_grad():
-        routing.run_op(Op("tc_route"), dict(s), {})
+        routing.run_op(Op("tc_route"), ForwardState(dict(s)), {})
     routing.eval()
-    routing.run_op(Op("tc_route"), dict(s), {})
+    routing.run_op(Op("tc_route"), ForwardState(dict(s)), {})
     routing.end_step()
     assert routing.bias_steps.tolist() == [0, 0, 0]
     routing.train()
-    routing.run_op(Op("tc_route"), dict(s), {})
+    routing.run_op(Op("tc_route"), ForwardState(dict(s)), {})
     assert routing.end_step(applied=False) == {} and routing.bias_steps.tolist() == [0, 0, 0]  # skipped step
     assert routing.end_step()["load/d1"] == 0.0 and routing.bias_steps.tolist() == [0, 0, 0]  # its load dropped
 
