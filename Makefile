@@ -1,4 +1,5 @@
-# Two entry points for a fresh machine: `make demo` and `make test` (both build .venv first).
+# Two entry points for a fresh machine: `make demo` and `make test` (both build .venv first); `make test-fast` runs
+# the unit tier only.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,7 +8,7 @@ export DS_BUILD_OPS := 0
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export WANDB_MODE ?= offline
 
-.PHONY: setup demo test clean-venv
+.PHONY: setup demo test test-fast clean-venv
 setup: $(VENV)/.installed
 
 # torch first: asking for anything else first would pull a multi-GB CUDA build of torch.
@@ -25,6 +26,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# the unit tier: while you work (tests/conftest.py says what each tier holds)
+test-fast: setup
+	$(BIN)/python -m pytest -q -m unit tests
 
 clean-venv:
 	rm -rf $(VENV)

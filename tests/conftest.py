@@ -1,4 +1,10 @@
-"""Shared test set-up: the repo root on sys.path, a one-process megatron world, tiny configs, GPU marker."""
+"""Shared test set-up: the repo root on sys.path, a one-process megatron world, and the tiers.
+
+Every test has one kind (setup.cfg lists them): ``distributed`` (tests/distributed: gloo processes against one
+process), ``faults`` (tests/faults: a failure injected into real training processes), ``slurm`` (tests/slurm: jobs
+on a real controller), ``slow`` (marked where it is: a test elsewhere that trains or spawns for more than a few
+seconds), ``gpu`` (needs CUDA; skipped on CPU) — or else ``unit``, given here. ``make test-fast`` runs the unit
+tier (``pytest -m unit``), ``make test`` all of them."""
 from __future__ import annotations
 
 import os
@@ -15,16 +21,19 @@ if ROOT not in sys.path:
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped on CPU")
+KINDS = ("distributed", "faults", "slurm", "slow", "gpu")
+FOLDER_KIND = {"distributed": "distributed", "faults": "faults", "slurm": "slurm"}
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        folder = item.path.parent.name
+        if folder in FOLDER_KIND:
+            item.add_marker(FOLDER_KIND[folder])
+        if not any(k in item.keywords for k in KINDS):
+            item.add_marker("unit")
+        if skip is not None and "gpu" in item.keywords:
             item.add_marker(skip)
 
 

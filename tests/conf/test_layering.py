@@ -142,6 +142,23 @@ def test_no_two_modules_import_each_other():
     assert not bad, "\n".join(bad)
 
 
+# Serving, evaluation and export read a checkpoint's weights through pretrain/checkpoint, never through the training
+# loop: of pretrain/training they may use the run folder's names (outdir) and its metrics reader only.
+READ_WEIGHTS = ("pretrain.serve", "pretrain.generate", "pretrain.serve_bench", "pretrain.fewshot", "pretrain.eval",
+                "pretrain.export", "pretrain.import_hf")
+FROM_TRAINING = {"pretrain.training.outdir", "pretrain.training.metrics"}
+
+
+def test_serving_and_export_load_weights_through_checkpoint_not_training():
+    bad = [f"{a}: {room_of(a.source)} loads weights through pretrain/checkpoint; of pretrain/training it may use "
+           f"{', '.join(sorted(FROM_TRAINING))} only" for a in all_arrows()
+           if room_of(a.source) in READ_WEIGHTS and a.target.startswith("pretrain.training")
+           and a.target not in FROM_TRAINING]
+    assert not bad, "\n".join(bad)
+    readers = {room_of(a.source) for a in all_arrows() if a.target.startswith("pretrain.checkpoint")}
+    assert {"pretrain.serve", "pretrain.export", "pretrain.import_hf"} <= readers   # the rule is not vacuous
+
+
 def test_the_scanner_sees_imports_anywhere():
     """Imports inside functions and TYPE_CHECKING blocks, relative and dynamic ones (a text, never written)."""
     probe = ROOT / "pretrain" / "training" / "_probe.py"
