@@ -1,25 +1,18 @@
-"""Print what a model config builds: parameters, layers per recursion, routing, capacities and FLOPs.
-
-    python -m model.inspect CONFIG [key=value ...] [--seq-len T]
-
-CONFIG is a YAML file or a preset name from conf/model (e.g. 360m_mor_ec). Counts come from closed-form
-formulas (model/flops.py) that the tests check against built models, so even the 1.7B preset prints at once.
+"""What a model config builds: parameters, layers per recursion, routing, capacities and FLOPs
+(``python -m pretrain.tools.inspect`` prints it). Counts come from closed-form formulas (model/flops.py) that the
+tests check against built models, so even the 1.7B preset is described at once.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
 
-from conf import cli_errors, load_config
 from model.config import ModelConfig
 from model.flops import param_counts, training_flops
 from model.routing import routing_class
 from model.sharing import build_plan
 
 
-def describe(cfg, seq_len: int) -> dict:
+def describe(cfg: ModelConfig, seq_len: int) -> dict:
     plan = build_plan(cfg)
     flops = training_flops(cfg, seq_len)
     vanilla = dataclasses.replace(cfg, sharing="none", num_recursions=1, routing="none", kv_sharing=False)
@@ -49,20 +42,3 @@ def describe(cfg, seq_len: int) -> dict:
                                 "train_flops_per_token": vflops.training_per_token},
         "flops_ratio_vs_vanilla": flops.training_per_token / vflops.training_per_token,
     }
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m model.inspect", description=__doc__.split("\n\n")[0],
-                                     epilog="Example: python -m model.inspect 360m_mor_ec num_recursions=3 "
-                                            "router.alpha=0.1")
-    parser.add_argument("config", help="YAML file or preset name from conf/model")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. router.alpha=0.2")
-    parser.add_argument("--seq-len", type=int, default=None, help="sequence length (default: max_seq_len)")
-    args = parser.parse_args(argv)
-    with cli_errors():
-        cfg = load_config(args.config, args.overrides, schema=ModelConfig)
-    print(json.dumps(describe(cfg, args.seq_len or cfg.max_seq_len), indent=2))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -1,4 +1,4 @@
-"""Every command in the fenced ```bash blocks of the README files works as written.
+"""Every command in the fenced ```bash blocks of the README files and the docs/ pages works as written.
 
 COMMANDS classifies each one, with the reason:
   RUN   it needs no GPU, no cluster, no data of the user's and little time on a 2-core CPU: it runs, in a scratch
@@ -8,7 +8,8 @@ COMMANDS classifies each one, with the reason:
   HELP  it cannot run here: its program's --help must work and list every option the command uses, and its
         key=value overrides (and presets) must load.
   MAKE  `make -n TARGET` must show the target's command without running it.
-A command added to a README fails test_every_command_is_classified until it has a row here.
+A command added to a README or a docs/ page fails test_every_command_is_classified until it has a row here. The
+front page keeps its two commands in its first screen, and every relative link of these pages leads to a file.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ import pytest
 from tests.distributed.harness import library_chatter
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "data_prep/README.md", "slurm/README.md")
+DOCS = ("README.md", "data_prep/README.md", "slurm/README.md",
+        *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")))
 RUN, HELP, MAKE = "run", "help", "make"
 TIMEOUT = 900  # generous: the machine may be busy; nothing here is timed
 
@@ -101,6 +103,7 @@ DEMO = "python -m pretrain.tools.demo tiny_mor_tc --steps 100"
 COMMANDS: dict[str, Cmd] = {
     "make demo": Cmd(MAKE, "builds .venv and trains for minutes"),
     "make test": Cmd(MAKE, "the whole suite, of which this test is a part"),
+    "make test-fast": Cmd(MAKE, "the unit tier, of which this test is a part"),
     "python data_prep/tokenize.py data/raw/ --train-tokenizer data/tok.model --vocab-size 32000 --out data/shards":
         Cmd(HELP, "the user's raw text in data/raw/"),
     "python data_prep/tokenize.py 'dumps/*.jsonl.gz' --tokenizer tok.model --out data/shards --seq-len 2048":
@@ -110,10 +113,10 @@ COMMANDS: dict[str, Cmd] = {
     "torchrun --nproc-per-node 8 -m pretrain.train 360m_mor_ec data.path=/data/fineweb parallel.zero_stage=2":
         Cmd(HELP, "8 GPUs and a real data set", check=_train_config),
     "python -m pretrain.tools.plot runs/360m_mor_ec": Cmd(HELP, "a 360M run's metrics"),
-    "python -m model.inspect 360m_mor_ec": Cmd(RUN, "counts only, a second"),
-    "python -m model.inspect 360m_mor_ec num_recursions=4 n_layers=34 router.alpha=0.2":
+    "python -m pretrain.tools.inspect 360m_mor_ec": Cmd(RUN, "counts only, a second"),
+    "python -m pretrain.tools.inspect 360m_mor_ec num_recursions=4 n_layers=34 router.alpha=0.2":
         Cmd(RUN, "counts only, a second"),
-    "python -m model.inspect 360m_mor_tc router.balance=loss_free": Cmd(RUN, "counts only, a second"),
+    "python -m pretrain.tools.inspect 360m_mor_tc router.balance=loss_free": Cmd(RUN, "counts only, a second"),
     DEMO: Cmd(RUN, "CPU demo on the sample corpus; its shards serve the tiny_cpu command; 100 steps cut to 3",
               shorter=("--steps", "3")),
     "python -m pretrain.tools.model_bench 360m_vanilla 360m_mor_ec 360m_mor_tc --batch 16 --compile":
@@ -232,6 +235,7 @@ def _ids(kind: str) -> list[str]:
     return [c.replace("'", "") for c, s in COMMANDS.items() if s.kind == kind]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [c for c, s in COMMANDS.items() if s.kind == RUN], ids=_ids(RUN))
 def test_command_runs(scratch, command):
     out = _run(scratch, command)
@@ -290,7 +294,11 @@ def test_command_help_accepts_its_options(command):
 
 
 # ---- MAKE -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("command,shows", [("make demo", "-m pretrain.tools.demo"), ("make test", "-m pytest -q tests")])
+MAKE_SHOWS = {"make demo": "-m pretrain.tools.demo", "make test": "-m pytest -q tests",
+              "make test-fast": "-m pytest -q -m unit tests"}
+
+
+@pytest.mark.parametrize("command,shows", MAKE_SHOWS.items())
 def test_make_target_dry_run(command, shows):
     assert COMMANDS[command].kind == MAKE
     if shutil.which("make") is None:
@@ -302,14 +310,38 @@ def test_make_target_dry_run(command, shows):
 
 
 def test_every_make_command_has_a_dry_run():
-    tested = {"make demo", "make test"}
-    assert {c for c, s in COMMANDS.items() if s.kind == MAKE} == tested
+    assert {c for c, s in COMMANDS.items() if s.kind == MAKE} == set(MAKE_SHOWS)
 
 
 # ---- the demo's model argument --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_demo_misspelt_preset_is_one_line_before_any_work(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pretrain.tools.demo", "tiny_mor_xc", "--steps", "1"], cwd=tmp_path,
                          env=_env({}), capture_output=True, text=True, timeout=TIMEOUT)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "unknown preset 'tiny_mor_xc'" in out.stderr, out.stderr
     assert not (tmp_path / "runs").exists(), "nothing may be tokenized for a command that stops on its preset"
+
+
+# ---- the front page and the links between pages ---------------------------------------------------------------
+def test_the_front_page_shows_its_two_commands_in_its_first_screen():
+    """A new reader sees how to start without scrolling: both commands, each with how long it takes."""
+    first = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()[:40]
+    for target in ("make demo", "make test"):
+        line = next((ln for ln in first if ln.startswith(f"{target} ")), None)
+        assert line is not None, f"README.md: `{target}` is not in a command block of its first 40 lines"
+        assert re.search(r"\d+ (s|min)\b|TEST_(FAST_)?TIME", line), f"README.md: `{target}` says no time: {line}"
+    assert len(DOCS) > 3, "no docs/*.md pages found"
+
+
+def test_relative_links_lead_to_files():
+    bad = []
+    for doc in DOCS:
+        path = ROOT / doc
+        for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue   # a URL, or a place in the same page
+            if not (path.parent / target.split("#")[0]).exists():
+                bad.append(f"{doc}: {target}")
+    assert not bad, "links to missing files:\n" + "\n".join(bad)
+

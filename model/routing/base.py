@@ -123,7 +123,7 @@ class Routing(nn.Module):
 
     @classmethod
     def settings(cls, cfg: ModelConfig) -> dict:
-        """The router settings whose defaults depend on the variant, resolved (model.inspect prints them)."""
+        """The router settings whose defaults depend on the variant, resolved (pretrain.tools.inspect prints them)."""
         rc = cfg.router
         return {"alpha": rc.alpha if rc.alpha is not None else cls.default_alpha,
                 "func": rc.func or cls.default_func,

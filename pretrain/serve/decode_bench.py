@@ -16,20 +16,25 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from conf import cli_errors, load_config
-from model.config import ModelConfig
-from model.inference import KVCache, decode_step, prefill
-from model.mor import MoRModel
-from pretrain.parallel.layout import init_single_process
+    from model.inference import KVCache
+    from model.mor import MoRModel
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# torch and the model are imported in the functions that use them, so that --help answers at once
+_DTYPES = ("fp32", "bf16")
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
 def _sync(device: torch.device) -> None:
+    import torch
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -45,32 +50,40 @@ def _depth(model: MoRModel, cache: KVCache) -> float:
     return float(sum(firsts.values()) / cache.lengths.sum())
 
 
-@torch.no_grad()
 def bench_one(model: MoRModel, *, batch: int, prompt: int, new: int, dtype: torch.dtype) -> dict:
+    import torch
+
+    from model.inference import KVCache, decode_step, prefill
     device = next(model.parameters()).device
     prompts = torch.randint(0, model.cfg.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
     result = {}
-    for timed in (False, True):  # a warm-up round first (allocator, kernels), then the measured one
-        cache = KVCache(model.cfg, batch, prompt + new, dtype=dtype, device=device)
-        live = torch.ones(batch, dtype=torch.bool, device=device)
-        _sync(device)
-        start = time.perf_counter()
-        logits = prefill(model, cache, prompts.tolist())[:, -1]
-        _sync(device)
-        mid = time.perf_counter()
-        for _ in range(new):
-            logits = decode_step(model, cache, logits.argmax(dim=-1), live)
-        _sync(device)
-        end = time.perf_counter()
-        if timed:
-            used, full = int(cache.used_bytes().sum()), int(cache.full_bytes().sum())
-            result = {"prefill_tok_s": batch * prompt / (mid - start), "decode_tok_s": batch * new / (end - mid),
-                      "kv_bytes_per_seq": used / batch, "kv_frac": used / full,
-                      "kv_allocated": cache.allocated_bytes(), "depth": _depth(model, cache)}
+    with torch.no_grad():
+        for timed in (False, True):  # a warm-up round first (allocator, kernels), then the measured one
+            cache = KVCache(model.cfg, batch, prompt + new, dtype=dtype, device=device)
+            live = torch.ones(batch, dtype=torch.bool, device=device)
+            _sync(device)
+            start = time.perf_counter()
+            logits = prefill(model, cache, prompts.tolist())[:, -1]
+            _sync(device)
+            mid = time.perf_counter()
+            for _ in range(new):
+                logits = decode_step(model, cache, logits.argmax(dim=-1), live)
+            _sync(device)
+            end = time.perf_counter()
+            if timed:
+                used, full = int(cache.used_bytes().sum()), int(cache.full_bytes().sum())
+                result = {"prefill_tok_s": batch * prompt / (mid - start), "decode_tok_s": batch * new / (end - mid),
+                          "kv_bytes_per_seq": used / batch, "kv_frac": used / full,
+                          "kv_allocated": cache.allocated_bytes(), "depth": _depth(model, cache)}
     return result
 
 
 def _load(name: str, checkpoint: Optional[str], device: torch.device, dtype: torch.dtype) -> MoRModel:
+    import torch
+
+    from conf import load_config
+    from model.config import ModelConfig
+    from model.mor import MoRModel
     if checkpoint:
         from conf.errors import ConfigError
         from pretrain.checkpoint.verify import CheckpointError
@@ -97,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens per sequence (default 64)")
     parser.add_argument("--new", type=int, default=128, help="tokens decoded per sequence (default 128)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default cpu")
-    parser.add_argument("--dtype", default="fp32", choices=list(_DTYPES), help="weights and caches (default fp32)")
+    parser.add_argument("--dtype", default="fp32", choices=_DTYPES, help="weights and caches (default fp32)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     for key in ("batch", "prompt", "new"):
@@ -105,12 +118,17 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{key} must be >= 1")
     if args.checkpoint and len(args.checkpoint) != len(args.models):
         parser.error(f"--checkpoint given {len(args.checkpoint)} times for {len(args.models)} models")
+    import torch
+
+    import model as _model  # noqa: F401 - before megatron-core: model/__init__.py silences its optional-kernel notice
+    from conf import cli_errors
+    from pretrain.parallel.layout import init_single_process
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     if args.threads:
         torch.set_num_threads(args.threads)
     init_single_process()
-    device, dtype = torch.device(args.device), _DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), _torch_dtype(args.dtype)
     rows = []
     for i, name in enumerate(args.models):
         with cli_errors():

@@ -45,19 +45,18 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import submitit
+if TYPE_CHECKING:
+    from pretrain.study.spec import ModelPlan, StudyConfig
 
-from conf import cli_errors
-from pretrain.study import report
-from pretrain.study.spec import ModelPlan, StudyConfig, load_study, plan, sweep_config
-from pretrain.sweep import results
-from pretrain.sweep.plan import submit, validate
-from pretrain.checkpoint.verify import list_checkpoints, step_of
+# The rest (submitit, the FLOPs counter and with it torch, the report's matplotlib) is imported after the
+# arguments are parsed, so that --help answers at once.
 
 
 def finished(p: ModelPlan) -> bool:
     """The run holds a checkpoint of its final step: rerunning it would only load it and exit."""
+    from pretrain.checkpoint.verify import list_checkpoints, step_of
     found = list_checkpoints(p.point.run_dir / "checkpoints")
     return bool(found) and step_of(found[-1]) >= p.steps
 
@@ -84,6 +83,7 @@ def print_plan(cfg: StudyConfig, plans: list[ModelPlan], kind: str) -> None:
 
 
 def write_report(cfg: StudyConfig, plans: list[ModelPlan]) -> int:
+    from pretrain.study import report
     rows, paths = report.write(cfg, plans)
     print(paths[1].read_text(), end="")
     print(f"study: {', '.join(map(str, paths))}")
@@ -105,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-wait", action="store_true", help="submit, print the job ids, exit (later: --plot-only)")
     parser.add_argument("--poll", type=float, default=5.0, help="seconds between status checks (default 5)")
     args = parser.parse_args(argv)
+    import submitit
+
+    from conf import cli_errors
+    from pretrain.study.spec import load_study, plan, sweep_config
+    from pretrain.sweep import results
+    from pretrain.sweep.plan import submit, validate
     with cli_errors():
         cfg = load_study(args.study)
         plans = plan(cfg, args.study, strict=not (args.dry_run or args.plot_only))

@@ -14,16 +14,6 @@ import argparse
 import json
 import time
 
-import torch
-
-from conf import cli_errors, load_config
-from model.config import ModelConfig
-from model.flops import training_flops
-from pretrain.parallel.layout import ParallelConfig, init_distributed
-from pretrain.parallel.pipeline import build_stage
-from pretrain.parallel.zero import build_engine, param_groups
-from pretrain.tools.baseline import describe, ratio, read_baseline
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pretrain.tools.bench", description=__doc__.split("\n\n")[0])
@@ -42,6 +32,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline-batch", type=int, default=None,
                         help="which of the baseline's runs (its micro-batch; default its first)")
     args = parser.parse_args(argv)
+    # after the parse, so that --help answers at once
+    import torch
+
+    from conf import cli_errors, load_config
+    from model.config import ModelConfig
+    from model.flops import training_flops
+    from pretrain.parallel.layout import ParallelConfig, init_distributed
+    from pretrain.parallel.pipeline import build_stage
+    from pretrain.parallel.zero import build_engine, param_groups
+    from pretrain.tools.baseline import describe, ratio, read_baseline
     with cli_errors():
         base = read_baseline(args.baseline, args.baseline_batch) if args.baseline else None
     if not torch.cuda.is_available():

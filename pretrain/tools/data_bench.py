@@ -12,10 +12,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 def make_shards(folder: Path, *, seq_len: int, shards: int, samples: int, seed: int = 0) -> None:
+    import numpy as np
+
     from data_prep.shards import Manifest, shard_name, write_shard
     rng = np.random.default_rng(seed)
     m = Manifest(seq_len=seq_len, dtype="uint16", vocab_size=2**16, tokenizer={})

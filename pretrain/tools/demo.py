@@ -4,7 +4,7 @@
 
 1. ``data_prep/tokenize.py`` trains a 2048-piece SentencePiece model on data_prep/corpus/ and writes shards of
    128-token sequences to runs/demo/data (skipped when they already exist);
-2. ``conf/run/demo_cpu.yaml`` trains for --steps steps (a rerun resumes the finished run and just reports);
+2. ``conf/run/demo_cpu.yaml`` trains for --steps steps (a rerun of a finished run only evaluates and reports);
    MODEL, a preset of conf/model/ (e.g. tiny_mor_tc) or a YAML path, replaces the run file's model, and the run
    then lives in runs/demo-MODEL, beside the default one in runs/demo; the data is shared;
 3. prints the validation loss against the unigram entropy of the validation tokens (what a model that ignores
@@ -12,6 +12,9 @@
    pretrain.generate`` loads it), 0-shot accuracy on the first FEWSHOT_LIMIT items of each few-shot task (as
    ``python -m pretrain.fewshot --limit`` scores them), and the run's metrics summary; writes curves.png in the
    run folder.
+
+It says first about how long it will take (from the last measurement on a 2-core CPU), and while training shows
+the step, tokens/s and the time left: a tqdm bar on a terminal, a line every log_every steps otherwise.
 """
 from __future__ import annotations
 
@@ -28,6 +31,53 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout: pretrain/tools/demo.
 CORPUS = ROOT / "data_prep" / "corpus"
 PROMPT = "The state of our Union is"
 FEWSHOT_LIMIT = 20   # items per task: ~15 s on 2 cores
+# The last measurement on the 2-core CPU machine (2026-12-06): 600 steps of the default model trained at ~7,100
+# tokens/s, in-loop evaluations included; tokenizing took a few seconds and the report after training about 20 s.
+MEASURED_TOKENS_PER_S = 7100
+TOKENIZE_S, REPORT_S = 5, 20
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds} s" if seconds < 60 else f"{seconds // 60} min {seconds % 60:02d} s"
+
+
+def estimate(steps_left: int, tokens_per_step: int, tokenize: bool) -> str:
+    """How long the demo should take on the 2-core CPU it was measured on, rounded as an estimate deserves."""
+    seconds = steps_left * tokens_per_step / MEASURED_TOKENS_PER_S + REPORT_S + (TOKENIZE_S if tokenize else 0)
+    return f"{max(10, round(seconds, -1)):.0f} s" if seconds < 90 else f"{round(seconds / 30) / 2:g} min"
+
+
+def trained_step(run_dir: Path) -> int:
+    """The step of the run's newest completed checkpoint (0 without one)."""
+    from pretrain.checkpoint.verify import list_checkpoints, step_of
+    found = list_checkpoints(run_dir / "checkpoints")
+    return step_of(found[-1]) if found else 0
+
+
+def progress_lines(total: int, every: int):
+    """A callback that, where the trainer shows no progress bar (stderr is no terminal: ``make demo | tee``, a
+    log file), prints every ``every`` steps how far training is, its rate and about how long is left."""
+    from pretrain.training.callbacks import Callback
+
+    class ProgressLines(Callback):
+        def __init__(self) -> None:
+            self.start, self.first, self.tokens = None, 0, 0
+
+        def step_end(self, trainer, rec: dict) -> None:
+            if self.start is None:   # the first step's end: start-up and resume are behind us
+                self.start, self.first, self.tokens = time.perf_counter(), trainer.step, trainer.tokens
+                return
+            if trainer.progress.bar is not None or trainer.step % every or trainer.step >= total:
+                return   # the end of training needs no line of its own: the next one says [3/4]
+            elapsed = time.perf_counter() - self.start
+            done = trainer.step - self.first
+            left = elapsed / done * (total - trainer.step)
+            trainer.progress.say(f"      train {trainer.step}/{total} steps ({100 * trainer.step / total:.0f} %), "
+                                 f"{(trainer.tokens - self.tokens) / elapsed:,.0f} tokens/s, "
+                                 f"about {duration(left)} left")
+
+    return ProgressLines()
 
 
 def tokenize(out: Path, seq_len: int, vocab: int) -> Path:
@@ -70,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     start = time.perf_counter()
+    if hasattr(sys.stdout, "reconfigure"):   # into a pipe or file too (make demo | tee), each line as it comes
+        sys.stdout.reconfigure(line_buffering=True)
     import sentencepiece as spm
     import torch
 
@@ -92,21 +144,36 @@ def main(argv: list[str] | None = None) -> int:
         # config difference
         name = run_name_override(str(run), overrides)
         overrides += [name] if name else []
-        load_config(run, overrides, schema=RunConfig)
+        planned = load_config(run, overrides, schema=RunConfig)
     shared = args.out / base.name  # tokenizer and shards, the same whatever the model
+    run_dir = args.out / planned.name
+    steps, done = planned.train.steps, trained_step(run_dir)
+    need_shards = not (shared / "data" / "manifest.json").exists()
+    takes = estimate(max(0, steps - done), planned.parallel.micro_batch_size * base.model.max_seq_len, need_shards)
+    if done >= steps:
+        print(f"demo: {run_dir} is trained (step {done}): evaluating and reporting only, about {takes} on a "
+              "2-core CPU")
+    else:
+        print(f"demo: about {takes} on a 2-core CPU ({steps - done} steps of "
+              f"{planned.parallel.micro_batch_size} x {base.model.max_seq_len} tokens at the ~"
+              f"{MEASURED_TOKENS_PER_S:,} tokens/s last measured there, then evaluation); longer on a busy machine")
     data = tokenize(shared, base.model.max_seq_len, base.model.vocab_size)
     sp = spm.SentencePieceProcessor(model_file=str(shared / "tokenizer.model"))
     overrides += [f"data.path={data}", f"model.vocab_size={sp.get_piece_size()}"]
     with cli_errors():
         cfg = load_config(run, overrides, schema=RunConfig)
-    run_dir = args.out / cfg.name
     torch.manual_seed(0)
     with cli_errors():  # e.g. a preset whose max_seq_len is below the data's 128 tokens
         trainer = Trainer(cfg)
     counts = param_counts(cfg.model)
-    print(f"[2/4] training {cfg.model.name}: {counts['unique'] / 1e6:.2f}M unique parameters "
-          f"({counts['unrolled'] / 1e6:.2f}M as unrolled), {cfg.train.steps} steps of "
-          f"{cfg.parallel.micro_batch_size} x {trainer.seq_len} tokens")
+    if trainer.step >= cfg.train.steps:   # a rerun: the trainer resumed the finished run, and fit() returns at once
+        print(f"[2/4] already trained: {run_dir} at step {trainer.step}")
+    else:
+        resumed = f", resuming at step {trainer.step}" if trainer.step else ""
+        print(f"[2/4] training {cfg.model.name}: {counts['unique'] / 1e6:.2f}M unique parameters "
+              f"({counts['unrolled'] / 1e6:.2f}M as unrolled), {cfg.train.steps} steps of "
+              f"{cfg.parallel.micro_batch_size} x {trainer.seq_len} tokens{resumed}")
+        trainer.callbacks.append(progress_lines(cfg.train.steps, cfg.train.log_every))
     code = trainer.fit()
     if code != 0:
         trainer.close()

@@ -15,11 +15,12 @@ import json
 import resource
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    from model.config import ModelConfig
 
-from conf import cli_errors, load_config
-from model.config import ModelConfig
+# torch and the model are imported where they are used, so that --help answers at once
 
 
 def _rss_bytes() -> int:
@@ -29,6 +30,8 @@ def _rss_bytes() -> int:
 
 def measure(cfg: ModelConfig, *, batch: int, seq_len: int, device: str) -> dict:
     """One step of forward + backward; the bytes it added at its peak."""
+    import torch
+
     from model.layers import make_parallel_config
     from model.mor import MoRModel
     from pretrain.parallel.layout import init_single_process
@@ -62,9 +65,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--chunks", default="0,2048",
                         help="comma-separated loss_chunk values; 0 = the whole micro-batch's logits at once")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    import torch
+
+    from conf import cli_errors, load_config
+    from model.config import ModelConfig
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with cli_errors():
         chunks = [int(c) for c in args.chunks.split(",")] if args.chunks else []
         cfgs = [load_config(args.config, [*args.overrides, f"loss_chunk={c}"], schema=ModelConfig) for c in chunks]

@@ -18,21 +18,16 @@ import gc
 import json
 import time
 
-import torch
-
-from conf import cli_errors, load_config
-from conf.errors import ConfigError
-from model.attention import flash_available
-from model.config import ModelConfig
-from model.flops import param_counts, training_flops
-from model.layers import make_parallel_config
-from model.mor import MoRModel
-from pretrain.parallel.layout import init_single_process
-from pretrain.tools.baseline import describe, ratio, read_baseline
+# torch and the model are imported where they are used, so that --help answers at once
 
 
 def bench_one(cfg, *, batch: int, seq_len: int, steps: int, warmup: int, compile_model: bool, peak_tflops: float,
               profile: bool = False):
+    import torch
+
+    from model.flops import param_counts, training_flops
+    from model.layers import make_parallel_config
+    from model.mor import MoRModel
     device = torch.device("cuda")
     model = MoRModel(cfg, make_parallel_config(cfg, use_cpu_initialization=False)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
@@ -86,6 +81,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline-batch", type=int, default=None,
                         help="which of the baseline's runs (its micro-batch; default its first)")
     args = parser.parse_args(argv)
+    import torch
+
+    from conf import cli_errors, load_config
+    from conf.errors import ConfigError
+    from model.attention import flash_available
+    from model.config import ModelConfig
+    from pretrain.parallel.layout import init_single_process
+    from pretrain.tools.baseline import describe, ratio, read_baseline
     with cli_errors():
         batches = [int(b) for b in str(args.batch).split(",") if b.strip()]
         if not batches or min(batches) < 1:

@@ -1,12 +1,19 @@
 """Draw a run's curves from its metrics.jsonl: ``python -m pretrain.tools.plot RUN_DIR [--out FILE.png]``.
 
 Top: training loss and, where evaluated, validation loss under training routing (top-k over the sequence,
-``val_loss``) and under inference routing (each token decides alone, ``val_loss_causal``) against step. Below it:
-each recursion step's kept fraction (expert-choice: its capacity; token-choice: the share of tokens still
-running) and mean gate. Last, where the run evaluated downstream in the loop: the average of the tasks' primary
-metrics (``downstream_avg``, bold) and each task's primary (``downstream_<task>``), with a dashed line at the
-average's chance level when every task has a fixed number of choices (ARC mixes 3-, 4- and 5-choice questions and
-LAMBADA has none, so with either there is no exact chance level and no line).
+``val_loss``) and under inference routing (each token decides alone, ``val_loss_causal``) against step.
+
+Middle, where validation logged it (routed models): per recursion step r, one colour each, the sampling accuracy
+(``val_r{r}_sampling_acc``: how often the causal rule agrees with top-k on the step's candidates; solid) and the
+causal kept fraction (``val_r{r}_causal_kept``: the share of all tokens that run step r when each decides alone;
+dashed). The training records' kept fraction is not drawn: under expert-choice it is the capacity, flat by
+construction.
+
+Last, where the run evaluated downstream in the loop: each task's primary metric (``downstream_<task>``, its own
+colour and marker) over the average (``downstream_avg``, wide and grey), a dotted line at each chance level of the
+tasks with a fixed number of choices (HellaSwag and MMLU 1/4, PIQA and WinoGrande 1/2; ARC mixes 3- to 5-choice
+questions and LAMBADA has no choices, so they have none), and a dashed line at the average's chance level when every
+task plotted has one.
 """
 from __future__ import annotations
 
@@ -55,8 +62,30 @@ def chance_level(down: list[dict]) -> float | None:
     return sum(CHANCE[t] for t in tasks) / len(tasks) if tasks else None
 
 
+MARKERS = "osD^vP*Xh<>"
+
+
+def _routing_series(val: list[dict]) -> list[tuple[int, str, str, list[tuple[int, float]]]]:
+    """(step r, metric, label, points) for each per-step statistic validation logged, r ascending."""
+    out = []
+    steps = sorted({int(k[len("val_r"):].split("_")[0]) for r in val for k in r
+                    if k.startswith("val_r") and k.endswith(("_sampling_acc", "_causal_kept"))})
+    for step in steps:
+        for metric, label in (("sampling_acc", "sampling accuracy"), ("causal_kept", "causal kept fraction")):
+            key = f"val_r{step}_{metric}"
+            pts = [(r["step"], r[key]) for r in val if key in r]
+            if pts:
+                out.append((step, metric, f"r{step} {label}", pts))
+    return out
+
+
+def _legend(ax) -> None:
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
 def figure(records: list[dict], title: str = ""):
-    """The figure of load_records' records: loss; router statistics and downstream accuracy where logged."""
+    """The figure of load_records' records: loss; routing per recursion step and downstream accuracy where
+    logged."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -64,9 +93,10 @@ def figure(records: list[dict], title: str = ""):
     train = [r for r in records if record_kind(r) == "train" and "loss" in r]
     val = [r for r in records if record_kind(r) == "val"]
     down = [r for r in records if record_kind(r) == "downstream"]
-    router_keys = sorted({k for r in train for k in r if k.endswith(("kept_frac", "gate_mean"))})
-    panels = 1 + bool(router_keys) + bool(down)
-    fig, axes = plt.subplots(panels, 1, figsize=(8, 4 if panels == 1 else 3.5 * panels), squeeze=False)
+    routing = _routing_series(val)
+    panels = 1 + bool(routing) + bool(down)
+    fig, axes = plt.subplots(panels, 1, figsize=(10, 4 if panels == 1 else 3.6 * panels), squeeze=False)
+    colours = plt.get_cmap("tab10").colors
     ax = axes[0][0]
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     if val:
@@ -80,31 +110,45 @@ def figure(records: list[dict], title: str = ""):
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
-    if router_keys:
+    _legend(ax)
+    if routing:
         ax = axes[1][0]
-        for k in router_keys:
-            pts = [(r["step"], r[k]) for r in train if k in r]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if k.endswith("gate_mean") else "-", label=k)
+        for step, metric, label, pts in routing:
+            acc = metric == "sampling_acc"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if acc else "s--", color=colours[(step - 1) % 10],
+                    label=label)
+        ax.set_ylim(-0.03, 1.05)
         ax.set_xlabel("step")
-        ax.set_ylabel("router")
+        ax.set_ylabel("fraction")
+        ax.set_title("routing per recursion step (validation)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, ncol=2)
+        _legend(ax)
     if down:
         ax = axes[-1][0]
-        ax.plot([r["step"] for r in down], [r["downstream_avg"] for r in down], "o-", linewidth=2.5, color="black",
-                label="average")
-        for task in sorted({t for r in down for t in downstream_tasks(r)}):
+        # the average underneath, wide and pale, so that a task on the same values stays visible on top of it
+        ax.plot([r["step"] for r in down], [r["downstream_avg"] for r in down], "-", linewidth=6, color="0.75",
+                zorder=1, label="average")
+        tasks = sorted({t for r in down for t in downstream_tasks(r)})
+        for i, task in enumerate(tasks):
             pts = [(r["step"], r[f"downstream_{task}"]) for r in down if task in downstream_tasks(r)]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], ".-", linewidth=1, alpha=0.8, label=task)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", marker=MARKERS[i % len(MARKERS)],
+                    color=colours[i % 10], linewidth=1.2, markersize=6, zorder=3, label=task)
+        levels: dict[float, list[str]] = {}
+        for task in tasks:
+            if task in CHANCE:
+                levels.setdefault(CHANCE[task], []).append(task)
+        for level, names in sorted(levels.items()):
+            ax.axhline(level, linestyle=":", color="0.4", linewidth=1, zorder=2,
+                       label=f"chance: {', '.join(names)} ({level:.2f})")
         chance = chance_level(down)
         if chance is not None:
-            ax.axhline(chance, linestyle="--", color="gray", label=f"average at chance ({chance:.3f})")
+            ax.axhline(chance, linestyle="--", color="gray", zorder=2, label=f"average at chance ({chance:.3f})")
+        ax.set_ylim(bottom=-0.03)   # a task at 0 (LAMBADA early on) stays above the axis
         ax.set_xlabel("step")
         ax.set_ylabel("accuracy (primary metric)")
         ax.set_title("downstream accuracy")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, ncol=2)
+        _legend(ax)
     fig.tight_layout()
     return fig
 

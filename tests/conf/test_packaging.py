@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("conf", "model", "pretrain", "data_prep")
 
@@ -39,6 +41,7 @@ def test_wheel_builds_quietly_with_every_yaml(tmp_path):
     assert not expected - names, f"missing from the wheel: {sorted(expected - names)}"
 
 
+@pytest.mark.slow
 def test_editable_install_is_quiet_and_imports_from_the_checkout(tmp_path):
     """What `make setup` does (pip install -e, with pip's isolated build and today's setuptools), into a throw-away
     venv without dependencies: no setuptools warning or notice, and the packages come from the source folder."""

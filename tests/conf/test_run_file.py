@@ -30,6 +30,7 @@ def test_an_unknown_run_is_one_line_listing_the_known_ones(monkeypatch):
         run_file("no/such.yaml")
 
 
+@pytest.mark.slow
 def test_train_reports_an_unknown_run_in_one_line():
     out = subprocess.run([sys.executable, "-m", "pretrain.train", "tiny_cpux"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)

@@ -1,4 +1,5 @@
-"""Entry points: model.inspect prints one JSON object; every entry point explains itself; bad config is one line."""
+"""Entry points: pretrain.tools.inspect prints one JSON object; every entry point explains itself; bad config is
+one line."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_inspect_prints_counts_and_flops_for_360m_mor():
-    res = run("-m", "model.inspect", "360m_mor_ec", "--seq-len", "2048")
+    res = run("-m", "pretrain.tools.inspect", "360m_mor_ec", "--seq-len", "2048")
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout)
     assert info["unique_params"] == 165_177_600 and info["vanilla_equal_depth"]["params"] == 361_821_120
@@ -27,13 +28,13 @@ def test_inspect_prints_counts_and_flops_for_360m_mor():
 
 
 def test_inspect_bad_override_is_one_line_without_traceback():
-    res = run("-m", "model.inspect", "360m_mor_ec", "n_kv_heads=4")
+    res = run("-m", "pretrain.tools.inspect", "360m_mor_ec", "n_kv_heads=4")
     assert res.returncode == 2
     lines = [ln for ln in res.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn" not in ln]
     assert lines == ["error: override 'n_kv_heads=4': n_kv_heads: n_heads=15 is not divisible by n_kv_heads=4"]
 
 
-@pytest.mark.parametrize("module", ["model.inspect", "pretrain.train", "pretrain.sweep", "pretrain.tools.demo",
+@pytest.mark.parametrize("module", ["pretrain.tools.inspect", "pretrain.train", "pretrain.sweep", "pretrain.tools.demo",
                                     "pretrain.tools.bench", "pretrain.tools.model_bench", "pretrain.tools.data_bench",
                                     "pretrain.tools.loss_memory",
                                     "pretrain.tools.plot", "pretrain.study", "pretrain.fewshot",

@@ -57,6 +57,7 @@ def _alone(model: MoRModel, req: Request, eos_id=None) -> tuple[list[int], torch
     return new, logits[len(req.prompt) - 1:len(ids) - 1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_every_request_gets_what_decoding_it_alone_gives(name):
     model = _model(**VARIANTS[name])
@@ -71,6 +72,7 @@ def test_every_request_gets_what_decoding_it_alone_gives(name):
     assert engine.pool.used_positions() == [0] * len(engine.pool.sizes)   # every position went back
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ec", "ec-kv"])
 def test_full_pools_preempt_and_every_request_still_gets_what_decoding_it_alone_gives(name):
     """Routers steered deep (70 % of tokens take 3 steps) against pools sized for 30/20/10 %: the pools fill, the
@@ -92,6 +94,7 @@ def test_full_pools_preempt_and_every_request_still_gets_what_decoding_it_alone_
     assert engine.pool.used_positions() == [0] * len(engine.pool.sizes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vanilla", "recursive-middle_sequence-kv", "ec"])
 def test_the_plain_batched_decode_gives_the_engines_tokens(name):
     """The baseline server (one forward pass of every slot per iteration, static cache) and the depth-wise
@@ -110,6 +113,7 @@ def test_the_plain_batched_decode_gives_the_engines_tokens(name):
                                          + [sum(len(r.prompt) + r.max_new_tokens - 1 for r in requests)])
 
 
+@pytest.mark.slow
 def test_eos_in_the_middle_frees_the_slot_and_the_rest_still_match():
     model = _model(**VARIANTS["ec"], tie_embeddings=False)   # untied: greedy does not just repeat its input
     requests = _requests(6, seed=3)

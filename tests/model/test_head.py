@@ -112,6 +112,7 @@ def test_logits_of_the_micro_batch_are_never_kept_for_backward():
     assert sum(chunked) < sum(plain) / 4
 
 
+@pytest.mark.slow
 def test_chunked_loss_equals_the_vocab_parallel_loss_under_tp2(tmp_path):
     case = tmp_path / "case.json"
     case.write_text(json.dumps({"out": str(tmp_path / "result.json")}))

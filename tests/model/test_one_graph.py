@@ -26,6 +26,7 @@ VARIANTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_compiled_training_step_is_one_graph_with_bounded_recompiles(variant: str):
     make, graphs = VARIANTS[variant]

@@ -29,6 +29,7 @@ def train_fixed_batch(cfg: ModelConfig, *, steps: int, batch: int = 4, seq_len: 
     return losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("routing", ["expert_choice", "token_choice"])
 def test_tiny_mor_overfits_a_fixed_batch(routing):
     losses = train_fixed_batch(tiny(routing=routing), steps=200)

@@ -55,6 +55,7 @@ def test_the_hugging_face_defaults_tables_match_the_config_classes():
         assert modeling_mor._DEFAULTS[name] == {"alpha": cls.default_alpha, "func": cls.default_func}, name
 
 
+@pytest.mark.slow
 def test_a_variant_registered_in_a_test_is_in_every_matrix_and_passes_it(tmp_path):
     from tests.model.test_causal_routing import CASES, check_causal
     from tests.model.test_decode import check_caches, check_decode

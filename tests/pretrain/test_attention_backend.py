@@ -48,6 +48,7 @@ def test_flash_without_flash_attn_is_a_config_error(monkeypatch):
         attention.resolve_backend("flash", torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_trainer_logs_the_choice_once(tmp_path):
     data = make_shards(tmp_path / "data")
     out = subprocess.run([sys.executable, "-m", "pretrain.train", "tiny_cpu", "model.vocab_size=128",

@@ -39,6 +39,7 @@ def test_a_bad_baseline_file_is_named(tmp_path, text, says):
         read_baseline(str(f))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["pretrain.tools.model_bench", "pretrain.tools.bench"])
 def test_a_missing_baseline_is_one_line_before_any_gpu_work(tmp_path, module):
     done = subprocess.run([sys.executable, "-m", module, "360m_mor_ec", "--baseline", str(tmp_path / "nope")],

@@ -51,6 +51,7 @@ def test_unbounded_epoch_reads_every_sample_once(one: Path, dp: int, workers: in
     assert sorted(epoch0) == every(ONE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sizes,dp,workers", [(ONE, dp, w) for dp, w in LAYOUTS] + [((5, 4, 6), 2, 2)],
                          ids=[f"one-dp{dp}-w{w}" for dp, w in LAYOUTS] + ["three-dp2-w2"])
 def test_resume_is_exact(tmp_path: Path, sizes, dp: int, workers: int):

@@ -42,6 +42,7 @@ def _args(tmp: Path, data: Path, *extra: str) -> list[str]:
             "eval.downstream_batch_size=4", *extra]
 
 
+@pytest.mark.slow
 def test_a_two_process_run_logs_what_the_one_process_scorer_gets(tmp_path, data):
     spawn_ranks(2, ["-m", "pretrain.train", RUN, *_args(tmp_path, data, "parallel.zero_stage=3")], tmp_path,
                 timeout=600)
@@ -73,6 +74,7 @@ def test_config_mistakes_are_one_line(tmp_path, data, override, message):
         load_config(RUN, [*_args(tmp_path, data), override], schema=RunConfig)
 
 
+@pytest.mark.slow
 def test_a_run_whose_tokenizer_is_missing_stops_before_training(tmp_path, data):
     folder = tmp_path / "data"
     make_shards(folder, vocab=VOCAB, seq_len=64)   # its manifest names the tokenizer "synthetic": no file

@@ -68,6 +68,7 @@ def _auto(folder: Path):
 
 
 # ---- the trained run ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_the_export_holds_the_checkpoints_model_and_its_card(run, exported):
     from safetensors import safe_open
 
@@ -190,6 +191,7 @@ def test_export_import_export_is_byte_identical_and_training_resumes(run, export
         trainer.close()
 
 
+@pytest.mark.slow
 def test_lm_eval_harness_gives_pretrain_fewshots_loglikelihoods(run, exported, tmp_path, capsys):
     """lm-evaluation-harness's own HF model class (HFLM: its tokenisation with add_bos_token=True, its split of
     context and continuation, its window, its prefix token for an empty context) on the exported folder gives the

@@ -45,6 +45,7 @@ VARIANTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_variant_exports_to_the_same_model(variant, tmp_path):
     check_export(VARIANTS[variant], tmp_path / "m")

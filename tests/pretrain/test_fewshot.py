@@ -116,6 +116,7 @@ DUMP_SCHEMA = {"task": str, "shots": int, "doc_id": int, "choice": int, "gold": 
                "continuation_tokens": int}
 
 
+@pytest.mark.slow
 def test_the_command_writes_its_table_json_and_request_dump(run, tmp_path, capsys):
     from pretrain.fewshot import main
     from pretrain.serve.generate import open_generator

@@ -179,6 +179,7 @@ def package() -> dict:
 
 
 # ---- the tests --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("name,shots", VARIANTS)
 def test_full_set_counts_equal_the_suites(ours, raw, package, name, shots):
     items = ours[name, shots].items

@@ -84,6 +84,7 @@ LAYOUTS = {
     "pp2-zero1": PP + ["parallel.zero_stage=1"],
 }
 # pp2-zero1 also proves the replicas stay equal under ZeRO-1 (they parted when synced after DeepSpeed's wrap)
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_a_checkpoint_of_any_layout_loads_as_the_parallel_model_ran(tmp_path, data, name):
     ref, run_dir = train_layout(tmp_path, data, name, LAYOUTS[name])
@@ -197,6 +198,7 @@ def test_help_explains_every_option_with_an_example():
     assert "python -m pretrain.generate runs/" in out.stdout and "Exit status" in out.stdout
 
 
+@pytest.mark.slow
 def test_a_missing_checkpoint_is_one_line_and_exit_2_from_the_real_command(tmp_path):
     out = _cli(str(tmp_path / "no-such-run"), "--prompt", "Hello")
     assert out.returncode == 2
@@ -204,6 +206,7 @@ def test_a_missing_checkpoint_is_one_line_and_exit_2_from_the_real_command(tmp_p
     assert out.stdout == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "empty-folder", "damaged", "other-tokenizer", "bigger-tokenizer",
                                   "empty-prompt", "blank-prompts-file", "top-p", "temperature",
                                   "greedy-and-temperature", "max-new-tokens"])
@@ -270,6 +273,7 @@ def test_greedy_text_is_deterministic_and_streams(run):
     assert "step-000004" in first[2] and "tokenizer" in first[2] and not library_chatter(first[2])
 
 
+@pytest.mark.slow
 def test_a_seed_makes_sampling_repeatable(run):
     argv = [str(run["run"]), "--prompt", "The people", "--prompt", "Congress", "--temperature", "1.0",
             "--top-k", "100", "--top-p", "0.95", "--max-new-tokens", "16"]

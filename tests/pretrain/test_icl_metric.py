@@ -101,6 +101,7 @@ def _reference(cls, model, task, requests) -> tuple[dict[str, float], list[float
     return out, [ll for _, _, ll in metrics["acc"].loglikelihoods]
 
 
+@pytest.mark.slow
 def test_acc_and_acc_per_char_equal_the_packages_icl_metric(sp, icl_metric):
     torch.manual_seed(0)
     model = MoRModel(tiny(routing="expert_choice", vocab_size=400, max_seq_len=256, init_std=0.1)).eval()

@@ -52,6 +52,7 @@ def balanced(tmp_path_factory):
     return tmp
 
 
+@pytest.mark.slow
 def test_bias_moves_every_step_identically_on_both_ranks(balanced):
     ranks = [_bias(balanced, r) for r in range(2)]
     assert ranks[0] == ranks[1]
@@ -72,6 +73,7 @@ def test_depth_loads_narrow_within_50_steps(balanced):
     assert sum(late) / len(late) < 0.5 * gap[1], late
 
 
+@pytest.mark.slow
 def test_bias_survives_kill_and_resume_exactly(balanced, tmp_path):
     """The same run, SIGKILLed at step 8 and resumed from its step-6 checkpoint, records the very same biases."""
     (tmp_path / "data").symlink_to(balanced / "data")

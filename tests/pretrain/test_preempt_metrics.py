@@ -73,27 +73,39 @@ def test_plot_draws_a_run_killed_mid_write(tmp_path, capsys):
 
 def test_plot_keeps_train_val_and_downstream_records_of_a_step_and_draws_three_panels(tmp_path):
     """A downstream record (in-loop evaluation) is its own kind: it neither replaces nor is replaced by the training
-    and validation records of its step, and it adds a third panel, with the average's chance line when known."""
+    and validation records of its step. The middle panel draws what validation logs per recursion step (sampling
+    accuracy, causal kept fraction), not the training kept fraction (flat under expert-choice); the last adds each
+    task's chance level and the average's when known."""
     import matplotlib.pyplot as plt
 
     from pretrain.tools.plot import chance_level, figure, load_records, plot
     down = {"downstream_avg": 0.4, "downstream_piqa": 0.55, "downstream_piqa_acc": 0.5,
             "downstream_hellaswag": 0.25, "downstream_hellaswag_acc": 0.24, "downstream_items": 50}
-    recs = [{"step": s, "loss": 3.0 / s, "rec1/kept_frac": 0.6, "rec1/gate_mean": 0.4} for s in (1, 2, 3, 4)]
-    recs += [{"step": s, "val_loss": 2.0 / s} for s in (2, 4)]
+    recs = [{"step": s, "loss": 3.0 / s, "r1/kept_frac": 0.6, "r1/gate_mean": 0.4} for s in (1, 2, 3, 4)]
+    recs += [{"step": s, "val_loss": 2.0 / s, "val_r1_sampling_acc": 0.9, "val_r1_causal_kept": 0.5} for s in (2, 4)]
     recs += [{"step": s, **down} for s in (2, 4)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     records = load_records(tmp_path / "metrics.jsonl")
     assert len(records) == len(recs)
     # kinds sort as downstream, train, val within a step
-    assert [r for r in records if r["step"] == 2] == [{"step": 2, **down}, recs[1], {"step": 2, "val_loss": 1.0}]
+    assert [r for r in records if r["step"] == 2] == [{"step": 2, **down}, recs[1], recs[4]]
     assert chance_level([r for r in records if "downstream_avg" in r]) == (1 / 2 + 1 / 4) / 2
     assert chance_level([{"downstream_avg": 0.3, "downstream_arc_easy": 0.3, "downstream_arc_easy_acc": 0.3}]) is None
     fig = figure(records, "run")
     try:
-        assert [ax.get_title() for ax in fig.axes] == ["run", "", "downstream accuracy"]
+        assert [ax.get_title() for ax in fig.axes] == ["run", "routing per recursion step (validation)",
+                                                       "downstream accuracy"]
+        labels = [line.get_label() for line in fig.axes[1].get_lines()]
+        assert labels == ["r1 sampling accuracy", "r1 causal kept fraction"], labels
         labels = [line.get_label() for line in fig.axes[2].get_lines()]
-        assert labels == ["average", "hellaswag", "piqa", "average at chance (0.375)"], labels
+        assert labels == ["average", "hellaswag", "piqa", "chance: hellaswag (0.25)", "chance: piqa (0.50)",
+                          "average at chance (0.375)"], labels
+    finally:
+        plt.close(fig)
+    # no per-step validation statistics (vanilla, or before the first validation): no routing panel
+    fig = figure([r for r in records if "val_loss" not in r], "run")
+    try:
+        assert [ax.get_title() for ax in fig.axes] == ["run", "downstream accuracy"]
     finally:
         plt.close(fig)
     out = plot(tmp_path, tmp_path / "curves.png")

@@ -65,6 +65,7 @@ def _switch(tmp: Path, saved: str, world: int, layout: list[str], name: str) -> 
     assert "re-sharded for" in log, log[-2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [["parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
                                      "parallel.zero_stage=2"],
                                     ["parallel.pipeline_parallel=2", "parallel.zero_stage=1"],
@@ -74,6 +75,7 @@ def test_one_process_resumes_under_two(runs, layout):
     _switch(runs, "one", 2, layout, "to-" + "-".join(w.split(".")[1].replace("=", "") for w in layout))
 
 
+@pytest.mark.slow
 def test_two_data_parallel_ranks_start_as_one_process_and_zero3_moves_both_ways(runs, dp2):
     one, two = step_losses(runs / "runs" / "one"), step_losses(dp2)
     assert sorted(two) == [1, 2]
@@ -89,6 +91,7 @@ def test_two_data_parallel_ranks_start_as_one_process_and_zero3_moves_both_ways(
         assert back[step] == pytest.approx(one[step], rel=1e-5, abs=0), (step, one, back)
 
 
+@pytest.mark.slow
 def test_tp2_pp2_resumes_under_one_process(runs, tp2pp2):
     # the same seed starts both layouts from the same weights (model/init.py), so with the same data the two
     # runs agree from the first step on
@@ -99,6 +102,7 @@ def test_tp2_pp2_resumes_under_one_process(runs, tp2pp2):
     _switch(runs, "tp2pp2", 1, ["parallel.zero_stage=0"], "back-to-one")
 
 
+@pytest.mark.slow
 def test_readers_that_the_new_layout_cannot_share_are_one_line(runs):
     at = runs / "runs" / "one" / "checkpoints" / f"step-{SWITCH:06d}"
     args = _args(runs, "three-workers", f"checkpoint.resume={at}", "data.readers=0", "data.num_workers=3")
@@ -109,6 +113,7 @@ def test_readers_that_the_new_layout_cannot_share_are_one_line(runs):
     assert len(err) == 1 and "its data position is in 2 readers" in err[0] and "Traceback" not in log
 
 
+@pytest.mark.slow
 def test_checkpoints_of_every_layout_export_to_hugging_face(runs, tp2pp2, dp2, tmp_path):
     """One process, TP=2 × PP=2 (ZeRO-1) and DP=2 ZeRO-3 checkpoints, exported (pretrain/export.py) and loaded with
     transformers' Auto class, give the logits of the checkpoint's own model under causal routing (1e-5, fp32)."""

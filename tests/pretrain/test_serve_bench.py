@@ -13,6 +13,7 @@ from pretrain.serve import bench as serve_bench
 from pretrain.serve.bench import main
 
 
+@pytest.mark.slow
 def test_fixed_and_memory_sized_batches_in_one_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     # 0.25 MiB less a fifth: vanilla's 8 layers x 16 positions x 256 B = 32 KiB a slot (plus its index) -> 6 slots

@@ -174,6 +174,7 @@ def test_measured_flops_hold_each_logged_load_over_the_steps_since_the_previous_
     assert report.MeasuredFlops(tc, kept).at(3) == pytest.approx(2 * at(kept[2]) + at(kept[4]), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_a_tiny_study_trains_every_model_to_the_budget_and_draws_it(tmp_path, data):
     f = write_study(tmp_path / "tiny.yaml", data)
     out = tmp_path / "out"

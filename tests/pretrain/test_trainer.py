@@ -57,6 +57,7 @@ def _tmp_with_data(tmp_path: Path, data: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world,layout", [(1, []), (2, ["parallel.zero_stage=2"]), (2, ["parallel.tensor_parallel=2"])],
                          ids=["1proc", "dp2-zero2", "tp2"])
 def test_sigkill_then_resume_gives_the_same_losses_bit_for_bit(tmp_path, data, world, layout):
@@ -73,6 +74,7 @@ def test_sigkill_then_resume_gives_the_same_losses_bit_for_bit(tmp_path, data, w
     assert a == b  # exact float equality, every step
 
 
+@pytest.mark.slow
 def test_sigusr1_on_one_rank_saves_the_same_step_everywhere_and_asks_for_requeue(tmp_path, data):
     tmp = _tmp_with_data(tmp_path, data)
     args = overrides(tmp, "name=preempted", "checkpoint.every=0")
@@ -87,6 +89,7 @@ def test_sigusr1_on_one_rank_saves_the_same_step_everywhere_and_asks_for_requeue
     assert sorted(step_losses(tmp / "runs/preempted")) == list(range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_model_is_one_clear_error(tmp_path, data):
     tmp = _tmp_with_data(tmp_path, data)
     train(tmp, 1, overrides(tmp, "name=mm"), tag="first")
@@ -111,6 +114,7 @@ def test_config_mismatch_ignores_keys_that_may_change():
         config_mismatch(a, b) == ["model.n_layers", "model.num_recursions"]
 
 
+@pytest.mark.slow
 def test_training_on_a_terminal_shows_a_progress_bar_with_rate_and_eta(tmp_path, data):
     """stderr on a terminal: a tqdm bar over the steps; the log lines still come, as lines."""
     import os
@@ -151,6 +155,7 @@ def test_training_on_a_terminal_shows_a_progress_bar_with_rate_and_eta(tmp_path,
     assert len(log_lines) == STEPS and "gnorm" not in out.decode()    # the log lines are written above the bar
 
 
+@pytest.mark.slow
 def test_a_file_gets_log_lines_and_no_bar(tmp_path, data):
     tmp = _tmp_with_data(tmp_path, data)
     train(tmp, 1, overrides(tmp, "name=nobar"), tag="nobar")
@@ -159,6 +164,7 @@ def test_a_file_gets_log_lines_and_no_bar(tmp_path, data):
     assert sum(ln.startswith("step ") and "tok/s" in ln for ln in text.splitlines()) == STEPS
 
 
+@pytest.mark.slow
 def test_resume_restores_the_rng_states_saved_in_the_checkpoint(tmp_path, data):
     """Nothing in training draws from the global RNGs today, so compare the restored states with the saved ones
     directly (after drawing from every RNG, so that they differ from any freshly seeded state)."""

@@ -62,6 +62,7 @@ def _check_against(rec: dict, ref: dict) -> None:
         assert rec[key] == pytest.approx(want, **tol), (key, rec[key], want)
 
 
+@pytest.mark.slow
 def test_expert_choice_validation_reports_both_routings_and_the_rule_per_step(tmp_path, data):
     trainer, records, lines = _run(tmp_path, data, "tiny_mor_ec")
     try:
@@ -88,6 +89,7 @@ def test_expert_choice_validation_reports_both_routings_and_the_rule_per_step(tm
         trainer.close()
 
 
+@pytest.mark.slow
 def test_token_choice_routes_causally_already_so_both_losses_are_one_number(tmp_path, data):
     trainer, records, _ = _run(tmp_path, data, "tiny_mor_tc")
     try:
