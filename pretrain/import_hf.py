@@ -36,7 +36,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from conf.errors import ConfigError
+from conf.errors import ConfigError, one_line
 from pretrain.training.outdir import RUN_FILE, check_place
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
@@ -56,7 +56,7 @@ def read_model_config(hf_dir: Path):
     except FileNotFoundError:
         raise ConfigError(f"{hf_dir}: no config.json; give a folder written by python -m pretrain.export") from None
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: cannot be read ({' '.join(str(e).split())[:120]})") from None
+        raise ConfigError(f"{path}: cannot be read ({one_line(e, 120, name=False)})") from None
     if not isinstance(data, dict) or data.get("model_type") != "mor":
         got = data.get("model_type") if isinstance(data, dict) else None
         raise ConfigError(f"{path}: model_type is {got!r}, not 'mor'; give a folder written by "
@@ -76,7 +76,7 @@ def read_record(hf_dir: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: cannot be read ({' '.join(str(e).split())[:120]})") from None
+        raise ConfigError(f"{path}: cannot be read ({one_line(e, 120, name=False)})") from None
 
 
 def read_weights(hf_dir: Path) -> dict[str, Any]:
@@ -87,7 +87,7 @@ def read_weights(hf_dir: Path) -> dict[str, Any]:
     try:
         return load_file(str(path))
     except Exception as e:  # noqa: BLE001 - any unreadable file is one line
-        raise ConfigError(f"{path}: cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+        raise ConfigError(f"{path}: cannot be read ({one_line(e, 120)})") from None
 
 
 def run_config(hf_dir: Path, run_dir: Path, model_cfg, record: dict[str, Any], run: Optional[str],

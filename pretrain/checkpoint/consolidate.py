@@ -54,7 +54,7 @@ from typing import Any, Optional
 import torch
 
 from conf import build_dataclass
-from conf.errors import ConfigError
+from conf.errors import ConfigError, one_line
 from model.config import ModelConfig
 from model.mor import MoRModel
 from model.tp_shard import unshard_tensor
@@ -137,8 +137,7 @@ def read_run(folder: Path) -> tuple[RunConfig, dict[str, Any]]:
     except ConfigError as e:   # a config this version no longer reads: a key renamed since, say
         raise CheckpointError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - unreadable in any way: one line
-        raise CheckpointError(f"{folder / 'trainer.pt'}: cannot be read ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())[:160]})") from None
+        raise CheckpointError(f"{folder / 'trainer.pt'}: cannot be read ({one_line(e)})") from None
     return run, state
 
 
@@ -151,8 +150,7 @@ def _torch_load(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unreadable file is one line
-        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
-                              ) from None
+        raise CheckpointError(f"{path}: cannot be read ({one_line(e)})") from None
 
 
 @dataclass
@@ -227,7 +225,7 @@ def _zero3_rank(stage: _Stage, tp_rank: int) -> dict[str, torch.Tensor]:
                 state = get_fp32_state_dict_from_zero_checkpoint(tmp, tag="tp")
             except Exception as e:  # noqa: BLE001 - its errors are ValueError / FileNotFoundError / asserts
                 raise CheckpointError(f"{stage.folder}: ZeRO-3 partitions of TP rank {tp_rank} cannot be merged "
-                                      f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+                                      f"({one_line(e)})") from None
     return dict(state)
 
 

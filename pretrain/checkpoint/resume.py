@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 
 from conf import config_to_dict
-from conf.errors import ConfigError
+from conf.errors import ConfigError, one_line
 from pretrain.checkpoint import verify as ckpt
 from pretrain.checkpoint.config_keys import ADDED, MATCH, kind
 from pretrain.checkpoint.state import TrainerState
@@ -180,7 +180,7 @@ def _torch_read(file: Path) -> dict:
     try:
         return torch.load(file, weights_only=False, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - a file that passed its check yet does not load: one line
-        raise ConfigError(_not_loadable(file, ckpt.describe_exception(e))) from None
+        raise ConfigError(_not_loadable(file, one_line(e))) from None
 
 
 def _not_loadable(where, why: str) -> str:
@@ -247,7 +247,7 @@ def _load_converted(ck, engine, path: Path) -> None:
     except ckpt.CheckpointError as e:
         why = _not_loadable(path, str(e))
     except Exception as e:  # noqa: BLE001 - any failure while converting: one line, the same on every rank
-        why = _not_loadable(path, ckpt.describe_exception(e))
+        why = _not_loadable(path, one_line(e))
     why = ckpt.agree(why)
     if why:
         raise ConfigError(why)
@@ -288,7 +288,7 @@ def resume(ck, engine, loader) -> Optional[Resumed]:
     except ConfigError as e:   # one rank alone may fail (its own file): every rank stops, with the same line
         why = str(e)
     except Exception as e:  # noqa: BLE001 - a verified file that holds something else: one line, not a traceback
-        why = _not_loadable(path, ckpt.describe_exception(e))
+        why = _not_loadable(path, one_line(e))
     why = ckpt.agree(why)
     if why:
         raise ConfigError(why)

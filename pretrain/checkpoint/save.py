@@ -25,6 +25,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from conf.errors import one_line
 from conf.files import atomic_write_bytes
 from pretrain.checkpoint import verify as ckpt
 from pretrain.checkpoint import faults
@@ -109,7 +110,7 @@ class _Stop:
         rank, _ = ckpt.rank_and_size()
         mine = None
         if self.error is not None:
-            mine = (is_full(self.error, self.root, self.need), ckpt.describe_exception(self.error))
+            mine = (is_full(self.error, self.root, self.need), one_line(self.error))
         failures = [(r, f) for r, f in enumerate(ckpt.gather(mine)) if f]
         if not failures:
             return

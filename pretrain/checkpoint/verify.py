@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from conf.errors import one_line
 from conf.files import atomic_write_bytes
 from pretrain.checkpoint import faults
 
@@ -210,7 +211,7 @@ def _check_record(folder: Path) -> tuple[Optional[dict], Optional[str]]:
         if record.get("format") != FORMAT or not isinstance(files, dict):
             raise ValueError(f"format {record.get('format')!r}")
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        return None, f"{RECORD}: unreadable ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
+        return None, f"{RECORD}: unreadable ({one_line(e, 120)})"
     return record, None
 
 
@@ -232,7 +233,7 @@ def _check_file(folder: Path, name: str, expected: Optional[dict]) -> Optional[s
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
     except (OSError, zipfile.BadZipFile, EOFError) as e:
-        return f"{name}: not a readable torch file ({' '.join(str(e).split())[:120]})"
+        return f"{name}: not a readable torch file ({one_line(e, 120, name=False)})"
     return f"{name}: member {bad} fails its CRC-32 check (corrupt)" if bad else None
 
 
@@ -347,12 +348,8 @@ def load_engine(engine, path: Path) -> None:
         faults.point("resume.load")
         engine.load(path)
     except Exception as e:  # noqa: BLE001 - any failure to read is reported the same way, on every rank
-        why = f"engine/ (DeepSpeed's model and optimizer files): {describe_exception(e)}"
+        why = f"engine/ (DeepSpeed's model and optimizer files): {one_line(e)}"
     why = agree(why)
     if why:
         raise CheckpointError(why)
 
-
-def describe_exception(e: BaseException) -> str:
-    """``KeyError: 'dynamic_loss_scale'``: an exception as one short line."""
-    return f"{e.__class__.__name__}: {' '.join(str(e).split())[:160]}"

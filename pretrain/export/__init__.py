@@ -43,7 +43,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from conf.errors import ConfigError
+from conf.errors import ConfigError, one_line
 from data_prep.shards import sha256_file
 from pretrain.export.card import ExportInfo, model_card
 from pretrain.training.outdir import check_place
@@ -294,7 +294,7 @@ def _check_tokenizer(path: Path, want: Optional[str], vocab: int, where: str) ->
         sp = spm.SentencePieceProcessor(model_file=str(path))
     except (OSError, RuntimeError) as e:
         raise ConfigError(f"{where} {path}: not a readable SentencePiece model "
-                          f"({' '.join(str(e).split())[:120]})") from None
+                          f"({one_line(e, 120, name=False)})") from None
     if sp.get_piece_size() > vocab:
         raise ConfigError(f"{where} {path}: {sp.get_piece_size()} pieces, more than the model's vocabulary ({vocab}); "
                           "it is not the tokenizer the run was trained with")

@@ -52,6 +52,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from conf.errors import one_line
+
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 _DTYPES = ("fp32", "bf16")
@@ -300,7 +302,7 @@ def _child(job: Job, conn) -> None:
     try:
         conn.send(measure(job))
     except (ConfigError, ValueError) as e:     # a mistake only the loaded model shows (e.g. too little memory)
-        conn.send({"error": " ".join(str(e).split())})
+        conn.send({"error": one_line(e, None, name=False)})
     finally:
         conn.close()
 

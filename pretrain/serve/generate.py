@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
+from conf.errors import one_line
+
 if TYPE_CHECKING:   # heavy imports wait until the options are checked
     from sentencepiece import SentencePieceProcessor
 
@@ -159,7 +161,7 @@ def _tokenizer(info: CheckpointInfo, override: Optional[Path]) -> tuple[Sentence
         sp = spm.SentencePieceProcessor(model_file=str(path))
     except (OSError, RuntimeError) as e:
         raise ConfigError(f"{where} {path}: not a readable SentencePiece model "
-                          f"({' '.join(str(e).split())[:120]})") from None
+                          f"({one_line(e, 120, name=False)})") from None
     vocab = info.run.model.vocab_size
     if sp.get_piece_size() > vocab:
         raise ConfigError(f"{where} {path}: {sp.get_piece_size()} pieces, more than the model's vocabulary "

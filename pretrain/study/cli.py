@@ -47,6 +47,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from conf.errors import one_line
+
 if TYPE_CHECKING:
     from pretrain.study.spec import ModelPlan, StudyConfig
 
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             jobs = submit(sweep, points, kind)
         except submitit.core.utils.FailedJobError as e:  # sbatch said no: a partition, account or limit problem
-            print(f"error: submission failed: {' '.join(str(e).split())}", file=sys.stderr)
+            print(f"error: submission failed: {one_line(e, None, name=False)}", file=sys.stderr)
             return 2
         print(f"submitted: {', '.join(f'{n}={j.job_id}' for n, j in jobs.items())}")
         print(f"logs: {Path(cfg.out_dir) / 'submitit'}/<job id>_<task>_log.out|err; runs: {cfg.out_dir}/<model>")

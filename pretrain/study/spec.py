@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 from conf import load_config, run_file
-from conf.errors import ConfigError
+from conf.errors import ConfigError, one_line
 from model.flops import param_counts, training_flops
 from model.sharing import build_plan
 from pretrain.config import RunConfig
@@ -142,7 +142,7 @@ def _seq_len(rc: RunConfig, where: str, model: str, strict: bool, cache: dict[st
         try:
             cache[rc.data.path] = load_manifest(rc.data.path).seq_len
         except (FileNotFoundError, ValueError) as e:
-            msg = f"{where}: model {model}: data.path: {' '.join(str(e).split())}"
+            msg = f"{where}: model {model}: data.path: {one_line(e, None, name=False)}"
             if strict:
                 raise ConfigError(msg) from None
             print(f"warning: {msg}; planning with seq_len = model.max_seq_len = {rc.model.max_seq_len} "
@@ -166,7 +166,7 @@ def plan(cfg: StudyConfig, where: str, *, strict: bool = True) -> list[ModelPlan
             rc = load_config(run, [*head, *base, *own], schema=RunConfig)
             dp = check_layout(rc.parallel, world, rc.model)
         except ConfigError as e:
-            raise ConfigError(f"{where}: model {name}: {' '.join(str(e).split())}") from None
+            raise ConfigError(f"{where}: model {name}: {one_line(e, None, name=False)}") from None
         seq_len = _seq_len(rc, where, name, strict, seq_lens)
         tokens = rc.parallel.micro_batch_size * grad_accumulation_steps(rc.parallel, dp) * dp * seq_len
         per_token = training_flops(rc.model, seq_len).training_per_token
@@ -185,7 +185,7 @@ def plan(cfg: StudyConfig, where: str, *, strict: bool = True) -> list[ModelPlan
         try:
             rc = load_config(run, overrides, schema=RunConfig)
         except ConfigError as e:
-            raise ConfigError(f"{where}: model {name}: {' '.join(str(e).split())}") from None
+            raise ConfigError(f"{where}: model {name}: {one_line(e, None, name=False)}") from None
         point = Point(name, own, overrides, Path(cfg.out_dir) / name)
         plans.append(ModelPlan(name, rc, own, param_counts(rc.model)["unique"], per_token, seq_len, tokens, steps,
                                eval_every, point))

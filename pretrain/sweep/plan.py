@@ -32,7 +32,7 @@ from pathlib import Path
 import submitit
 
 from conf import cli_errors, load_config
-from conf.errors import ConfigError
+from conf.errors import ConfigError, one_line
 from pretrain.sweep import results
 from pretrain.sweep.spec import Point, SweepConfig, expand, load_sweep, run_path
 from pretrain.training.preempt import REQUEUE_EXIT_CODE
@@ -52,7 +52,7 @@ def validate(cfg: SweepConfig, points: list[Point], where: str, *, dry_run: bool
             rc = load_config(run_path(cfg), p.overrides, schema=RunConfig)
             dp = check_layout(rc.parallel, world, rc.model)
         except ConfigError as e:
-            raise ConfigError(f"{where}: point {p.name}: {' '.join(str(e).split())}") from None
+            raise ConfigError(f"{where}: point {p.name}: {one_line(e, None, name=False)}") from None
         try:  # the trainer's own loader checks: a finished data set, enough samples for dp × workers readers
             TokenLoader(rc.data.path, "train", micro_batch_size=rc.parallel.micro_batch_size, dp_size=dp,
                         num_workers=rc.data.num_workers)
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         jobs = submit(cfg, points, kind)
     except submitit.core.utils.FailedJobError as e:  # sbatch said no: a partition, account or limit problem
-        print(f"error: submission failed: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: submission failed: {one_line(e, None, name=False)}", file=sys.stderr)
         return 2
     print(f"submitted: {', '.join(f'{n}={j.job_id}' for n, j in jobs.items())}")
     print(f"logs: {Path(cfg.out_dir) / 'submitit'}/<job id>_<task>_log.out|err; runs: {cfg.out_dir}/<point>")

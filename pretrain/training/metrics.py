@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from conf.errors import ConfigError
+from conf.errors import ConfigError, one_line
 from conf.files import atomic_write_bytes, atomic_write_text
 
 # Dense bf16 peaks per device (FLOP/s); CPU runs report no MFU.
@@ -120,7 +120,7 @@ class MetricsLog:
                 self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
                                 step=record["step"])
             except Exception as e:  # noqa: BLE001 - whatever wandb raises, training and its metrics go on
-                self._detach(f"{type(e).__name__}: {' '.join(str(e).split())[:120]}")
+                self._detach(one_line(e, 120))
 
     def _detach(self, why: str) -> None:
         self._wandb = None
@@ -157,7 +157,7 @@ def _bounded(fn, seconds: float) -> Optional[str]:
         try:
             fn()
         except BaseException as e:  # noqa: BLE001 - SystemExit too: wandb exits with its service's status
-            failure.append(f"{type(e).__name__}: {' '.join(str(e).split())[:120]}")
+            failure.append(one_line(e, 120))
     thread = threading.Thread(target=call, name="wandb-close", daemon=True)
     thread.start()
     thread.join(seconds)
