@@ -1,4 +1,4 @@
-"""``python -m pretrain.generate``: the command's name since the first release; the code is pretrain/serve/generate.py."""
+"""``python -m pretrain.generate``: the command keeps its name; the code is pretrain/serve/generate.py."""
 import sys
 
 from pretrain.serve.generate import main

@@ -1,4 +1,4 @@
-"""``python -m pretrain.serve_bench``: the command's name since the first release; the code is pretrain/serve/bench.py."""
+"""``python -m pretrain.serve_bench``: the command keeps its name; the code is pretrain/serve/bench.py."""
 import sys
 
 from pretrain.serve.bench import main

@@ -62,7 +62,8 @@ class StepResult:
 
 @dataclass
 class EvalSums:
-    """What ``TrainEngine.eval_sums`` adds up over one rank's batches (validation adds these over data-parallel ranks)."""
+    """What ``TrainEngine.eval_sums`` adds up over one rank's batches (validation adds these over data-parallel
+    ranks)."""
     loss: torch.Tensor                              # (2,): Σ batch's mean lm loss × its real tokens, Σ real tokens
     stats: dict[str, tuple[float, float]]           # router statistic -> (Σ batch value × positions, Σ positions)
 
