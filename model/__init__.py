@@ -2,6 +2,11 @@
 forward program and its assembly, FLOPs."""
 import warnings
 
+from conf.imports import defer_compile_in_megatron
+
+# Before anything here imports megatron-core: its import then skips torch.compile's ~2 s start-up (conf/imports.py).
+defer_compile_in_megatron()
+
 # megatron-core warns at import when the optional Transformer Engine / Apex kernels are absent; we use neither.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
