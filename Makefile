@@ -24,12 +24,15 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 demo: setup
 	$(BIN)/python -m pretrain.tools.demo
 
+# Two pytest-xdist workers (the 2-core machine the times are measured on): a test file is one unit of work, the
+# Slurm files one between them (tests/conftest.py). TEST_WORKERS=0 runs it in this process alone.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
 
 # the unit tier: while you work (tests/conftest.py says what each tier holds)
 test-fast: setup
-	$(BIN)/python -m pytest -q -m unit tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m unit tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -20,13 +20,27 @@ if ROOT not in sys.path:
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Workers share the cores: one thread each, and for the processes they start (spawned ranks set it anyway).
+    # More threads than cores leave OpenMP's waiting threads spinning on the cores the other worker needs.
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 KINDS = ("distributed", "faults", "slurm", "slow", "gpu")
 FOLDER_KIND = {"distributed": "distributed", "faults": "faults", "slurm": "slurm"}
 
 
+# Under pytest-xdist (`make test` runs 2 workers) a file is one unit of work, so its module fixtures (a module's
+# shared reference runs) are built once, and the Slurm files are one unit between them, because their jobs share
+# the one cluster's CPUs (FileScheduling below). Units go out in ORDER, the longest kinds first, so that short unit
+# files fill the gaps at the end.
+ORDER = ("slurm", "faults", "distributed", "slow", "unit", "gpu")
+
+
 def pytest_collection_modifyitems(config, items):
     skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA GPU")
+    first_kind: dict[str, int] = {}
     for item in items:
         folder = item.path.parent.name
         if folder in FOLDER_KIND:
@@ -35,6 +49,32 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker("unit")
         if skip is not None and "gpu" in item.keywords:
             item.add_marker(skip)
+        unit = _unit(item.nodeid)
+        first_kind[unit] = min(first_kind.get(unit, len(ORDER)), *(ORDER.index(k) for k in ORDER if k in item.keywords))
+    if os.environ.get("PYTEST_XDIST_WORKER"):   # alone, a run keeps the files' own order
+        items.sort(key=lambda it: first_kind[_unit(it.nodeid)])   # stable: a file's tests keep their order
+
+
+def _unit(nodeid: str) -> str:
+    """The unit of work a test belongs to: the Slurm folder, or its file."""
+    path = nodeid.split("::")[0]
+    return "tests/slurm" if path.startswith("tests/slurm/") else path
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Whole units to a worker, in the order the workers collected them (see ORDER). Used where no --dist mode
+    was asked for. (xdist's own --dist loadgroup would need a mark per test, which pytest 9.2 no longer lets a
+    conftest add: pytest-xdist issue 1386.)"""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid)
+
+    config.option.loadscopereorder = False
+    return FileScheduling(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)

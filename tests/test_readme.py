@@ -294,8 +294,8 @@ def test_command_help_accepts_its_options(command):
 
 
 # ---- MAKE -----------------------------------------------------------------------------------------------------
-MAKE_SHOWS = {"make demo": "-m pretrain.tools.demo", "make test": "-m pytest -q tests",
-              "make test-fast": "-m pytest -q -m unit tests"}
+MAKE_SHOWS = {"make demo": "-m pretrain.tools.demo", "make test": "-m pytest -q -n 2 tests",
+              "make test-fast": "-m pytest -q -n 2 -m unit tests"}
 
 
 @pytest.mark.parametrize("command,shows", MAKE_SHOWS.items())
