@@ -1,8 +1,10 @@
 """Signals at every moment of start-up, in one process and in two (gloo ranks, started as torchrun starts them).
 
 A warning (SIGUSR1) at any start-up phase, from the first line of ``main()`` (before any handler exists) to
-``startup.done``, is kept: at the first step boundary every rank saves step 1 and exits 75, saying so in one line,
-and a rerun finishes with losses equal, bit for bit, to an uninterrupted run's. The ranks start as slurm/launch.sh
+``startup.done``, is kept: at the first step boundary every rank saves step 1 and exits 75, saying so in one line;
+that checkpoint holds, tensor for tensor and bit for bit, what the uninterrupted run's step-1 checkpoint holds (so
+a rerun continues as that run does: exact resume is tests/faults/test_checkpoints.py's), and for the earliest phase
+a rerun is made and finishes with losses equal, bit for bit, to the uninterrupted run's. The ranks start as slurm/launch.sh
 starts them, with USR1 and USR2 blocked. SIGTERM during start-up ends the process (there is nothing to save yet),
 and so does a rank whose peer died while both were starting, when the launcher sends it SIGTERM."""
 from __future__ import annotations
@@ -13,9 +15,12 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from pretrain.training.preempt import REQUEUE_EXIT_CODE, WARNINGS
 from tests.distributed.harness import ROOT, spawn_ranks
@@ -29,8 +34,8 @@ PHASES = ["startup.main", "startup.config", "startup.distributed", "startup.engi
 NOT_IN_A_JOB = {"SLURM_JOB_START_TIME": "", "SLURM_JOB_END_TIME": "", "MOR_WARNING_FILE": ""}
 
 
-def overrides(data: Path, tmp: Path) -> list[str]:
-    return args(data, tmp / "runs", "run", "train.steps=3", "checkpoint.every=0")
+def overrides(data: Path, tmp: Path, *extra: str) -> list[str]:
+    return args(data, tmp / "runs", "run", "train.steps=3", "checkpoint.every=0", *extra)
 
 
 @contextlib.contextmanager
@@ -43,9 +48,9 @@ def warnings_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def train(tmp: Path, data: Path, world: int, env: dict | None = None, tag: str = "run") -> list[int]:
+def train(tmp: Path, data: Path, world: int, env: dict | None = None, tag: str = "run", *extra: str) -> list[int]:
     with warnings_blocked():
-        return spawn_ranks(world, ["-m", "pretrain.train", RUN, *overrides(data, tmp)], tmp,
+        return spawn_ranks(world, ["-m", "pretrain.train", RUN, *overrides(data, tmp, *extra)], tmp,
                            env={**NOT_IN_A_JOB, **(env or {})}, check=False, prefix=f"{tag}-")
 
 
@@ -58,18 +63,57 @@ def data(tmp_path_factory) -> Path:
     return make_shards(tmp_path_factory.mktemp("signals_data") / "data")
 
 
+@dataclass
+class Straight:
+    losses: dict[int, float]
+    step1: Path          # its checkpoint of step 1
+
+
 @pytest.fixture(scope="module")
 def straight(data, tmp_path_factory):
-    """The uninterrupted run's losses, per world size, run once for the module."""
-    done: dict[int, dict[int, float]] = {}
+    """The uninterrupted run (saving every step), per world size, run once for the module."""
+    done: dict[int, Straight] = {}
 
-    def losses_of(world: int) -> dict[int, float]:
+    def run(world: int) -> Straight:
         if world not in done:
             tmp = tmp_path_factory.mktemp(f"straight{world}")
-            assert train(tmp, data, world) == [0] * world, logs(tmp, "run")
-            done[world] = losses(tmp / "runs" / "run")
+            assert train(tmp, data, world, None, "run", "checkpoint.every=1") == [0] * world, logs(tmp, "run")
+            done[world] = Straight(losses(tmp / "runs" / "run"), tmp / "runs" / "run" / "checkpoints" / "step-000001")
         return done[world]
-    return losses_of
+    return run
+
+
+def assert_same_state(got, want, where: str) -> None:
+    """Equal values at every key and index; tensors bit for bit."""
+    if torch.is_tensor(want):
+        assert torch.is_tensor(got) and got.dtype == want.dtype and torch.equal(got, want), where
+    elif isinstance(want, np.ndarray):
+        assert isinstance(got, np.ndarray) and got.dtype == want.dtype and np.array_equal(got, want), where
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), (where, sorted(got), sorted(want))
+        for k in want:
+            assert_same_state(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, (list, tuple)):
+        assert type(got) is type(want) and len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_same_state(a, b, f"{where}[{i}]")
+    else:
+        assert got == want, (where, got, want)
+
+
+def assert_same_checkpoint(got: Path, want: Path) -> None:
+    """Every file of ``want`` is in ``got`` with the same contents — weights, optimizer moments, step, tokens, data
+    position, RNG states — except the run config (out_dir and checkpoint.every differ by design)."""
+    files = sorted(p.relative_to(want).as_posix() for p in want.rglob("*.pt"))
+    assert files and files == sorted(p.relative_to(got).as_posix() for p in got.rglob("*.pt"))
+    for name in files:
+        a, b = (torch.load(d / name, weights_only=False, map_location="cpu") for d in (got, want))
+        if name == "trainer.pt":
+            a.pop("config"), b.pop("config")
+        elif "rng" in b:   # the global Python and NumPy RNGs are not seeded by a run (nothing draws from them)
+            for rng in ("python", "numpy"):
+                a["rng"].pop(rng), b["rng"].pop(rng)
+        assert_same_state(a, b, name)
 
 
 @pytest.mark.parametrize("world", [1, 2], ids=["1proc", "2proc"])
@@ -84,9 +128,11 @@ def test_a_warning_at_any_startup_phase_is_kept_saved_and_resumed_exactly(tmp_pa
     assert len(said) == 1 and said[0].startswith("preempted: saved step 1;"), text
     assert "Traceback" not in text
     ckpt = tmp_path / "runs" / "run" / "checkpoints"
-    assert (ckpt / "latest").read_text().strip() == "step-000001" and (ckpt / "step-000001" / "trainer.pt").exists()
-    assert train(tmp_path, data, world, tag="rerun") == [0] * world, logs(tmp_path, "rerun")
-    assert losses(tmp_path / "runs" / "run") == straight(world)   # exact float equality, every step
+    assert (ckpt / "latest").read_text().strip() == "step-000001"
+    assert_same_checkpoint(ckpt / "step-000001", straight(world).step1)
+    if phase == PHASES[0]:   # and, end to end, the rerun
+        assert train(tmp_path, data, world, tag="rerun") == [0] * world, logs(tmp_path, "rerun")
+        assert losses(tmp_path / "runs" / "run") == straight(world).losses   # exact float equality, every step
 
 
 @pytest.mark.parametrize("world", [1, 2], ids=["1proc", "2proc"])
@@ -98,7 +144,7 @@ def test_sigterm_during_startup_ends_the_process_and_a_rerun_is_unaffected(tmp_p
     assert not list((tmp_path / "runs").glob("run/checkpoints/step-*"))   # nothing trained, nothing saved
     if phase == PHASES[-1]:   # the most a start leaves behind (run folder, metrics file): a rerun starts cleanly
         assert train(tmp_path, data, world, tag="rerun") == [0] * world, logs(tmp_path, "rerun")
-        assert losses(tmp_path / "runs" / "run") == straight(world)
+        assert losses(tmp_path / "runs" / "run") == straight(world).losses
 
 
 def test_a_rank_whose_peer_died_during_startup_ends_on_sigterm(tmp_path, data):

@@ -89,21 +89,21 @@ def test_sigusr1_on_one_rank_saves_the_same_step_everywhere_and_asks_for_requeue
     assert sorted(step_losses(tmp / "runs/preempted")) == list(range(1, STEPS + 1))
 
 
-@pytest.mark.slow
 def test_resume_with_a_different_model_is_one_clear_error(tmp_path, data):
+    """In this process, through the entry point's main() (a spawned process would show nothing more)."""
+    from tests.faults.runs import run_main
     tmp = _tmp_with_data(tmp_path, data)
-    train(tmp, 1, overrides(tmp, "name=mm"), tag="first")
-    codes = train(tmp, 1, overrides(tmp, "name=mm", "model.router.alpha=0.2", "optim.weight_decay=0.0"),
-                  check=False, tag="changed")
-    assert codes == [2]
-    err = [ln for ln in (tmp / "changed-0.log").read_text().splitlines() if ln.startswith("error:")]
-    assert len(err) == 1 and "model.router.alpha" in err[0] and "optim.weight_decay" in err[0]
+    assert run_main(overrides(tmp, "name=mm"), RUN)[0] == 0
+    code, out, err = run_main(overrides(tmp, "name=mm", "model.router.alpha=0.2", "optim.weight_decay=0.0"), RUN)
+    assert code == 2, out + err
+    lines = [ln for ln in (out + err).splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "model.router.alpha" in lines[0] and "optim.weight_decay" in lines[0]
     # A changed shape: the configs are compared before any weight is loaded, so no page of size mismatches.
-    codes = train(tmp, 1, overrides(tmp, "name=mm", "model.d_model=96"), check=False, tag="shape")
-    assert codes == [2]
-    text = (tmp / "shape-0.log").read_text()
-    err = [ln for ln in text.splitlines() if ln.startswith("error:")]
-    assert len(err) == 1 and "model.d_model" in err[0] and "size mismatch" not in text and "Traceback" not in text
+    code, out, err = run_main(overrides(tmp, "name=mm", "model.d_model=96"), RUN)
+    text = out + err
+    assert code == 2, text
+    lines = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "model.d_model" in lines[0] and "size mismatch" not in text and "Traceback" not in text
 
 
 def test_config_mismatch_ignores_keys_that_may_change():
@@ -155,11 +155,13 @@ def test_training_on_a_terminal_shows_a_progress_bar_with_rate_and_eta(tmp_path,
     assert len(log_lines) == STEPS and "gnorm" not in out.decode()    # the log lines are written above the bar
 
 
-@pytest.mark.slow
 def test_a_file_gets_log_lines_and_no_bar(tmp_path, data):
+    """Output that is no terminal (here main()'s, captured in this process): lines, no bar."""
+    from tests.faults.runs import run_main
     tmp = _tmp_with_data(tmp_path, data)
-    train(tmp, 1, overrides(tmp, "name=nobar"), tag="nobar")
-    text = (tmp / "nobar-0.log").read_text()
+    code, out, err = run_main(overrides(tmp, "name=nobar"), RUN)
+    text = out + err
+    assert code == 0, text
     assert "step/s" not in text and "s/step" not in text and "\r" not in text
     assert sum(ln.startswith("step ") and "tok/s" in ln for ln in text.splitlines()) == STEPS
 
