@@ -24,8 +24,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 demo: setup
 	$(BIN)/python -m pretrain.tools.demo
 
-# Two pytest-xdist workers (the 2-core machine the times are measured on): a test file is one unit of work, the
-# Slurm files one between them (tests/conftest.py). TEST_WORKERS=0 runs it in this process alone.
+# pytest-xdist workers, one per core of the 2-core machine the times are measured on. A test file is
+# one unit of work, the Slurm files one between them (tests/conftest.py). TEST_WORKERS=0: one process, no workers.
 TEST_WORKERS ?= 2
 test: setup
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
