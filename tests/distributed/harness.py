@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import socket
 import subprocess
@@ -50,9 +51,25 @@ def library_chatter(log: str) -> list[str]:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for a rendezvous, free now and, as far as this machine can promise, still free when the ranks bind it.
+
+    Not one the kernel hands out (bind to port 0): it comes from the ephemeral range (32768-60999 here), from which
+    every outgoing connection, gloo's among them, also takes its local port, so with tests running side by side
+    another process could take it before the ranks listen on it (EADDRINUSE). Below that range nothing takes a port
+    by itself; each pytest-xdist worker draws from its own thousand (10000-19999, under slurm/launch.sh's 20000+)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    low = 10000 + (index % 10) * 1000
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(low, low + 1000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in {low}-{low + 999}")
 
 
 def spawn_ranks(world: int, argv: list[str], log_dir: Path, *, env: dict | None = None, timeout: int = 300,

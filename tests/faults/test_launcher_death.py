@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from pretrain.training.runlock import LOCK
-from tests.distributed.harness import ROOT
+from tests.distributed.harness import ROOT, _free_port
 from tests.faults.runs import RUN, args, losses, run_main
 from tests.faults.test_signals import NOT_IN_A_JOB
 from tests.pretrain.fixtures import make_shards
@@ -63,9 +63,7 @@ def wait_until(cond, timeout: float, what: str) -> None:
 def test_killing_torchrun_ends_its_ranks_which_save_first(tmp_path):
     data = make_shards(tmp_path / "data")
     run = tmp_path / "runs" / "run"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(_free_port())
     env = {**os.environ, **NOT_IN_A_JOB, "MOR_FAULT_STEP_SECONDS": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
     log = open(tmp_path / "torchrun.log", "w")   # the ranks write here too: they inherit it

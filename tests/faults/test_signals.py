@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import pytest
 import torch
 
 from pretrain.training.preempt import REQUEUE_EXIT_CODE, WARNINGS
-from tests.distributed.harness import ROOT, spawn_ranks
+from tests.distributed.harness import ROOT, _free_port, spawn_ranks
 from tests.faults.runs import RUN, args, losses
 from tests.pretrain.fixtures import make_shards
 
@@ -151,9 +150,7 @@ def test_a_rank_whose_peer_died_during_startup_ends_on_sigterm(tmp_path, data):
     """Rank 0 is killed before the process group exists, so rank 1 waits for it at the rendezvous; the launcher
     (torchrun, srun) then sends rank 1 SIGTERM. Rank 1 must end by that signal, not wait for a SIGKILL.
     spawn_ranks waits for every rank; this test must signal one while the other has ended, hence Popen here."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(_free_port())
     env = {**os.environ, **NOT_IN_A_JOB, "MOR_FAULT_POINT": "startup.config", "MOR_FAULT_POINT_SIGNAL": "KILL",
            "MOR_FAULT_POINT_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled"}
