@@ -49,8 +49,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker("unit")
         if skip is not None and "gpu" in item.keywords:
             item.add_marker(skip)
-        unit = _unit(item.nodeid)
-        first_kind[unit] = min(first_kind.get(unit, len(ORDER)), *(ORDER.index(k) for k in ORDER if k in item.keywords))
+        unit, rank = _unit(item.nodeid), next(i for i, k in enumerate(ORDER) if k in item.keywords)
+        first_kind[unit] = min(first_kind.get(unit, rank), rank)
     if os.environ.get("PYTEST_XDIST_WORKER"):   # alone, a run keeps the files' own order
         items.sort(key=lambda it: first_kind[_unit(it.nodeid)])   # stable: a file's tests keep their order
 

@@ -4,9 +4,9 @@ A warning (SIGUSR1) at any start-up phase, from the first line of ``main()`` (be
 ``startup.done``, is kept: at the first step boundary every rank saves step 1 and exits 75, saying so in one line;
 that checkpoint holds, tensor for tensor and bit for bit, what the uninterrupted run's step-1 checkpoint holds (so
 a rerun continues as that run does: exact resume is tests/faults/test_checkpoints.py's), and for the earliest phase
-a rerun is made and finishes with losses equal, bit for bit, to the uninterrupted run's. The ranks start as slurm/launch.sh
-starts them, with USR1 and USR2 blocked. SIGTERM during start-up ends the process (there is nothing to save yet),
-and so does a rank whose peer died while both were starting, when the launcher sends it SIGTERM."""
+a rerun is made and finishes with losses equal, bit for bit, to the uninterrupted run's. The ranks start as
+slurm/launch.sh starts them, with USR1 and USR2 blocked. SIGTERM during start-up ends the process (there is nothing
+to save yet), and so does a rank whose peer died while both were starting, when the launcher sends it SIGTERM."""
 from __future__ import annotations
 
 import contextlib
