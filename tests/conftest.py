@@ -36,6 +36,22 @@ FOLDER_KIND = {"distributed": "distributed", "faults": "faults", "slurm": "slurm
 # the one cluster's CPUs (FileScheduling below). Units go out in ORDER, the longest kinds first, so that short unit
 # files fill the gaps at the end.
 ORDER = ("slurm", "faults", "distributed", "slow", "unit", "gpu")
+# Units that mostly wait (on the Slurm controller's minute-granular time limits and requeues) rather than compute.
+# With --waiting-worker they get one more worker of their own, so that their waiting holds no core that the other
+# workers could use.
+WAITING = ("tests/slurm",)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--waiting-worker", action="store_true",
+                     help="with -n N: start N + 1 workers, the last one only for the tests that mostly wait (the "
+                          "Slurm tests); the other N never take them")
+
+
+def pytest_configure(config):
+    tx = getattr(config.option, "tx", None)
+    if config.getoption("waiting_worker") and tx and config.getvalue("dist") == "load":
+        config.option.tx = [*tx, tx[-1]]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -62,16 +78,42 @@ def _unit(nodeid: str) -> str:
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """Whole units to a worker, in the order the workers collected them (see ORDER). Used where no --dist mode
-    was asked for. (xdist's own --dist loadgroup would need a mark per test, which pytest 9.2 no longer lets a
-    conftest add: pytest-xdist issue 1386.)"""
+    """Whole units to a worker, in the order the workers collected them (see ORDER); with --waiting-worker the
+    last worker takes the WAITING units and nothing else. Used where no --dist mode was asked for. (xdist's own
+    --dist loadgroup would need a mark per test, which pytest 9.2 no longer lets a conftest add: pytest-xdist
+    issue 1386.)"""
     if config.getvalue("dist") != "load":
         return None
     from xdist.scheduler import LoadScopeScheduling
+    waiter_apart = config.getoption("waiting_worker")
 
     class FileScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return _unit(nodeid)
+
+        def _takes(self, node, unit: str) -> bool:
+            if not waiter_apart or len(self.nodes) < 2:
+                return True
+            waiter = max(self.nodes, key=lambda n: int(n.gateway.id[2:]))   # gw0, gw1, ...: the last started
+            return (node is waiter) == (unit in WAITING)
+
+        def _assign_work_unit(self, node) -> None:
+            unit = next((u for u in self.workqueue if self._takes(node, u)), None)
+            if unit is None:                   # nothing left that this worker takes: it finishes what it has
+                node.shutdown()
+                return
+            work = self.workqueue.pop(unit)
+            self.assigned_work.setdefault(node, {})[unit] = work
+            collected = self.registered_collections[node]
+            node.send_runtest_some([collected.index(nodeid) for nodeid, done in work.items() if not done])
+
+        def _reschedule(self, node) -> None:
+            if node.shutting_down:
+                return
+            if not any(self._takes(node, u) for u in self.workqueue):
+                node.shutdown()
+            elif self._pending_of(self.assigned_work[node]) <= 2:
+                self._assign_work_unit(node)
 
     config.option.loadscopereorder = False
     return FileScheduling(config, log)

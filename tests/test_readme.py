@@ -294,7 +294,7 @@ def test_command_help_accepts_its_options(command):
 
 
 # ---- MAKE -----------------------------------------------------------------------------------------------------
-MAKE_SHOWS = {"make demo": "-m pretrain.tools.demo", "make test": "-m pytest -q -n 2 tests",
+MAKE_SHOWS = {"make demo": "-m pretrain.tools.demo", "make test": "-m pytest -q -n 2 --waiting-worker tests",
               "make test-fast": "-m pytest -q -n 2 -m unit tests"}
 
 
