@@ -18,6 +18,7 @@ import torch
 from model.config import ModelConfig
 from model.mor import MoRModel
 from pretrain.parallel.zero import param_groups
+from tests import forked
 from tests.model.helpers import tiny
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,10 +74,11 @@ def _free_port() -> int:
 
 
 def spawn_ranks(world: int, argv: list[str], log_dir: Path, *, env: dict | None = None, timeout: int = 300,
-                check: bool = True, prefix: str = "rank") -> list[int]:
+                check: bool = True, prefix: str = "rank", fresh: bool = False) -> list[int]:
     """Start ``world`` processes of ``python argv`` with torchrun's environment; wait; return exit codes.
     ``env`` adds variables, or removes those it maps to None. With ``check``, any non-zero exit raises with the
-    tail of that rank's log."""
+    tail of that rank's log. The ranks are forked from a pre-imported interpreter (tests/forked.py) unless
+    ``fresh`` (a test of start-up itself) or ``env`` asks for what the fork server cannot give."""
     port = str(_free_port())
     procs = []
     for rank in range(world):
@@ -88,7 +90,11 @@ def spawn_ranks(world: int, argv: list[str], log_dir: Path, *, env: dict | None 
                     "MKL_NUM_THREADS": "1", "MKL_DYNAMIC": "FALSE", "MKL_CBWR": "AVX2",
                     "WANDB_MODE": "disabled"}
         full_env = {k: v for k, v in full_env.items() if v is not None}
-        log = open(log_dir / f"{prefix}{rank}.log", "w")
+        log_path = log_dir / f"{prefix}{rank}.log"
+        if not fresh and forked.forkable(full_env):
+            procs.append((forked.start(argv, full_env, ROOT, log_path), None))
+            continue
+        log = open(log_path, "w")
         procs.append((subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=full_env, stdout=log,
                                        stderr=subprocess.STDOUT), log))
     codes, failed = [], []
@@ -99,7 +105,8 @@ def spawn_ranks(world: int, argv: list[str], log_dir: Path, *, env: dict | None 
             for q, _ in procs:
                 q.kill()
             rc = -999
-        log.close()
+        if log is not None:
+            log.close()
         codes.append(rc)
         if rc != 0:
             failed.append(f"rank {rank} exit {rc}:\n" + (log_dir / f"{prefix}{rank}.log").read_text()[-3000:])

@@ -18,7 +18,8 @@ def test_zero3_run_prints_only_our_lines(tmp_path):
     spawn_ranks(2, ["-m", "pretrain.train", "tiny_cpu", "model=tiny_mor_ec", "model.vocab_size=128",
                     f"data.path={data}", "parallel.zero_stage=3", "parallel.micro_batch_size=2", "train.steps=2",
                     "train.log_every=1", "checkpoint.every=0", "logging.wandb=disabled", f"out_dir={tmp_path}",
-                    "name=quiet"], tmp_path, env={"DS_ACCELERATOR": None})  # as a user's shell has it: unset
+                    "name=quiet"], tmp_path, env={"DS_ACCELERATOR": None},  # as a user's shell has it: unset
+                fresh=True)                               # what libraries print while they are imported
     logs = {r: (tmp_path / f"rank{r}.log").read_text() for r in range(2)}
     assert "step      2  loss" in logs[0]            # the run's own lines are there
     for rank, log in logs.items():
