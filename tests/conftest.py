@@ -52,6 +52,11 @@ def pytest_configure(config):
     tx = getattr(config.option, "tx", None)
     if config.getoption("waiting_worker") and tx and config.getvalue("dist") == "load":
         config.option.tx = [*tx, tx[-1]]
+    worker = getattr(config, "workerinput", None)
+    if worker and config.getoption("waiting_worker") and worker["workerid"] != f"gw{worker['workercount'] - 1}":
+        # The other workers yield the cores to the Slurm jobs when both want them: those jobs are the longest chain
+        # (their time limits, requeues and restarts run one after another), and a busy core slows each start.
+        os.nice(10)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,6 +11,8 @@
                                   a first-stage rank holds the embedding: the NaN enters there or nowhere.
     MOR_FAULT_STEP_SECONDS=X      every step takes at least X seconds (so a scheduler's requeue or time limit
                                   lands mid-run in the Slurm tests)
+    MOR_FAULT_SLOW_STARTS=K       ... only in the first K starts of a Slurm job (SLURM_RESTART_COUNT < K; default:
+                                  every start), so that a requeued job finishes without waiting for another warning
 
 Named points. The code calls ``point("startup.engine")``, ``point("save.staged")`` ... at the moments a fault is
 worth testing; the environment picks one of them:
@@ -54,7 +56,8 @@ def point(name: str) -> None:
 def before_step(step: int, rank: int) -> bool:
     """Called at the start of each step; returns True when this step's loss must be made NaN on this rank."""
     slow = os.environ.get("MOR_FAULT_STEP_SECONDS", "")
-    if slow:
+    starts = _env("MOR_FAULT_SLOW_STARTS")
+    if slow and (starts is None or int(os.environ.get("SLURM_RESTART_COUNT") or 0) < starts):
         time.sleep(float(slow))
     if _env("MOR_FAULT_KILL_AT_STEP") == step:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -191,13 +191,14 @@ def test_scancel_with_wandb_offline_saves_exits_75_and_a_resubmission_logs_the_u
 def test_time_limit_signal_saves_requeues_and_finishes(slurm, data, tmp_path):
     """--time=2 with --signal=USR1@20 (to the ranks, not the batch shell): Slurm warns 20 to 80 s before the end,
     40 to 100 s after the start; the ranks save together and exit 75, the launcher requeues the job, which
-    resumes until all steps are done. The steps (3 s each, 114 s in all) need more than one start."""
+    resumes until all steps are done. The steps of the first start (3 s each, 114 s in all) cannot all run before
+    the warning; after the requeue they run at full speed, so the job ends without waiting for another one."""
     log, run = tmp_path / "job.out", tmp_path / "runs" / "timelimit"
     steps = 38
     job = sbatch([*CPU_ALLOC, "--time=2", "--signal=USR1@20", f"--output={log}", f"--error={log}",
                   "--open-mode=append", "slurm/mor_1b7.sh",
                   *tiny(data, tmp_path / "runs", steps=steps, every=0, name="timelimit")],
-                 env={"MOR_FAULT_STEP_SECONDS": "3"})
+                 env={"MOR_FAULT_STEP_SECONDS": "3", "MOR_FAULT_SLOW_STARTS": "1"})
     info = wait_for(lambda: finished(job), 900, "the job to finish through its requeues", every=2)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, (info, text)
