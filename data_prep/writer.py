@@ -14,7 +14,9 @@ from conf.files import atomic_write_bytes
 from data_prep import shards as S
 
 END = 1 << 62                     # position of a split that is finished
-KILL_ENV = "DATA_PREP_KILL_AT"    # test hook: "shard:N" / "prejournal:N" SIGKILLs this process at that point
+# test hook: "shard:N" / "prejournal:N" SIGKILLs this process at that point; "shard:N:INT" sends it SIGINT there
+# instead (a Ctrl-C at a known shard, however busy the machine)
+KILL_ENV = "DATA_PREP_KILL_AT"
 
 
 def _excl_cumsum(a: np.ndarray) -> np.ndarray:
@@ -69,13 +71,15 @@ class Journal:
 class _Kill:
     def __init__(self):
         spec = os.environ.get(KILL_ENV, "")
-        self.point, _, n = spec.partition(":")
+        self.point, _, rest = spec.partition(":")
+        n, _, sig = rest.partition(":")
         self.n = int(n) if n.isdigit() else -1
+        self.signal = signal.SIGINT if sig == "INT" else signal.SIGKILL
         self.count = 0
 
     def check(self, point: str) -> None:
         if self.point == point and self.count == self.n:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.signal)
 
 
 class SplitWriter:
