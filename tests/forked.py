@@ -61,10 +61,6 @@ class Forked:
         self.pid = self._proc.pid
         self.args = argv
 
-    @property
-    def returncode(self) -> int | None:
-        return self._proc.exitcode
-
     def poll(self) -> int | None:
         return self._proc.exitcode
 

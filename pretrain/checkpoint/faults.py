@@ -57,7 +57,7 @@ def before_step(step: int, rank: int) -> bool:
     """Called at the start of each step; returns True when this step's loss must be made NaN on this rank."""
     slow = os.environ.get("MOR_FAULT_STEP_SECONDS", "")
     starts = _env("MOR_FAULT_SLOW_STARTS")
-    if slow and (starts is None or int(os.environ.get("SLURM_RESTART_COUNT") or 0) < starts):
+    if slow and (starts is None or (_env("SLURM_RESTART_COUNT") or 0) < starts):
         time.sleep(float(slow))
     if _env("MOR_FAULT_KILL_AT_STEP") == step:
         os.kill(os.getpid(), signal.SIGKILL)
