@@ -20,8 +20,9 @@ PACKAGES = ("conf", "model", "pretrain", "data_prep")
 MAY_IMPORT = {"conf": set(), "model": {"conf"}, "data_prep": {"conf"}, "pretrain": {"conf", "model", "data_prep"}}
 # The rooms of pretrain/, low to high: a module may import its own floor and the floors below.
 ROOMS = {"pretrain.config": 0, "pretrain.data": 0, "pretrain.parallel": 0, "pretrain.eval": 0, "pretrain.hf": 0,
-         "pretrain.checkpoint": 1, "pretrain.training": 2, "pretrain.serve": 2,
+         "pretrain.checkpoint": 1, "pretrain.training": 2, "pretrain.serve": 2, "pretrain.plan": 2,
          "pretrain.train": 3, "pretrain.sweep": 3, "pretrain.generate": 3, "pretrain.serve_bench": 3,
+         "pretrain.plan_layout": 3,
          "pretrain.fewshot": 4, "pretrain.study": 4, "pretrain.export": 4, "pretrain.import_hf": 4, "pretrain.tools": 4}
 
 
