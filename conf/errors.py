@@ -2,7 +2,14 @@
 
 
 class ConfigError(ValueError):
-    """A user mistake in a config: the message is one line naming the key (and file, when known)."""
+    """A user mistake in a config: the message is one line naming the key (and file, when known).
+
+    ``every_rank``: every process of a distributed launch finds the same mistake (a layout the world cannot run),
+    so entry points print it from rank 0 only: one line in a job's log, not one per rank."""
+
+    def __init__(self, *args, every_rank: bool = False):
+        super().__init__(*args)
+        self.every_rank = every_rank
 
 
 def one_line(e: BaseException, limit: "int | None" = 160, *, name: bool = True) -> str:

@@ -250,13 +250,16 @@ def dump_yaml(obj: Any) -> str:
 
 
 @contextlib.contextmanager
-def cli_errors() -> Iterator[None]:
+def cli_errors(*, rank0: bool = True) -> Iterator[None]:
     """For entry points (``with cli_errors():`` or ``@cli_errors()``): a ConfigError becomes
-    ``error: <message>`` on stderr and exit status 2, the usual status for a usage error, without a traceback."""
+    ``error: <message>`` on stderr and exit status 2, the usual status for a usage error, without a traceback.
+    ``rank0`` False (a distributed launch's other ranks): an error every rank finds (``every_rank``) exits 2
+    without a word, since rank 0 says it."""
     try:
         yield
     except ConfigError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        if rank0 or not e.every_rank:
+            print(f"error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -8,13 +8,15 @@ Run it as one process, under ``torchrun --nproc-per-node N``, or through the slu
 from the environment; ranks end with their launcher. Exit codes: 0 done, 75 preempted (saved; requeue me),
 3 stopped on a non-finite loss, 74 no space left for a checkpoint (the earlier ones intact), 2 a configuration
 mistake (also: the run folder is in use by another launch; saved on a time-limit warning that came too early to
-requeue, see pretrain/training/preempt.py).
+requeue, see pretrain/training/preempt.py), 4 another rank died or stopped answering in a collective (a lost node;
+after at most parallel.collective_timeout_s): start the run again and it resumes from its newest checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import atexit
 import os
+import re
 import sys
 import warnings
 
@@ -24,6 +26,9 @@ from pretrain.training import preempt
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 # megatron imports its norms lazily at a pipeline's first step and says so; the model uses its own RMSNorm
 warnings.filterwarnings("ignore", message="Apex is not installed. Falling back to Torch Norm")
+
+
+LOST_PEER_EXIT_CODE = 4
 
 
 def _is_rank0() -> bool:
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.config import RunConfig
     from pretrain.training.trainer import run
 
-    with cli_errors():
+    with cli_errors(rank0=_is_rank0()):
         path = str(run_file(args.config))
         overrides = list(args.overrides)
         name = run_name_override(path, overrides)
@@ -82,13 +87,41 @@ def main(argv: list[str] | None = None) -> int:
             if _is_rank0():
                 print(f"run name: {name.partition('=')[2]} (set name=... to choose another)", flush=True)
         cfg = load_config(path, overrides, schema=RunConfig)
-        rc = run(cfg)
+        try:
+            rc = run(cfg)
+        except RuntimeError as e:
+            if not _lost_peer(e):
+                raise
+            from pretrain.parallel.layout import node_name
+            rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+            print(f"error: rank {rank} on {node_name()}: a collective failed, so another rank has died or stopped "
+                  f"answering ({_gist(e)}); this launch ends here. Start the run again (on the "
+                  "same or other nodes): it resumes from its newest checkpoint that verifies",
+                  file=sys.stderr, flush=True)
+            return LOST_PEER_EXIT_CODE
     reason = preempt.no_requeue_reason()
     if rc == preempt.REQUEUE_EXIT_CODE and reason:
         if _is_rank0():
             print(reason, file=sys.stderr, flush=True)
         return preempt.TOO_SHORT_EXIT_CODE
     return rc
+
+
+# The words torch's process groups use when a peer is gone: gloo's transport errors (a closed or reset connection,
+# a timed-out wait) and NCCL's.
+_PEER_GONE = ("gloo/transport", "Connection closed by peer", "Connection reset by peer", "Timed out waiting",
+              "NCCL communicator was aborted", "NCCL error")
+
+
+def _gist(e: RuntimeError) -> str:
+    """The error without the C++ source location gloo puts first, on one line."""
+    return re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(e).split()))[:160]
+
+
+def _lost_peer(e: RuntimeError) -> bool:
+    dist = sys.modules.get("torch.distributed")
+    backend_error = getattr(dist, "DistBackendError", None) if dist is not None else None
+    return (backend_error is not None and isinstance(e, backend_error)) or any(w in str(e) for w in _PEER_GONE)
 
 
 def exit_now(rc: int) -> None:

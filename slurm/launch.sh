@@ -27,9 +27,15 @@
 #    a requeued or preempted job back in the queue itself, and a cancelled one stays cancelled. Slurm kills what
 #    is left KillWait seconds after the SIGTERM (30 by default): the save of one step must fit in that.
 #
+# 7. Several nodes: ranks are numbered node by node (srun's block distribution), the rendezvous is the first node
+#    of the allocation, and the trainer logs which ranks run on which node. Tensor-parallel groups must stay
+#    inside a node: the trainer refuses, in one line, a tensor_parallel that does not divide the ranks per node.
+#    A node that dies mid-run ends the job (see srun below); resubmitting resumes, also on fewer nodes.
+#
 # Environment: MOR_ROOT (project checkout; default the directory sbatch was run from), MOR_PYTHON (default:
 # .venv/bin/python when present, else python3), MOR_MASTER_PORT (to force a port; a MASTER_PORT exported from the
-# submitting shell is ignored, since sbatch copies the environment and it would be stale).
+# submitting shell is ignored, since sbatch copies the environment and it would be stale), MOR_RANK_EXIT_WAIT
+# (seconds the other ranks get once one has exited; default 300).
 
 # First of all: a warning that reaches this shell must not end it (bash's default for USR1/USR2).
 warning="" warning_file=""
@@ -125,14 +131,17 @@ echo "launch: job ${SLURM_JOB_ID} (start $(( ${SLURM_RESTART_COUNT:-0} + 1 ))) o
      "${SLURM_NTASKS} rank(s), rendezvous ${MASTER_ADDR}:${MASTER_PORT}${limit}; run ${MOR_RUN} $*"
 
 # srun starts SLURM_NTASKS ranks and returns the highest exit status. Not --kill-on-bad-exit: ranks leaving with
-# 75 a moment apart would get the later ones killed (status 143) and the requeue lost. A crashed rank makes the
-# others fail at their next collective instead (the process group's timeout).
+# 75 a moment apart would get the later ones killed (status 143) and the requeue lost. A crashed rank (or a whole
+# node's) makes the others fail at their next collective instead: at once when its connections close, after
+# parallel.collective_timeout_s when it hangs; they exit 4 with one line. --wait: once one rank has exited, the rest
+# get MOR_RANK_EXIT_WAIT seconds (default 300) to follow before Slurm ends them, so that ranks which can no longer
+# fail by themselves (stopped, or on a frozen node) do not hold the job until its time limit.
 # In the background, so that this shell takes a warning while the ranks run (bash runs a trap only once the
 # foreground command is done); a trap cuts `wait` short (status > 128) while srun still runs: wait again.
 set +e
 terminated=""
 trap 'terminated=1; echo "launch: got SIGTERM at $(date +%T); the ranks save what they trained and exit"' TERM
-srun "${block[@]}" "$PY" -m pretrain.train "$MOR_RUN" "$@" &
+srun --wait="${MOR_RANK_EXIT_WAIT:-300}" "${block[@]}" "$PY" -m pretrain.train "$MOR_RUN" "$@" &
 srun_pid=$!
 [[ -n $terminated ]] && kill -TERM "$srun_pid" 2>/dev/null   # it came while srun was being started
 while :; do
@@ -151,6 +160,10 @@ if [[ $rc -eq 75 ]]; then
   echo "launch: the trainer saved a checkpoint and asked for a requeue; requeueing job ${SLURM_JOB_ID}"
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
+fi
+if [[ $rc -eq 4 || $rc -gt 128 ]]; then
+  echo "launch: ranks were lost (a node or rank died or hung: see the lines above); submit the job again" \
+       "(fewer nodes work too) and it resumes from the run's newest checkpoint that verifies"
 fi
 echo "launch: trainer exited with status $rc"
 exit "$rc"

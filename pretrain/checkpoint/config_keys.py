@@ -62,6 +62,8 @@ _TABLE: list[tuple[str, str, tuple[str, ...]]] = [
       "eval.downstream_limit", "eval.downstream_tasks", "eval.downstream_shots", "eval.downstream_batch_size",
       "checkpoint.every", "checkpoint.keep", "checkpoint.resume", "logging.wandb", "logging.project",
       "logging.spike_factor", "on_nonfinite", "max_consecutive_skips")),
+    (FREE, "how long a rank waits for the others in one collective; nothing saved depends on it",
+     ("parallel.collective_timeout_s",)),
 ]
 
 KEYS: dict[str, str] = {}

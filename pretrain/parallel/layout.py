@@ -12,6 +12,7 @@ import atexit
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -33,6 +34,10 @@ class ParallelConfig:
     # Sequences per optimizer step over all data-parallel ranks; None means micro_batch_size × DP (no accumulation).
     global_batch_size: Optional[int] = None
     seed: int = 1234
+    # How long a rank waits in one collective for the others before it fails: a rank or node that died or hangs
+    # ends the run after at most this (the default of Megatron-LM's --distributed-timeout-minutes). The slowest
+    # rank's start-up, a compile or a checkpoint save must fit in it.
+    collective_timeout_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,8 @@ class Layout:
     pp: int
     dp: int
     device: torch.device
+    # The node each global rank runs on (Slurm's node name, else the host name).
+    nodes: tuple[str, ...] = ()
 
 
 def grad_accumulation_steps(pcfg: ParallelConfig, dp: int) -> int:
@@ -51,38 +58,49 @@ def grad_accumulation_steps(pcfg: ParallelConfig, dp: int) -> int:
     return gbs // (pcfg.micro_batch_size * dp)
 
 
+def _layout_error(message: str) -> ConfigError:
+    """A layout error: the same on every rank of a launch, so printed by rank 0 only."""
+    return ConfigError(message, every_rank=True)
+
+
 def check_layout(pcfg: ParallelConfig, world: int, model: Optional[ModelConfig] = None) -> int:
-    """Raise ConfigError (one line) for a layout that cannot run; return the data-parallel size."""
+    """Raise ConfigError (one line) for a layout that cannot run; return the data-parallel size. Every rank finds
+    the same error, so only rank 0 of a launch prints it (conf.cli_errors)."""
     tp, pp = pcfg.tensor_parallel, pcfg.pipeline_parallel
     if tp < 1 or pp < 1:
-        raise ConfigError(f"parallel.tensor_parallel / pipeline_parallel must be >= 1, got {tp} / {pp}")
+        raise _layout_error(f"parallel.tensor_parallel / pipeline_parallel must be >= 1, got {tp} / {pp}")
     if world % (tp * pp):
-        raise ConfigError(f"parallel: world size {world} is not divisible by tensor_parallel × pipeline_parallel "
+        raise _layout_error(f"parallel: world size {world} is not divisible by tensor_parallel × pipeline_parallel "
                           f"= {tp} × {pp}; use a world size that is a multiple of {tp * pp}")
     dp = world // (tp * pp)
     if pcfg.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {pcfg.zero_stage}")
+        raise _layout_error(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {pcfg.zero_stage}")
     if pp > 1 and pcfg.zero_stage > 1:
-        raise ConfigError(f"parallel.zero_stage: ZeRO-{pcfg.zero_stage} cannot run with pipeline_parallel={pp} "
+        raise _layout_error(f"parallel.zero_stage: ZeRO-{pcfg.zero_stage} cannot run with pipeline_parallel={pp} "
                           "(DeepSpeed partitions gradients per backward, a pipeline runs several); use zero_stage<=1")
     if pcfg.sequence_parallel and tp == 1:
-        raise ConfigError("parallel.sequence_parallel: needs tensor_parallel > 1")
+        raise _layout_error("parallel.sequence_parallel: needs tensor_parallel > 1")
+    if not pcfg.collective_timeout_s > 0:
+        raise _layout_error(f"parallel.collective_timeout_s: must be > 0 seconds, got {pcfg.collective_timeout_s}")
     if pcfg.micro_batch_size < 1:
-        raise ConfigError(f"parallel.micro_batch_size: must be >= 1, got {pcfg.micro_batch_size}")
+        raise _layout_error(f"parallel.micro_batch_size: must be >= 1, got {pcfg.micro_batch_size}")
     gbs = pcfg.global_batch_size
     if gbs is not None and (gbs < 1 or gbs % (pcfg.micro_batch_size * dp)):
-        raise ConfigError(f"parallel.global_batch_size: {gbs} is not a multiple of micro_batch_size × data-parallel "
+        raise _layout_error(f"parallel.global_batch_size: {gbs} is not a multiple of micro_batch_size × data-parallel "
                           f"size = {pcfg.micro_batch_size} × {dp}")
     if model is not None:
         if model.n_heads % tp:
-            raise ConfigError(f"parallel.tensor_parallel: n_heads={model.n_heads} is not divisible by {tp}")
+            raise _layout_error(f"parallel.tensor_parallel: n_heads={model.n_heads} is not divisible by {tp}")
         if model.n_kv_heads % tp:
-            raise ConfigError(f"parallel.tensor_parallel: n_kv_heads={model.n_kv_heads} is not divisible by {tp}")
+            raise _layout_error(f"parallel.tensor_parallel: n_kv_heads={model.n_kv_heads} is not divisible by {tp}")
         if model.ffn_hidden % tp:
-            raise ConfigError(f"parallel.tensor_parallel: ffn_hidden={model.ffn_hidden} is not divisible by {tp}")
+            raise _layout_error(f"parallel.tensor_parallel: ffn_hidden={model.ffn_hidden} is not divisible by {tp}")
         if pp > 1:
             from model.program import stage_ranges
-            stage_ranges(model, pp)  # raises ConfigError when the layers cannot be split into pp stages
+            try:
+                stage_ranges(model, pp)  # raises ConfigError when the layers cannot be split into pp stages
+            except ConfigError as e:
+                raise _layout_error(str(e)) from None
     return dp
 
 
@@ -115,9 +133,10 @@ def init_distributed(pcfg: ParallelConfig, model: Optional[ModelConfig] = None, 
 def _init(pcfg: ParallelConfig, model: Optional[ModelConfig], *, device: Optional[str], rank: int, world: int,
           local_rank: int) -> Layout:
     dp = check_layout(pcfg, world, model)
-    if pcfg.sequence_parallel:
-        # megatron's advice for overlapping SP communication with compute (and its start-up warning otherwise);
-        # read when CUDA starts, so before anything touches a device. A user's own value wins.
+    if pcfg.tensor_parallel > 1:
+        # megatron's advice for overlapping TP's gradient all-reduce (and SP's communication) with compute, and its
+        # start-up warning otherwise; read when CUDA starts, so before anything touches a device. A user's own
+        # value wins.
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     use_cuda = torch.cuda.is_available() if device is None else device == "cuda"
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -132,8 +151,11 @@ def _init(pcfg: ParallelConfig, model: Optional[ModelConfig], *, device: Optiona
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         # With a GPU, NCCL serves CUDA tensors and gloo still serves CPU ones (tests mix both).
         backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world)
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=pcfg.collective_timeout_s))
         atexit.register(_shutdown)
+    nodes = _nodes_of_ranks(world)
+    _check_tp_inside_nodes(pcfg.tensor_parallel, nodes)
     # DeepSpeed reads these from the environment whatever launched us (torchrun, srun, or a single process).
     for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local_rank)):
         os.environ.setdefault(name, str(value))
@@ -142,9 +164,49 @@ def _init(pcfg: ParallelConfig, model: Optional[ModelConfig], *, device: Optiona
         patch_megatron_for_cpu()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=pcfg.tensor_parallel,
-                                                 pipeline_model_parallel_size=pcfg.pipeline_parallel)
+                                                 pipeline_model_parallel_size=pcfg.pipeline_parallel,
+                                                 distributed_timeout_minutes=pcfg.collective_timeout_s / 60)
     seed_everything(pcfg.seed)
-    return Layout(world, rank, local_rank, pcfg.tensor_parallel, pcfg.pipeline_parallel, dp, dev)
+    return Layout(world, rank, local_rank, pcfg.tensor_parallel, pcfg.pipeline_parallel, dp, dev, nodes)
+
+
+def node_name() -> str:
+    """This process's node: Slurm's name for it (several Slurm nodes may share one host name, as on
+    slurm/local_cluster.sh's cluster), else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def _nodes_of_ranks(world: int) -> tuple[str, ...]:
+    """Every global rank's node, in rank order (one all-gather over the world; nothing to ask in a world of 1)."""
+    if world == 1:
+        return (node_name(),)
+    names: list = [None] * world
+    dist.all_gather_object(names, node_name())
+    return tuple(names)
+
+
+def _check_tp_inside_nodes(tp: int, nodes: tuple[str, ...]) -> None:
+    """A tensor-parallel group talks at every layer (and every recursion step): it must stay on one node's fast
+    links. megatron-core's TP groups are runs of ``tp`` consecutive global ranks, and launchers number ranks node by
+    node, so a group spans nodes when the ranks per node are not a multiple of ``tp``."""
+    for start in range(0, len(nodes), tp):
+        group = nodes[start:start + tp]
+        if len(set(group)) > 1:
+            per_node = describe_nodes(nodes)
+            raise _layout_error(f"parallel.tensor_parallel={tp} would span nodes: ranks {start}-{start + tp - 1} "
+                                f"run on {', '.join(dict.fromkeys(group))} ({per_node}); use a tensor_parallel "
+                                "that divides the ranks per node, or more ranks per node")
+
+
+def describe_nodes(nodes: tuple[str, ...]) -> str:
+    """``node1: ranks 0-1, node2: ranks 2-3``: which ranks run where, for the logs."""
+    spans: list[list] = []
+    for rank, node in enumerate(nodes):
+        if spans and spans[-1][0] == node and spans[-1][2] == rank - 1:
+            spans[-1][2] = rank
+        else:
+            spans.append([node, rank, rank])
+    return ", ".join(f"{n}: rank{'s' if a != b else ''} {a}{f'-{b}' if a != b else ''}" for n, a, b in spans)
 
 
 def seed_everything(seed: int) -> None:

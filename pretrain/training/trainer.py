@@ -42,7 +42,7 @@ from pretrain.checkpoint.state import TrainerState
 from pretrain.config import RunConfig, computes_in_bf16
 from pretrain.data.loader import label_count, load_manifest, split_loader
 from pretrain.parallel.engine import TrainEngine
-from pretrain.parallel.layout import init_distributed
+from pretrain.parallel.layout import describe_nodes, init_distributed
 from pretrain.training import downstream, runlock
 from pretrain.training.callbacks import Callback, default_callbacks
 from pretrain.training.evaluate import ValidationMetrics, validate
@@ -73,6 +73,10 @@ class Trainer:
         self.device = self.layout.device
         self.is_main = self.layout.rank == 0
         self.run_dir = Path(cfg.out_dir) / cfg.name
+        if self.is_main:
+            lay = self.layout
+            self.print(f"layout: {lay.world} rank(s) on {len(set(lay.nodes))} node(s) ({describe_nodes(lay.nodes)}); "
+                       f"TP={lay.tp} PP={lay.pp} DP={lay.dp}")
         self.lock = runlock.take(self.run_dir, is_main=self.is_main, say=self.print)
         try:
             self._start(cfg)
