@@ -137,6 +137,9 @@ COMMANDS: dict[str, Cmd] = {
         Cmd(HELP, "a GPU cluster", check=_slurm_config),
     "sbatch --nodes=2 --time=12:00:00 slurm/mor_360m.sh parallel.zero_stage=2 train.steps=50000":
         Cmd(HELP, "a GPU cluster", check=_slurm_config),
+    "sbatch --nodes=2 --ntasks-per-node=2 --gpus-per-node=0 --cpus-per-task=1 --time=15 slurm/mor_1b7.sh "
+    "model=tiny_mor_ec parallel.tensor_parallel=2 data.path=data/sample":
+        Cmd(HELP, "a 2-node Slurm cluster (tests/slurm/test_multinode.py submits such jobs)", check=_slurm_config),
     "python -m pretrain.sweep conf/sweep/tiny_lr.yaml --dry-run": Cmd(RUN, "prints the plan, submits nothing"),
     "python data_prep/tokenize.py 'dumps/*.jsonl.gz' wiki.parquet --tokenizer tok.model --out data/shards "
     "--text-field text --seq-len 2048 --val-fraction 0.01 --workers 16": Cmd(HELP, "the user's dumps and tokenizer"),

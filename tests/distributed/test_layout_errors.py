@@ -41,3 +41,48 @@ def test_init_distributed_checks_the_launcher_world_before_starting(monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ConfigError, match="world size 3 is not divisible"):
         init_distributed(ParallelConfig(tensor_parallel=2), tiny())
+
+
+@pytest.mark.parametrize("tp,nodes,spans", [
+    (2, ("a", "a", "b", "b"), None),                      # a pair per node
+    (4, ("a", "a", "a", "a", "b", "b", "b", "b"), None),
+    (2, ("a", "b"), "ranks 0-1 run on a, b"),             # one rank per node
+    (4, ("a", "a", "b", "b"), "ranks 0-3 run on a, b"),   # two ranks per node
+    (2, ("a", "b", "a", "b"), "ranks 0-1 run on a, b"),   # numbered round-robin (srun --distribution=cyclic)
+    (2, ("a", "a", "a", "b", "b", "b"), "ranks 2-3 run on a, b"),   # 3 per node: the second pair straddles
+])
+def test_a_tensor_parallel_group_must_stay_inside_a_node(tp, nodes, spans):
+    from pretrain.parallel.layout import _check_tp_inside_nodes
+    if spans is None:
+        _check_tp_inside_nodes(tp, nodes)
+        return
+    with pytest.raises(ConfigError) as err:
+        _check_tp_inside_nodes(tp, nodes)
+    text = str(err.value)
+    assert text.startswith(f"parallel.tensor_parallel={tp} would span nodes: {spans}") and "\n" not in text, text
+    assert err.value.every_rank   # every rank finds it: rank 0 alone prints it
+
+
+def test_the_logs_say_which_ranks_run_on_which_node():
+    from pretrain.parallel.layout import describe_nodes
+    assert describe_nodes(("n1", "n1", "n2", "n2")) == "n1: ranks 0-1, n2: ranks 2-3"
+    assert describe_nodes(("n1", "n2")) == "n1: rank 0, n2: rank 1"
+    assert describe_nodes(("n1", "n2", "n1")) == "n1: rank 0, n2: rank 1, n1: rank 2"
+
+
+def test_layout_errors_are_printed_by_rank_0_only(capsys):
+    from conf import cli_errors
+    for rank0, shown in ((True, True), (False, False)):
+        with pytest.raises(SystemExit) as done, cli_errors(rank0=rank0):
+            check_layout(ParallelConfig(tensor_parallel=2), 3, tiny())
+        assert done.value.code == 2
+        assert ("error: parallel: world size 3" in capsys.readouterr().err) == shown
+    # an error one rank alone may have (its own files) is printed wherever it happens
+    with pytest.raises(SystemExit), cli_errors(rank0=False):
+        raise ConfigError("data.path: no such folder")
+    assert "error: data.path: no such folder" in capsys.readouterr().err
+
+
+def test_the_collective_timeout_must_be_positive():
+    with pytest.raises(ConfigError, match="collective_timeout_s: must be > 0 seconds, got 0"):
+        check_layout(ParallelConfig(collective_timeout_s=0), 1, tiny())

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
+
+from tests.pretrain.fixtures import make_shards
+from tests.slurm import jobs
 
 REQUIRED = os.environ.get("MOR_REQUIRE_SLURM") == "1"
 
@@ -34,3 +38,18 @@ def slurm():
         if REQUIRED:
             pytest.fail(f"MOR_REQUIRE_SLURM=1 but {reason}")
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A small tokenized corpus for the jobs' tiny model."""
+    return make_shards(tmp_path_factory.mktemp("slurm_data") / "shards", vocab=128, seq_len=32, train=512, val=16)
+
+
+@pytest.fixture(autouse=True)
+def _cancel_leftover_jobs():
+    """A failed test must not leave its job running (or requeueing itself) for the next ones."""
+    yield
+    if jobs.submitted:
+        subprocess.run(["scancel", *map(str, jobs.submitted)], capture_output=True, timeout=60, check=False)
+        jobs.submitted.clear()

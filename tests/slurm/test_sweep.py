@@ -183,16 +183,24 @@ def test_local_executor_runs_two_points_of_two_ranks_and_tabulates(tmp_path, dat
     print(f"local sweep: {time.time() - t0:.1f} s")
 
 
-def test_slurm_array_runs_two_points_of_two_ranks(slurm_root, tmp_path, data):
+def test_slurm_array_runs_two_points_of_two_ranks_on_two_nodes(slurm_root, tmp_path, data):
+    """Each point's job asks for 2 nodes × 1 task (CI's cluster has two; with one, Slurm refuses the array)."""
     out = tmp_path / "out"
-    res = sweep(str(write_sweep(tmp_path / "slu.yaml", data, out)), "--executor", "slurm", "--poll", "1")
+    two_nodes = {**CPU, "nodes": 2, "tasks_per_node": 1}
+    res = sweep(str(write_sweep(tmp_path / "slu.yaml", data, out, slurm=two_nodes)), "--executor", "slurm",
+                "--poll", "1")
     assert res.returncode == 0, res.stdout + res.stderr
+    assert "each job: 2 node(s) × 1 task(s)" in res.stdout, res.stdout
     rows = check_table(out)
     array_id = rows[0]["job_id"].split("_")[0]
     assert [r["job_id"] for r in rows] == [f"{array_id}_0", f"{array_id}_1"]  # one array, one element per point
     script = (out / "submitit" / f"{array_id}_submission.sh").read_text()
-    assert "#SBATCH --ntasks-per-node=2" in script and "#SBATCH --array=0-1%2" in script
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=1" in script, script
+    assert "#SBATCH --array=0-1%2" in script
     assert "gpus" not in script and sys.executable in script  # no GPU request; this venv's python
+    for row in rows:   # rank 0's log: the rendezvous on the first node, a rank on each
+        rank0 = (out / "submitit" / f"{row['job_id']}_0_log.out").read_text()
+        assert "layout: 2 rank(s) on 2 node(s) (node1: rank 0, node2: rank 1)" in rank0, rank0
 
 
 def test_slurm_time_limit_warning_is_saved_requeued_and_resumed(slurm_root, tmp_path, data):
