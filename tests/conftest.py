@@ -32,28 +32,30 @@ FOLDER_KIND = {"distributed": "distributed", "faults": "faults", "slurm": "slurm
 
 
 # Under pytest-xdist (`make test` runs 2 workers) a file is one unit of work, so its module fixtures (a module's
-# shared reference runs) are built once, and the Slurm files are one unit between them, because their jobs share
-# the one cluster's CPUs (FileScheduling below). Units go out in ORDER, the longest kinds first, so that short unit
-# files fill the gaps at the end.
+# shared reference runs) are built once, and the Slurm files are two units between them (FileScheduling below):
+# the launcher's file, whose jobs take one node each, and the rest (multi-node jobs, sweeps, the cluster itself);
+# the local cluster has two nodes, so the two units' jobs run side by side. Units go out in ORDER, the longest
+# kinds first, so that short unit files fill the gaps at the end.
 ORDER = ("slurm", "faults", "distributed", "slow", "unit", "gpu")
 # Units that mostly wait (on the Slurm controller's minute-granular time limits and requeues) rather than compute.
-# With --waiting-worker they get one more worker of their own, so that their waiting holds no core that the other
-# workers could use.
-WAITING = ("tests/slurm",)
+# With --waiting-worker each gets a worker of its own, so that their waiting holds no core that the other workers
+# could use.
+WAITING = ("tests/slurm/test_launch.py", "tests/slurm")
 
 
 def pytest_addoption(parser):
     parser.addoption("--waiting-worker", action="store_true",
-                     help="with -n N: start N + 1 workers, the last one only for the tests that mostly wait (the "
-                          "Slurm tests); the other N never take them")
+                     help=f"with -n N: start N + {len(WAITING)} workers, the last {len(WAITING)} only for the tests "
+                          "that mostly wait (the Slurm tests); the other N never take them")
 
 
 def pytest_configure(config):
     tx = getattr(config.option, "tx", None)
     if config.getoption("waiting_worker") and tx and config.getvalue("dist") == "load":
-        config.option.tx = [*tx, tx[-1]]
+        config.option.tx = [*tx, *[tx[-1]] * len(WAITING)]
     worker = getattr(config, "workerinput", None)
-    if worker and config.getoption("waiting_worker") and worker["workerid"] != f"gw{worker['workercount'] - 1}":
+    if worker and config.getoption("waiting_worker") and \
+            int(worker["workerid"][2:]) < worker["workercount"] - len(WAITING):
         # The other workers yield the cores to the Slurm jobs when both want them: those jobs are the longest chain
         # (their time limits, requeues and restarts run one after another), and a busy core slows each start.
         os.nice(10)
@@ -77,14 +79,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _unit(nodeid: str) -> str:
-    """The unit of work a test belongs to: the Slurm folder, or its file."""
+    """The unit of work a test belongs to: its file, or for the Slurm files other than the launcher's, their
+    folder."""
     path = nodeid.split("::")[0]
-    return "tests/slurm" if path.startswith("tests/slurm/") else path
+    return "tests/slurm" if path.startswith("tests/slurm/") and path not in WAITING else path
 
 
 def pytest_xdist_make_scheduler(config, log):
     """Whole units to a worker, in the order the workers collected them (see ORDER); with --waiting-worker the
-    last worker takes the WAITING units and nothing else. Used where no --dist mode was asked for. (xdist's own
+    last len(WAITING) workers take the WAITING units and nothing else. Used where no --dist mode was asked for. (xdist's own
     --dist loadgroup would need a mark per test, which pytest 9.2 no longer lets a conftest add: pytest-xdist
     issue 1386.)"""
     if config.getvalue("dist") != "load":
@@ -99,8 +102,9 @@ def pytest_xdist_make_scheduler(config, log):
         def _takes(self, node, unit: str) -> bool:
             if not waiter_apart or len(self.nodes) < 2:
                 return True
-            waiter = max(self.nodes, key=lambda n: int(n.gateway.id[2:]))   # gw0, gw1, ...: the last started
-            return (node is waiter) == (unit in WAITING)
+            # gw0, gw1, ...: the last started
+            waiters = sorted(self.nodes, key=lambda n: int(n.gateway.id[2:]))[-len(WAITING):]
+            return (node in waiters) == (unit in WAITING)
 
         def _assign_work_unit(self, node) -> None:
             unit = next((u for u in self.workqueue if self._takes(node, u)), None)
