@@ -293,27 +293,56 @@ def live_tensor_bytes() -> int:
     return sum(seen.values())
 
 
-@dataclass
 class MemoryPeak:
-    start: int      # live tensor bytes when the work began
-    peak: int       # the most allocated at once during the work
-    end: int        # start + what the work allocated and did not free
+    """``peak_tensor_memory``'s result (bytes), filled in when its ``with`` block ends: ``start``, the live tensors
+    at the start, or at the last ``mark``; ``peak``, the most allocated at once from there on; ``end``, ``start``
+    plus what was allocated after it and not freed. ``segments``: (start, peak, end) of each stretch between
+    marks (the first begins at the first mark, or at the start without one)."""
+
+    _MARK = "peak_tensor_memory.mark"
+
+    def __init__(self) -> None:
+        self.start = self.peak = self.end = 0
+        self.segments: list[tuple[int, int, int]] = []
+        self._starts: list[int] = []
+
+    def mark(self) -> None:
+        """Begin a segment here: the live tensors now, then the allocations that follow. Work profiled before the
+        first mark lets the profiler see the frees of what that work allocated (it reports no free of memory
+        allocated before it started), so mark after a warm-up step to measure a steady one."""
+        from torch.profiler import record_function
+
+        gc.collect()
+        self._starts.append(live_tensor_bytes())
+        with record_function(self._MARK):
+            pass
 
 
 @contextlib.contextmanager
 def peak_tensor_memory() -> Iterator[MemoryPeak]:
-    """The peak of torch's CPU tensor memory over the work inside: the live tensors at the start (``start``) plus
-    the highest running sum of the allocations and frees that torch's profiler reports (``profile_memory``)."""
+    """The peak of torch's CPU tensor memory over the work inside (or after each ``mark()``): the live tensors at
+    the start plus the highest running sum of the allocations and frees that torch's profiler reports
+    (``profile_memory``). The profiler reports no free of a block allocated before it started, so work that frees
+    older tensors reads high: profile a warm-up step first and ``mark()`` before the one to measure."""
     from torch.profiler import ProfilerActivity, profile
 
+    result = MemoryPeak()
     gc.collect()
-    result = MemoryPeak(live_tensor_bytes(), 0, 0)
+    begin = live_tensor_bytes()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
         yield result
-    deltas = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+    events = list(prof.profiler.kineto_results.events())
+    marks = sorted(e.start_ns() for e in events if e.name() == MemoryPeak._MARK)
+    bounds = marks or [None]
+    starts = result._starts or [begin]
+    deltas = sorted((e.start_ns(), e.nbytes()) for e in events
                     if e.device_type() == torch.autograd.DeviceType.CPU and e.name() == "[memory]")
-    running = most = 0
-    for _, delta in deltas:
-        running += delta
-        most = max(most, running)
-    result.peak, result.end = result.start + most, result.start + running
+    for i, (since, start) in enumerate(zip(bounds, starts)):
+        until = bounds[i + 1] if i + 1 < len(bounds) else None
+        running = most = 0
+        for t, delta in deltas:
+            if (since is None or t >= since) and (until is None or t < until):
+                running += delta
+                most = max(most, running)
+        result.segments.append((start, start + most, start + running))
+    result.start, result.peak, result.end = result.segments[-1]

@@ -38,7 +38,7 @@ def test_inspect_bad_override_is_one_line_without_traceback():
                                     "pretrain.tools.bench", "pretrain.tools.model_bench", "pretrain.tools.data_bench",
                                     "pretrain.tools.loss_memory",
                                     "pretrain.tools.plot", "pretrain.study", "pretrain.fewshot",
-                                    "pretrain.export", "pretrain.import_hf"])
+                                    "pretrain.export", "pretrain.import_hf", "pretrain.plan_layout"])
 def test_entry_points_have_help(module):
     res = run("-m", module, "--help")
     assert res.returncode == 0 and "usage:" in res.stdout and len(res.stdout.splitlines()) > 4
