@@ -52,9 +52,16 @@ def parser() -> argparse.ArgumentParser:
                    help="layouts with activation checkpointing off, on, or both (default: the run file's setting)")
     p.add_argument("--max-micro-batch", type=int, default=64, help="largest micro-batch tried (default 64)")
     p.add_argument("--top", type=int, default=10, help="rows of the table (default 10)")
+    p.add_argument("--all-micro-batches", action="store_true",
+                   help="a row for every micro-batch size (default: each layout's fastest one that fits)")
     p.add_argument("--include-oom", action="store_true", help="also list the layouts that do not fit in memory")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return p
+
+
+def _shape(pred) -> tuple:
+    lay = pred.layout
+    return lay.tp, lay.sp, lay.pp, lay.dp, lay.zero, lay.checkpointing
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -82,7 +89,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"none of the {len(preds)} valid layouts fits in {cluster.memory / 1e9:.0f} GB per GPU (the "
                           f"smallest, {small.layout.describe()}, needs {small.peak_memory / 1e9:.1f} GB); try "
                           "--activation-checkpointing both, more GPUs or a smaller --global-batch")
-    shown = [(p, p.peak_memory <= cluster.memory) for p in (preds if args.include_oom else fitting)][:args.top]
+    rows = preds if args.include_oom else fitting
+    if not args.all_micro_batches:   # each layout once: its first (fastest) micro-batch, one that fits if any
+        seen: set = set()
+        rows = [p for p in sorted(rows, key=lambda p: p.peak_memory > cluster.memory)
+                if not (_shape(p) in seen or seen.add(_shape(p)))]
+        rows.sort(key=lambda p: p.peak_memory > cluster.memory)   # stable: fastest first within each
+    shown = [(p, p.peak_memory <= cluster.memory) for p in rows][:args.top]
     best = fitting[0] if fitting else None
     if args.json:
         print(json.dumps(as_json(shown, cluster, request), indent=1))

@@ -104,7 +104,8 @@ def predict(cfg: ModelConfig, layout: Layout, cluster: Cluster, seq_len: int, pr
 
 def plan(cfg: ModelConfig, cluster: Cluster, *, global_batch: int, seq_len: int, precision: Precision,
          checkpointing: Sequence[bool] = (False,), max_micro_batch: int = 64) -> list[Prediction]:
-    """Every valid layout's prediction, fastest first."""
+    """Every valid layout's prediction, fastest first; of equally fast ones, the larger micro-batch first (the
+    compute rate is one number here, while a GPU runs larger matmuls closer to its peak)."""
     out = [predict(cfg, layout, cluster, seq_len, precision)
            for layout in candidates(cfg, cluster, global_batch, checkpointing, max_micro_batch)]
-    return sorted(out, key=lambda p: (p.time.total, p.peak_memory))
+    return sorted(out, key=lambda p: (round(p.time.total, 9), -p.layout.micro_batch, p.peak_memory))

@@ -183,7 +183,14 @@ def test_table_and_sbatch_line(capsys):
 
 
 def test_json_lists_every_stage(capsys):
-    code, out, _ = _run(capsys, "tiny_mor_ec", "--gpus", "8", "--top", "50", "--json", "--precision", "fp32")
+    """--json: every row's stages; by default each layout once (its fastest micro-batch), with
+    --all-micro-batches every micro-batch size."""
+    code, out, _ = _run(capsys, "tiny_mor_ec", "--gpus", "8", "--top", "500", "--json", "--precision", "fp32")
+    shapes = [tuple(r["layout"][k] for k in ("tp", "sp", "pp", "dp", "zero", "checkpointing"))
+              for r in json.loads(out)["layouts"]]
+    assert code == 0 and len(shapes) == len(set(shapes)) > 10
+    code, out, _ = _run(capsys, "tiny_mor_ec", "--gpus", "8", "--top", "50", "--json", "--precision", "fp32",
+                        "--all-micro-batches")
     assert code == 0
     data = json.loads(out)
     assert data["request"]["precision"] == "fp32" and len(data["layouts"]) == 50
