@@ -170,6 +170,12 @@ COMMANDS: dict[str, Cmd] = {
         Cmd(HELP, "a 360M run"),
     "python -m data_prep.bench --tokenizer out/bench/mistral.model --repeat 40 --workers 1,8,16":
         Cmd(HELP, "a 16-core benchmark with a downloaded 32k model"),
+    "python -m pretrain.plan_layout 1b7_mor_ec --gpus 64 --gpus-per-node 8":
+        Cmd(RUN, "the layout planner: shapes and formulas, seconds"),
+    "python -m pretrain.plan_layout 360m_mor_ec --gpus 16 --gpu h200 --activation-checkpointing both --top 5":
+        Cmd(RUN, "the layout planner: shapes and formulas, seconds"),
+    "python -m pretrain.plan_layout 1b7_mor_ec --gpus 64 --tokens-per-s-json bench.jsonl --json":
+        Cmd(HELP, "needs a GPU benchmark's output (bench.jsonl)"),
 }
 
 
