@@ -14,8 +14,9 @@
 bind ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` at import (``dist_all_gather_func``), DeepSpeed's
 ``TorchBackend`` binds them when ``deepspeed.comm`` starts, and a pipeline's ``P2POp`` holds ``isend`` / ``irecv``,
 which ``batch_isend_irecv`` then compares by identity. Coalesced calls (ZeRO-3's gathers, the pipeline's batched
-p2p) reach the same methods. tests/plan/test_traffic.py checks that a run's calls from megatron's mappings, its
-pipeline schedule and DeepSpeed ZeRO 0-3 are all seen.
+p2p) reach the same methods. tests/plan/test_measured.py checks that a run's calls from megatron's mappings, its
+pipeline schedule and DeepSpeed ZeRO 0-3 are all seen (their counted bytes equal pretrain/plan's prediction), and
+tests/plan/test_traffic_counter.py that a function megatron bound at import is.
 
 **Payload bytes** (per call, on the rank that makes it): the bytes of the whole tensor the collective is about,
 

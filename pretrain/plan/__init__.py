@@ -8,6 +8,7 @@ ZeRO × micro-batch layout with its predicted memory per GPU, collective bytes p
     timing     an α–β model of the collectives plus compute time from model/flops.py
     layouts    the enumeration and its validity rules
     report     the ranked table, the sbatch line, JSON
+    inputs     the run or preset, the cluster and the compute rate from the command line; its one-line errors
     cli        the command line
 
 The byte counts are the quantity that pretrain/parallel/traffic.py measures (its docstring defines it);
