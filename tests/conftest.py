@@ -54,11 +54,16 @@ def pytest_configure(config):
     if config.getoption("waiting_worker") and tx and config.getvalue("dist") == "load":
         config.option.tx = [*tx, *[tx[-1]] * len(WAITING)]
     worker = getattr(config, "workerinput", None)
-    if worker and config.getoption("waiting_worker") and \
-            int(worker["workerid"][2:]) < worker["workercount"] - len(WAITING):
+    if worker and config.getoption("waiting_worker") and not _is_waiter(worker["workerid"], worker["workercount"]):
         # The other workers yield the cores to the Slurm jobs when both want them: those jobs are the longest chain
         # (their time limits, requeues and restarts run one after another), and a busy core slows each start.
         os.nice(10)
+
+
+def _is_waiter(workerid: str, count: int) -> bool:
+    """With --waiting-worker, the last len(WAITING) of the run's ``count`` workers (gw0, gw1, ...) wait. Fixed by
+    id for the whole run: a worker that has finished its unit and left must not pass its part to another."""
+    return int(workerid[2:]) >= count - len(WAITING)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -102,9 +107,7 @@ def pytest_xdist_make_scheduler(config, log):
         def _takes(self, node, unit: str) -> bool:
             if not waiter_apart or len(self.nodes) < 2:
                 return True
-            # gw0, gw1, ...: the last started
-            waiters = sorted(self.nodes, key=lambda n: int(n.gateway.id[2:]))[-len(WAITING):]
-            return (node in waiters) == (unit in WAITING)
+            return _is_waiter(node.gateway.id, node.workerinput["workercount"]) == (unit in WAITING)
 
         def _assign_work_unit(self, node) -> None:
             unit = next((u for u in self.workqueue if self._takes(node, u)), None)
