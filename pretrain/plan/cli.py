@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import NoReturn, Optional
 
@@ -67,8 +68,12 @@ def _shape(pred) -> tuple:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parser().parse_args(argv)
     from conf import cli_errors
-    with cli_errors():
-        return run(args)
+    try:
+        with cli_errors():
+            return run(args)
+    except BrokenPipeError:   # `| head`: the reader has what it wanted; nothing more to say at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def run(args: argparse.Namespace) -> int:

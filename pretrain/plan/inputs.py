@@ -59,10 +59,11 @@ def _positive(name: str, value, *, allow_zero: bool = False) -> None:
 
 
 def _load_model(name: str):
-    """(model config, run config or None, whether it was a run file)."""
+    """(model config, run config or None, whether it was a run file): a run file of conf/run (or a path to one),
+    else a model preset of conf/model (or a path to one)."""
     from pretrain.config import RunConfig
     try:
-        path = run_file(name)
+        return None, load_config(run_file(name), schema=RunConfig), True
     except ConfigError as run_error:
         try:
             return load_config(name, schema=ModelConfig), None, False
@@ -70,9 +71,12 @@ def _load_model(name: str):
             if "unknown preset" in str(preset_error) and "unknown run" in str(run_error):
                 raise ConfigError(f"{name!r} is neither a run file of conf/run nor a model preset of conf/model; "
                                   f"{one_line(preset_error, None, name=False).partition('; ')[2]}") from None
-            raise
-    run = load_config(path, schema=RunConfig)
-    return run.model, run, True
+            if "unknown preset" in str(preset_error):
+                raise run_error from None
+            if "unknown run" in str(run_error):
+                raise preset_error from None
+            raise ConfigError(f"{name}: neither a run file ({one_line(run_error, 100, name=False)}) nor a model "
+                              f"config ({one_line(preset_error, 100, name=False)})") from None
 
 
 def _rate(args: argparse.Namespace, cfg: ModelConfig, seq_len: int, peak: float) -> tuple[float, str]:
@@ -127,6 +131,7 @@ def load_request(args: argparse.Namespace) -> tuple[ModelConfig, Cluster, Reques
     if len(alphas) not in (1, 2) or min(alphas) < 0:
         raise ConfigError(f"--alpha-us: {args.alpha_us!r} is not one or two numbers >= 0, e.g. 3,10")
     cfg, run, is_run = _load_model(args.config)
+    cfg = run.model if run is not None else cfg
     gpu = GPUS[args.gpu]
     seq_len = args.seq_len or cfg.max_seq_len
     global_batch = args.global_batch or (run.parallel.global_batch_size if run else None) or DEFAULT_GLOBAL_BATCH
@@ -137,7 +142,7 @@ def load_request(args: argparse.Namespace) -> tuple[ModelConfig, Cluster, Reques
     links = Links(args.intra_bw * 1e9, args.inter_bw * 1e9, alphas[0] * 1e-6, alphas[-1] * 1e-6)
     memory = args.gpu_memory_gb * 1e9 if args.gpu_memory_gb else gpu.memory
     cluster = Cluster(args.gpus, args.gpus_per_node, memory, rate, links)
-    request = Request(run.name if run is not None else cfg.name, is_run, cfg.name, args.gpu, global_batch, seq_len,
+    request = Request(args.config, is_run, cfg.name, args.gpu, global_batch, seq_len,
                       precision, note)
     checkpointing = {"off": (False,), "on": (True,), "both": (False, True)}[ckpt]
     return cfg, cluster, request, Options(Precision.of(precision), checkpointing, cfg, cluster, global_batch)

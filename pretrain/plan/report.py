@@ -15,7 +15,7 @@ GB = 1e9
 @dataclass(frozen=True)
 class Request:
     """What was asked, for the header and the sbatch line."""
-    name: str                  # the run file's or the preset's name
+    name: str                  # the run file or preset as given (a name of conf/ or a path)
     is_run: bool               # a run file of conf/run (else a model preset)
     model_name: str
     gpu: str
@@ -38,12 +38,17 @@ def _slurm_script(model_name: str) -> tuple[str, Optional[str]]:
     return script.relative_to(ROOT).as_posix(), default
 
 
+def _same_run(given: str, default: Optional[str]) -> bool:
+    from conf import run_file
+    return default is not None and run_file(given).resolve() == run_file(default).resolve()
+
+
 def sbatch_line(pred: Prediction, cluster: Cluster, request: Request) -> str:
     """The command that runs ``pred``'s layout with the scale's sbatch script."""
     script, default = _slurm_script(request.model_name)
     env = ""
     extra: list[str] = []
-    if request.is_run and request.name != default:
+    if request.is_run and not _same_run(request.name, default):
         env = f"MOR_RUN={request.name} "
     elif not request.is_run:
         extra.append(f"model={request.name}")
