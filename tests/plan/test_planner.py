@@ -210,3 +210,16 @@ def test_measured_rate_from_a_bench_line(capsys, tmp_path):
     _, slow, _ = _run(capsys, *args, "--tokens-per-s-json", str(bench))
     t_fast, t_slow = (json.loads(o)["layouts"][0]["time"]["compute"] for o in (fast, slow))
     assert t_slow == pytest.approx(2 * t_fast, rel=1e-6)
+
+
+@pytest.mark.parametrize("given,starts,override", [
+    ("1b7_mor_tc", "MOR_RUN=1b7_mor_tc sbatch ", None),
+    ("conf/model/360m_mor_ec_kvshare.yaml", "sbatch ", "model=conf/model/360m_mor_ec_kvshare.yaml"),
+])
+def test_sbatch_line_names_the_run_or_model(capsys, given, starts, override):
+    """Another run file than the script's own goes in MOR_RUN; a model config (a preset or a path) in a model=
+    override of the script's run."""
+    code, out, _ = _run(capsys, given, "--gpus", "16", "--top", "1")
+    line = out.splitlines()[-1]
+    assert code == 0 and line.startswith(starts), line
+    assert override is None or override in line.split()
