@@ -285,10 +285,12 @@ def live_tensor_bytes() -> int:
         try:
             if not issubclass(type(obj), torch.Tensor) or obj.device.type != "cpu" or obj.is_meta:
                 continue
+            if type(obj).__module__.startswith("torch._subclasses"):   # a compile's fake or functional tensors
+                continue
             storage = obj.untyped_storage()
-        except Exception:   # noqa: BLE001 - tensor subclasses without storage, freed objects
-            continue
-        ptr = storage.data_ptr()
+            ptr = storage.data_ptr()
+        except Exception:   # noqa: BLE001 - tensor subclasses without storage or data (a compile's FakeTensors
+            continue        # left alive), freed objects
         if ptr:
             seen[ptr] = max(seen.get(ptr, 0), storage.nbytes())
     return sum(seen.values())
