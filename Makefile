@@ -25,7 +25,7 @@ demo: setup
 	$(BIN)/python -m pretrain.tools.demo
 
 # pytest-xdist workers, one per core of the 2-core machine the times are measured on. A test file is
-# one unit of work, the Slurm files two between them (tests/conftest.py), on two more workers of their own
+# one unit of work, the Slurm files one between them (tests/conftest.py), on one more worker of their own
 # (--waiting-worker): their jobs mostly wait on the controller. TEST_WORKERS=0: one process, no workers.
 TEST_WORKERS ?= 2
 test: setup

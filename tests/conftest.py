@@ -32,15 +32,16 @@ FOLDER_KIND = {"distributed": "distributed", "faults": "faults", "slurm": "slurm
 
 
 # Under pytest-xdist (`make test` runs 2 workers) a file is one unit of work, so its module fixtures (a module's
-# shared reference runs) are built once, and the Slurm files are two units between them (FileScheduling below):
-# the launcher's file, whose jobs take one node each, and the rest (multi-node jobs, sweeps, the cluster itself);
-# the local cluster has two nodes, so the two units' jobs run side by side. Units go out in ORDER, the longest
-# kinds first, so that short unit files fill the gaps at the end.
+# shared reference runs) are built once, and the Slurm files are one unit between them, one test at a time: their
+# time limits, warnings and kills are timed against jobs that start when submitted (FileScheduling below). (As two
+# units on two workers, on the cluster's two nodes, the jobs ran side by side but slowed each other and the rest
+# past their deadlines, and the suite took longer.) Units go out in ORDER, the longest kinds first, so that short
+# unit files fill the gaps at the end.
 ORDER = ("slurm", "faults", "distributed", "slow", "unit", "gpu")
 # Units that mostly wait (on the Slurm controller's minute-granular time limits and requeues) rather than compute.
 # With --waiting-worker each gets a worker of its own, so that their waiting holds no core that the other workers
 # could use.
-WAITING = ("tests/slurm/test_launch.py", "tests/slurm")
+WAITING = ("tests/slurm",)
 
 
 def pytest_addoption(parser):
@@ -84,10 +85,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _unit(nodeid: str) -> str:
-    """The unit of work a test belongs to: its file, or for the Slurm files other than the launcher's, their
-    folder."""
+    """The unit of work a test belongs to: the Slurm folder, or its file."""
     path = nodeid.split("::")[0]
-    return "tests/slurm" if path.startswith("tests/slurm/") and path not in WAITING else path
+    return "tests/slurm" if path.startswith("tests/slurm/") else path
 
 
 def pytest_xdist_make_scheduler(config, log):

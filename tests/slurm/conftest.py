@@ -26,7 +26,7 @@ def slurm_unavailable() -> str | None:
     states = res.stdout.split()
     if res.returncode != 0 or not states:
         return f"no Slurm controller answers ({res.stderr.strip() or 'sinfo printed nothing'})"
-    if not any(s.rstrip("*~#") in ("idle", "mix", "alloc") for s in states):
+    if not any(s.rstrip("*~#$@^-!%") in ("idle", "mix", "alloc", "comp", "plnd") for s in states):
         return f"no usable Slurm node (states: {' '.join(states)})"
     return None
 

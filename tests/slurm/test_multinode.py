@@ -32,13 +32,29 @@ def args(data: Path, out: Path, name: str, timeout: float = TIMEOUT_S) -> list[s
             "parallel.global_batch_size=4", f"parallel.collective_timeout_s={timeout}"]
 
 
+def node_states() -> dict[str, str]:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=30,
+                         check=False).stdout
+    return dict(ln.split()[:2] for ln in out.splitlines() if len(ln.split()) >= 2)
+
+
+def usable(states: dict[str, str]) -> list[str]:
+    """Nodes that take jobs: idle, in use or finishing one (comp); not down, drained or failing."""
+    return [n for n, s in states.items() if s.rstrip("*~#$@^-!%") in ("idle", "mix", "alloc", "comp", "plnd")]
+
+
 @pytest.fixture(scope="module")
 def two_nodes(slurm):
-    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=30,
-                         check=False).stdout.split("\n")
-    usable = [ln.split()[0] for ln in out if ln.strip() and ln.split()[1].rstrip("*~#") in ("idle", "mix", "alloc")]
-    if len(usable) < 2:
-        reason = f"the Slurm cluster has {len(usable)} usable node(s): start it with local_cluster.sh start --nodes 2"
+    states = node_states()
+    if len(states) >= 2:   # a node that an earlier test took down comes back by itself (ReturnToService=2)
+        try:
+            wait_for(lambda: len(usable(node_states())) >= 2, 120, "two usable nodes", every=2)
+        except AssertionError:
+            pass
+        states = node_states()
+    if len(usable(states)) < 2:
+        reason = (f"the Slurm cluster has {len(usable(states))} usable node(s) ({states}): start it with "
+                  "local_cluster.sh start --nodes 2")
         if REQUIRED:
             pytest.fail(f"MOR_REQUIRE_SLURM=1 but {reason}")
         pytest.skip(reason)
