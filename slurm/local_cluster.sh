@@ -184,7 +184,9 @@ DefMemPerCPU=$((mem / cpus))
 SlurmdParameters=config_overrides
 SchedulerParameters=batch_sched_delay=0,sched_interval=2
 ReturnToService=2
-KillWait=5
+# Slurm's default: what is left of a cancelled job is killed 30 s after its SIGTERM. With 5 s, ranks finishing
+# a step and saving it on a busy 2-core machine (load 30) were killed mid-save.
+KillWait=30
 JobRequeue=1
 MailProg=/bin/true
 # sacct (and submitit's view of CANCELLED/TIMEOUT) needs the accounting daemon.
