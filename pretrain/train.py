@@ -31,8 +31,14 @@ warnings.filterwarnings("ignore", message="Apex is not installed. Falling back t
 LOST_PEER_EXIT_CODE = 4
 
 
+def _rank() -> str:
+    """This process's global rank as its launcher gave it (torchrun's RANK, srun's SLURM_PROCID), before any
+    process group exists."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+
+
 def _is_rank0() -> bool:
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+    return _rank() == "0"
 
 
 def run_name_override(path: str, overrides: list[str]) -> str | None:
@@ -93,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             if not _lost_peer(e):
                 raise
             from pretrain.parallel.layout import node_name
-            rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-            print(f"error: rank {rank} on {node_name()}: a collective failed, so another rank has died or stopped "
+            print(f"error: rank {_rank()} on {node_name()}: a collective failed, so another rank has died or stopped "
                   f"answering ({_gist(e)}); this launch ends here. Start the run again (on the "
                   "same or other nodes): it resumes from its newest checkpoint that verifies",
                   file=sys.stderr, flush=True)
