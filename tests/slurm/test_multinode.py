@@ -27,9 +27,10 @@ TIMEOUT_S = 60
 
 def args(data: Path, out: Path, name: str, timeout: float = TIMEOUT_S) -> list[str]:
     """TP=2 on 4 ranks (DP=2), or on 2 ranks (DP=1) after the layout change; the global batch fixed at 4 sequences,
-    so that DP=1 accumulates what DP=2 splits."""
+    so that DP=1 accumulates what DP=2 splits. wandb offline, the default logger: its service dies with a lost
+    node's ranks too."""
     return [*tiny(data, out, steps=STEPS, every=EVERY, name=name), "parallel.tensor_parallel=2",
-            "parallel.global_batch_size=4", f"parallel.collective_timeout_s={timeout}"]
+            "parallel.global_batch_size=4", f"parallel.collective_timeout_s={timeout}", "logging.wandb=offline"]
 
 
 def node_states() -> dict[str, str]:
