@@ -95,6 +95,8 @@ def check_layout(pcfg: ParallelConfig, world: int, model: Optional[ModelConfig] 
             raise _layout_error(f"parallel.tensor_parallel: n_kv_heads={model.n_kv_heads} is not divisible by {tp}")
         if model.ffn_hidden % tp:
             raise _layout_error(f"parallel.tensor_parallel: ffn_hidden={model.ffn_hidden} is not divisible by {tp}")
+        if model.vocab_size % tp:   # megatron's vocab-parallel embedding and loss split it evenly (else it asserts)
+            raise _layout_error(f"parallel.tensor_parallel: vocab_size={model.vocab_size} is not divisible by {tp}")
         if pp > 1:
             from model.program import stage_ranges
             try:

@@ -1,10 +1,9 @@
 """Every layout that can run a model on a cluster, and each one's prediction.
 
-Valid means what pretrain/parallel/layout.check_layout accepts (TP divides the heads, kv heads and FFN; PP > 1
-only with ZeRO ≤ 1; sequence parallelism only with TP > 1; the global batch a multiple of micro-batch × DP; the
-layers split into PP stages, so PP ≤ the unrolled layers) plus what a cluster needs: TP divides the vocabulary
-(megatron's vocab-parallel embedding splits it evenly) and a TP group stays inside one node (TP divides the GPUs
-per node).
+Valid means what pretrain/parallel/layout.check_layout accepts (TP divides the heads, kv heads, FFN and
+vocabulary; PP > 1 only with ZeRO ≤ 1; sequence parallelism only with TP > 1; the global batch a multiple of
+micro-batch × DP; the layers split into PP stages, so PP ≤ the unrolled layers) plus what a cluster needs: a TP
+group stays inside one node (TP divides the GPUs per node).
 """
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ from conf.errors import ConfigError
 from model.config import ModelConfig
 from pretrain.parallel.layout import ParallelConfig, check_layout
 from pretrain.plan.memory import StageMemory, step_memory
-from pretrain.plan.shapes import Layout, divisible_checks
+from pretrain.plan.shapes import Layout
 from pretrain.plan.timing import Links, StepTime, step_time
 from pretrain.plan.traffic import Precision, stage_calls, stage_traffic
 
@@ -62,9 +61,6 @@ def _valid(cfg: ModelConfig, layout: Layout, cluster: Cluster) -> Optional[str]:
     """None for a layout that can run here, else why not."""
     if cluster.gpus_per_node % layout.tp:
         return f"TP={layout.tp} does not divide {cluster.gpus_per_node} GPUs per node (a TP group would span nodes)"
-    why = divisible_checks(cfg, layout.tp)
-    if why:
-        return why
     pcfg = ParallelConfig(tensor_parallel=layout.tp, pipeline_parallel=layout.pp, sequence_parallel=layout.sp,
                           zero_stage=layout.zero, micro_batch_size=layout.micro_batch,
                           global_batch_size=layout.global_batch)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -202,13 +202,3 @@ def pipeline_rows(cfg: ModelConfig, pp: int, micro_batch: int, seq_len: int, tp:
 
 def padded(n: float, multiple: int) -> float:
     return math.ceil(n / multiple) * multiple
-
-
-def divisible_checks(cfg: ModelConfig, tp: int) -> Optional[str]:
-    """Why ``tp`` cannot shard this model (None: it can). The heads, kv heads and FFN as pretrain/parallel/layout
-    checks them, and the vocabulary, which megatron's vocab-parallel embedding splits evenly."""
-    for key, n in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads), ("ffn_hidden", cfg.ffn_hidden),
-                   ("vocab_size", cfg.vocab_size)):
-        if n % tp:
-            return f"{key}={n} is not divisible by TP={tp}"
-    return None

@@ -86,3 +86,10 @@ def test_layout_errors_are_printed_by_rank_0_only(capsys):
 def test_the_collective_timeout_must_be_positive():
     with pytest.raises(ConfigError, match="collective_timeout_s: must be > 0 seconds, got 0"):
         check_layout(ParallelConfig(collective_timeout_s=0), 1, tiny())
+
+
+def test_tensor_parallel_must_divide_the_vocabulary():
+    """megatron's vocab-parallel embedding asserts otherwise; here it is one line before anything starts."""
+    with pytest.raises(ConfigError, match="vocab_size=130 is not divisible by 4") as err:
+        check_layout(ParallelConfig(tensor_parallel=4), 4, tiny(n_heads=4, n_kv_heads=4, vocab_size=130))
+    assert "\n" not in str(err.value)
