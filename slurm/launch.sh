@@ -112,7 +112,8 @@ fi
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR
 unset RANK WORLD_SIZE LOCAL_RANK   # from the submitting shell, if any: each rank takes its own from srun
-export MASTER_PORT=${MOR_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+# One port per job id in 20000-31999, below Linux's ephemeral ports (pretrain/parallel/layout.py, rendezvous_port).
+export MASTER_PORT=${MOR_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 12000))}
 export WANDB_MODE=${WANDB_MODE:-offline}
 # One BLAS/OpenMP thread pool per rank, sized to its CPUs (the default would be every core, for every rank).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}

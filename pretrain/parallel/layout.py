@@ -119,6 +119,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Rendezvous ports for Slurm jobs: one per job id, cycling through 20000-31999. That is below Linux's default range
+# of ephemeral ports (32768-60999, net.ipv4.ip_local_port_range), which every outgoing connection and every gloo
+# or NCCL listener on the node draws from, so another job's sockets cannot hold it by chance; and jobs started
+# close together (an array's elements) get different ports. slurm/launch.sh computes the same.
+RENDEZVOUS_PORT_BASE, RENDEZVOUS_PORTS = 20000, 12000
+
+
+def rendezvous_port(job_id: int) -> int:
+    return RENDEZVOUS_PORT_BASE + job_id % RENDEZVOUS_PORTS
+
+
+def _start_process_group(backend: str, rank: int, world: int, timeout_s: float) -> None:
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    except dist.DistNetworkError as e:
+        # Rank 0 serves the rendezvous; if its port is taken it fails at once while the others wait for it until
+        # the timeout. Say which port, where, and what to do instead of torch's C++ trace.
+        if rank == 0 and "EADDRINUSE" in str(e):
+            raise ConfigError(f"rank 0 on {node_name()}: the rendezvous port MASTER_PORT="
+                              f"{os.environ.get('MASTER_PORT')} is already in use there; choose a free one "
+                              "(slurm/launch.sh and pretrain.sweep take MOR_MASTER_PORT) and launch again") from None
+        raise
+
+
 def _shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -153,8 +177,7 @@ def _init(pcfg: ParallelConfig, model: Optional[ModelConfig], *, device: Optiona
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         # With a GPU, NCCL serves CUDA tensors and gloo still serves CPU ones (tests mix both).
         backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=pcfg.collective_timeout_s))
+        _start_process_group(backend, rank, world, pcfg.collective_timeout_s)
         atexit.register(_shutdown)
     nodes = _nodes_of_ranks(world)
     _check_tp_inside_nodes(pcfg.tensor_parallel, nodes)

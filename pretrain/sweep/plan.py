@@ -19,6 +19,9 @@ SWEEP.yaml:
 Point names are <name>-<index>-<slug of its own overrides>. Relative paths (run, out_dir, data.path) are relative
 to the working directory, which is also the jobs' working directory. Exit status: 0 when every point completed,
 1 when some did not, 2 for a mistake in the sweep file or a point's config.
+
+Environment: MOR_MASTER_PORT (the jobs' rendezvous port; default on Slurm 20000 + job id mod 12000, as
+slurm/launch.sh), MOR_RANK_EXIT_WAIT (seconds the other ranks get once one has exited; default 300).
 """
 from __future__ import annotations
 
@@ -76,9 +79,18 @@ class TrainPoint(submitit.helpers.Checkpointable):
 
         from pretrain.config import RunConfig
         from pretrain.training.trainer import Trainer
+        from pretrain.parallel.layout import rendezvous_port
+        # The rendezvous port: MOR_MASTER_PORT, else the launcher's rule on Slurm (one per job id, below the
+        # ephemeral ports; submitit's own draws from 20000-60000, where other sockets of the node may hold it).
+        port = os.environ.get("MOR_MASTER_PORT") or (
+            str(rendezvous_port(int(os.environ["SLURM_JOB_ID"]))) if os.environ.get("SLURM_JOB_ID") else None)
+        if port:
+            os.environ["MASTER_PORT"] = port
         # overwrite: a requeued or nested launch may carry the previous layout; this job's own is the truth.
         # No CUDA_VISIBLE_DEVICES: the trainer picks cuda:LOCAL_RANK among all of the node's GPUs.
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        if env.rank == 0:
+            print(f"sweep point: {env.world_size} rank(s), rendezvous {env.master_addr}:{env.master_port}", flush=True)
         os.environ.setdefault("WANDB_MODE", "offline")
         if "OMP_NUM_THREADS" not in os.environ:  # torch would use every core of the node in every task
             torch.set_num_threads(self.threads)

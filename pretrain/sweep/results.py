@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import sys
 import time
@@ -116,12 +117,19 @@ def make_executor(cfg: SweepConfig, kind: str) -> submitit.AutoExecutor:
     """Generic submitit parameters, plus slurm_* ones that the local executor ignores. gpus_per_node 0 sends no GPU
     option at all, so a CPU sweep's sbatch script is a plain CPU job on any site."""
     s = cfg.slurm
+    wait_s = os.environ.get("MOR_RANK_EXIT_WAIT", "300")
+    if not wait_s.isdigit():
+        raise ConfigError(f"MOR_RANK_EXIT_WAIT={wait_s!r}: give the seconds the other ranks get once one has exited, "
+                          "as a whole number (default 300)")
     ex = submitit.AutoExecutor(folder=Path(cfg.out_dir) / "submitit", cluster=None if kind == "auto" else kind,
                                slurm_max_num_timeout=s.max_num_timeout)
     ex.update_parameters(name=cfg.name, nodes=s.nodes, tasks_per_node=s.tasks_per_node, cpus_per_task=s.cpus_per_task,
                          timeout_min=s.timeout_min, gpus_per_node=s.gpus_per_node or None, mem_gb=s.mem_gb,
                          slurm_partition=s.partition, slurm_signal_delay_s=s.signal_delay_s,
-                         slurm_array_parallelism=s.array_parallelism, slurm_additional_parameters=s.extra or None)
+                         slurm_array_parallelism=s.array_parallelism, slurm_additional_parameters=s.extra or None,
+                         # as slurm/launch.sh: once one rank has exited (a crash, a rendezvous that failed), the
+                         # others get MOR_RANK_EXIT_WAIT seconds, not the job's whole time limit, to follow.
+                         slurm_srun_args=[f"--wait={wait_s}"])
     return ex
 
 

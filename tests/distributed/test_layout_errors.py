@@ -1,6 +1,10 @@
 """Impossible layouts fail early with one clear line naming the setting."""
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from conf.errors import ConfigError
@@ -93,3 +97,40 @@ def test_tensor_parallel_must_divide_the_vocabulary():
     with pytest.raises(ConfigError, match="vocab_size=130 is not divisible by 4") as err:
         check_layout(ParallelConfig(tensor_parallel=4), 4, tiny(n_heads=4, n_kv_heads=4, vocab_size=130))
     assert "\n" not in str(err.value)
+
+
+def test_a_taken_rendezvous_port_is_one_line_from_rank_0():
+    """Rank 0 serves the rendezvous; another socket on its port (here a listening one of this test) makes it fail
+    at once, and it names the port instead of torch's C++ trace. In a fresh process: this one has its group."""
+    import socket
+    import sys
+    code = ("from conf import cli_errors\n"
+            "from pretrain.parallel.layout import ParallelConfig, init_distributed\n"
+            "with cli_errors():\n"
+            "    init_distributed(ParallelConfig(collective_timeout_s=20), device='cpu')\n")
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                             cwd=Path(__file__).resolve().parents[2], check=False)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.returncode == 2 and len(errors) == 1, res.stderr
+    assert f"rank 0 on {socket.gethostname()}: the rendezvous port MASTER_PORT={port} is already in use" \
+        in errors[0] and "Traceback" not in res.stderr, res.stderr
+
+
+def test_rendezvous_ports_stay_below_the_ephemeral_range_and_differ_for_neighbouring_jobs():
+    from pretrain.parallel.layout import rendezvous_port
+    lo, hi = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    ports = [rendezvous_port(j) for j in range(1, 30001)]
+    assert min(ports) >= 1024 and max(ports) < min(lo, 32768)
+    assert len(set(ports[:12000])) == 12000   # 12000 jobs in a row never share a port
+    # slurm/launch.sh's own line, run by bash: the launcher and the sweep's jobs follow one rule
+    launch = (Path(__file__).resolve().parents[2] / "slurm" / "launch.sh").read_text().splitlines()
+    (line,) = [ln for ln in launch if ln.startswith("export MASTER_PORT=")]
+    got = subprocess.run(["bash", "-c", f"unset MOR_MASTER_PORT; SLURM_JOB_ID=123457; {line}; echo $MASTER_PORT"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert int(got) == rendezvous_port(123457)

@@ -2,6 +2,7 @@
 they skip with the reason — except when MOR_REQUIRE_SLURM=1 (CI sets it), where a missing cluster fails them."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -47,9 +48,25 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _cancel_leftover_jobs():
-    """A failed test must not leave its job running (or requeueing itself) for the next ones."""
+def _cancel_leftover_jobs(request):
+    """A failed test must not leave its job running (or requeueing itself) for the next ones: those it submitted
+    through jobs.sbatch, and a sweep's, which pretrain.sweep records in its out_dir's jobs.json."""
     yield
-    if jobs.submitted:
-        subprocess.run(["scancel", *map(str, jobs.submitted)], capture_output=True, timeout=60, check=False)
-        jobs.submitted.clear()
+    ids = [str(j) for j in jobs.submitted]
+    tmp = request.node.funcargs.get("tmp_path")
+    if tmp is not None:
+        for record in Path(tmp).rglob("jobs.json"):
+            try:
+                recorded = json.loads(record.read_text())
+            except (OSError, ValueError):
+                continue
+            if recorded.get("executor") == "slurm":
+                ids += [jid.split("_")[0] for jid in recorded.get("jobs", {}).values()]  # the whole array
+    if ids:
+        subprocess.run(["scancel", *sorted(set(ids))], capture_output=True, timeout=60, check=False)
+        # and out of the queue before the next test starts its clock (ranks that ignore SIGTERM take KillWait)
+        try:
+            jobs.wait_for(lambda: all(jobs.gone(i) for i in set(ids)), 120, "cancelled jobs to end", every=1)
+        except AssertionError:
+            pass
+    jobs.submitted.clear()

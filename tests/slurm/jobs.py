@@ -72,7 +72,7 @@ def restarted(job: int) -> dict[str, str] | None:
     return info if int(info.get("Restarts") or 0) > 0 else None
 
 
-def gone(job: int) -> bool:
+def gone(job: int | str) -> bool:
     """Whether every process of the job has ended (a cancelled job reads CANCELLED while they still run)."""
     res = subprocess.run(["squeue", "-h", "-j", str(job)], capture_output=True, text=True, timeout=30, check=False)
     return res.returncode == 0 and not res.stdout.strip() or "Invalid job id" in res.stderr

@@ -2,7 +2,8 @@
 node by node with tensor parallelism inside each node and data parallelism across them, trained as one node of four
 ranks trains; a tensor-parallel group across nodes and an unusable world size refused in one line; a node whose
 processes are killed (or stop answering) ends the job within the collective timeout, and the run resubmitted on one
-node resumes through the smaller data-parallel size with the losses of the uninterrupted run."""
+node resumes through the smaller data-parallel size with the losses of the uninterrupted run; a rendezvous port
+that another socket holds is one line, and the job ends."""
 from __future__ import annotations
 
 import os
@@ -133,6 +134,29 @@ def test_a_layout_across_nodes_that_cannot_work_is_one_line(two_nodes, data, tmp
         assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", (info, text)
         assert len(errors) == 1 and errors[0].startswith(message) and "Traceback" not in text, text
         assert not (tmp_path / "runs" / name / "checkpoints").exists()
+
+
+def test_a_taken_rendezvous_port_is_one_line_and_the_job_ends(two_nodes, data, tmp_path):
+    """Rank 0 cannot serve the rendezvous (another socket holds MASTER_PORT on its node): it says so in one line
+    and exits 2; rank 1, which would wait for it until the collective timeout, is ended by srun --wait."""
+    import socket
+    one_each = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"]
+    log = tmp_path / "job.out"
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        job = submit(one_each, log, [*args(data, tmp_path / "runs", "port"), "parallel.tensor_parallel=1"],
+                     env={"MOR_MASTER_PORT": str(port), "MOR_RANK_EXIT_WAIT": "5"})
+        # 5 s of srun --wait, then Slurm's KillWait (30 s) at most for rank 1 to go: well inside the 600 s timeout
+        wait_for(lambda: gone(job), 300, "the job to end", every=1)
+    info, text = job_info(job), log.read_text()
+    errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert info["JobState"] == "FAILED", (info, text)
+    assert errors == [f"error: rank 0 on node1: the rendezvous port MASTER_PORT={port} is already in use there; "
+                      "choose a free one (slurm/launch.sh and pretrain.sweep take MOR_MASTER_PORT) and launch "
+                      "again"], text
+    assert "Traceback" not in text, text
 
 
 @pytest.mark.parametrize("how", ["killed", "stopped"])

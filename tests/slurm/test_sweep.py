@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from pretrain.parallel.layout import RENDEZVOUS_PORT_BASE, RENDEZVOUS_PORTS
 from pretrain.sweep.spec import expand, load_sweep
 from tests.pretrain.fixtures import make_shards
 
@@ -50,8 +52,21 @@ def write_sweep(path: Path, data: Path, out: Path, **extra) -> Path:
 
 def sweep(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOR_FAULT_")} | (env or {})
-    return subprocess.run([sys.executable, "-m", "pretrain.sweep", *args], check=False, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    try:
+        return subprocess.run([sys.executable, "-m", "pretrain.sweep", *args], check=False, cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        out = Path(json.loads(Path(args[0]).read_text())["out_dir"])
+        raise AssertionError(f"pretrain.sweep {' '.join(args)} did not end in {timeout:.0f} s\n{logs_of(out)}") \
+            from None
+
+
+def logs_of(out: Path, lines: int = 20) -> str:
+    """The end of every log of a sweep's jobs (submitit's per-task files), for the message of a failed wait."""
+    parts = [f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-lines:])
+             for p in sorted((out / "submitit").glob("*_log.*"))]
+    queue = subprocess.run(["squeue", "-a"], capture_output=True, text=True, timeout=30, check=False).stdout
+    return "\n".join([*parts, "--- squeue", queue])
 
 
 def table(out: Path) -> list[dict[str, str]]:
@@ -198,9 +213,13 @@ def test_slurm_array_runs_two_points_of_two_ranks_on_two_nodes(slurm_root, tmp_p
     assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=1" in script, script
     assert "#SBATCH --array=0-1%2" in script
     assert "gpus" not in script and sys.executable in script  # no GPU request; this venv's python
+    assert "srun --unbuffered" in script and "--wait=300" in script  # the other ranks follow one that exited
     for row in rows:   # rank 0's log: the rendezvous on the first node, a rank on each
         rank0 = (out / "submitit" / f"{row['job_id']}_0_log.out").read_text()
         assert "layout: 2 rank(s) on 2 node(s) (node1: rank 0, node2: rank 1)" in rank0, rank0
+        # the launcher's port rule (pretrain/parallel/layout.py), below the ephemeral ports other sockets take
+        port = int(re.search(r"rendezvous node1:(\d+)", rank0).group(1))
+        assert RENDEZVOUS_PORT_BASE <= port < RENDEZVOUS_PORT_BASE + RENDEZVOUS_PORTS, rank0
 
 
 def test_slurm_time_limit_warning_is_saved_requeued_and_resumed(slurm_root, tmp_path, data):
@@ -216,7 +235,7 @@ def test_slurm_time_limit_warning_is_saved_requeued_and_resumed(slurm_root, tmp_
     try:
         run_dir, deadline = out / "req-0", time.time() + 120
         while len(steps_logged(run_dir)) < 5:
-            assert time.time() < deadline and proc.poll() is None, "the point never reached step 5"
+            assert time.time() < deadline and proc.poll() is None, f"the point never reached step 5\n{logs_of(out)}"
             time.sleep(0.5)
         job_id = json.loads((out / "jobs.json").read_text())["jobs"]["req-0"]
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
@@ -245,7 +264,7 @@ def test_slurm_scancel_saves_and_stays_cancelled(slurm_root, tmp_path, data):
     job_id = json.loads((out / "jobs.json").read_text())["jobs"]["can-0"]
     run_dir, deadline = out / "can-0", time.time() + 120
     while len(steps_logged(run_dir)) < 3:
-        assert time.time() < deadline, "the point never reached step 3"
+        assert time.time() < deadline, f"the point never reached step 3\n{logs_of(out)}"
         time.sleep(0.5)
     subprocess.run(["scancel", job_id], check=True, timeout=30)
     # sacct says CANCELLED at once, while the ranks are still saving: wait until squeue no longer lists the job
