@@ -6,7 +6,7 @@ overridden on the command line (``train.steps=100 model.num_recursions=4 paralle
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 from conf.errors import ConfigError
 from model.config import ModelConfig
@@ -38,14 +38,73 @@ class ScheduleConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One corpus of a mixture: a folder made by data_prep/tokenize.py and its weight in the mix."""
+    path: str
+    weight: float = 1.0
+
+
+@dataclass
+class PhaseConfig:
+    """From optimizer step ``start`` on, the mix is ``weights`` (sources not named get 0)."""
+    start: int
+    weights: dict[str, float]
+
+
+@dataclass
 class DataConfig:
-    path: str = "data/sample"      # folder made by data_prep/tokenize.py (manifest.json + shards)
+    path: Optional[str] = "data/sample"   # folder made by data_prep/tokenize.py (manifest.json + shards)
     num_workers: int = 2
     seed: int = 0
     # Readers of the training split (pretrain/data/loader.py); 0: DP × max(1, num_workers). A fixed number (a
     # multiple of DP × workers) makes the data order independent of the number of data-parallel ranks: runs on
     # different layouts then see the same samples, and a run can resume under another DP size.
     readers: int = 0
+    # A mixture (pretrain/data/mixture.py): name -> {path, weight}; replaces data.path (leave it at its default or
+    # null). Every global micro-batch comes from one source, by a deterministic schedule of the weights.
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    # Later mixes: [{start: STEP, weights: {name: w, ...}}, ...], starts increasing; e.g. an annealing mix.
+    phases: list[PhaseConfig] = field(default_factory=list)
+    # Resuming with other weights for a phase that has begun: refused unless true; then they apply from the resume.
+    allow_mix_change: bool = False
+
+    @property
+    def primary_path(self) -> str:
+        """The folder whose manifest names the run's tokenizer and sequence length: data.path, or the first
+        source's (the sources must share both; the trainer checks)."""
+        return next(iter(self.sources.values())).path if self.sources else str(self.path)
+
+    def validate(self) -> None:
+        if not self.sources:
+            if self.path is None:
+                raise ConfigError("path: null without data.sources; give the tokenized folder to train on")
+            if self.phases:
+                raise ConfigError("phases: need data.sources (the mixture the phases re-weight)")
+            return
+        if self.path not in (None, "data/sample"):
+            raise ConfigError(f"path: {self.path} is set together with data.sources; give one of them "
+                              "(data.path=null with sources)")
+        for name, src in self.sources.items():
+            if not name.replace("_", "").replace("-", "").isalnum():
+                raise ConfigError(f"sources.{name}: a source name is letters, digits, - and _")
+            if not (src.weight >= 0 and src.weight < float("inf")):
+                raise ConfigError(f"sources.{name}.weight: must be >= 0, got {src.weight}")
+        if not any(s.weight > 0 for s in self.sources.values()):
+            raise ConfigError("sources: every weight is 0; give at least one source a positive weight")
+        last = 0
+        for i, ph in enumerate(self.phases):
+            if ph.start <= last:
+                raise ConfigError(f"phases[{i}].start: {ph.start} must be after "
+                                  + (f"phases[{i - 1}].start ({last})" if i else "step 0 (the sources' own mix)"))
+            last = ph.start
+            for name, w in ph.weights.items():
+                if name not in self.sources:
+                    raise ConfigError(f"phases[{i}].weights.{name}: not a source (sources: "
+                                      f"{', '.join(self.sources)})")
+                if not (w >= 0 and w < float("inf")):
+                    raise ConfigError(f"phases[{i}].weights.{name}: must be >= 0, got {w}")
+            if not any(w > 0 for w in ph.weights.values()):
+                raise ConfigError(f"phases[{i}].weights: every weight is 0; give a source a positive weight")
 
 
 @dataclass

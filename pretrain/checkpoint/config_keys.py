@@ -50,6 +50,12 @@ _TABLE: list[tuple[str, str, tuple[str, ...]]] = [
               "same shards (the tokenizer's sha256 and the shards' fingerprint), wherever they now are",
      ("data.path", "data.readers", "data.num_workers")),
     (MATCH, "the data order", ("data.seed",)),
+    (CHECKED, "a mixture's data position continues on the sources it read, each with the same shards (a source "
+              "may be added for a later phase), and a phase that has begun keeps its weights unless "
+              "data.allow_mix_change (pretrain/data/mixed_loader.py)",
+     ("data.sources", "data.phases")),
+    (FREE, "whether a resume may change the weights of a phase that has begun (they apply from the resume on)",
+     ("data.allow_mix_change",)),
     (MATCH, "restored with the optimizer's saved parameter groups on a same-layout resume, so a new value "
             "would be silently ignored there",
      ("optim.betas", "optim.eps", "optim.weight_decay")),
@@ -79,5 +85,11 @@ ADDED = {"model.tc_capacity": 0.0, "model.router.aux_router_coef": 0.001, "model
 
 
 def kind(key: str) -> str:
-    """The class of a dotted key; a key not in the table (one a newer or older version had) must match."""
+    """The class of a dotted key; a key not in the table (one a newer or older version had) must match. Keys
+    inside a mapping of the config (data.sources.web.weight) are their mapping's (data.sources)."""
+    while key not in KEYS and "." in key:
+        parent = key.rsplit(".", 1)[0]
+        if parent in KEYS:
+            return KEYS[parent]
+        key = parent
     return KEYS.get(key, MATCH)

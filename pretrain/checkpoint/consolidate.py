@@ -340,7 +340,7 @@ def run_tokenizer(run: RunConfig, run_dir: Path, sha256: Optional[str]) -> RunTo
     relative to where the run started: the current folder, or the one that out_dir (when relative) puts the run
     folder ``run_dir`` under."""
     from data_prep.shards import Manifest
-    data = Path(run.data.path)
+    data = Path(run.data.primary_path)
     places = [data]
     if not data.is_absolute() and not Path(run.out_dir).is_absolute():
         depth = len(Path(run.out_dir).parts)
@@ -357,7 +357,7 @@ def run_tokenizer(run: RunConfig, run_dir: Path, sha256: Optional[str]) -> RunTo
             return RunTokenizer(path, sha256, bos)
         return RunTokenizer(None, sha256, bos, f"the run's data manifest ({folder}) names {path}, which is not "
                                                "there")
-    return RunTokenizer(None, sha256, None, f"its data manifest, which names it, is not at data.path={run.data.path}")
+    return RunTokenizer(None, sha256, None, f"its data manifest, which names it, is not at {run.data.primary_path}")
 
 
 def open_checkpoint(path: Path) -> CheckpointInfo:

@@ -136,6 +136,51 @@ def _why_empty(m: Manifest, split: str) -> str:
     return why
 
 
+def shard_entries(manifest: Manifest, split: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """The split's shards that hold samples, and the padding tokens at the end of each."""
+    kept = [(e, pad) for e, pad in zip(manifest.splits[split], manifest.padding(split)) if e["samples"] > 0]
+    return [e for e, _ in kept], [pad for _, pad in kept]
+
+
+def fingerprint(entries: list[dict[str, Any]]) -> str:
+    """What a saved data position is valid for: the shards' names, sample counts and checksums."""
+    return hashlib.sha256("\n".join(f"{e['name']} {e['samples']} {e['sha256']}" for e in entries)
+                          .encode()).hexdigest()[:16]
+
+
+def worker_batches(dataset, rr: RoundRobin, *, num_workers: int, pin_memory: bool,
+                   prefetch_factor: int) -> Iterator[tuple]:
+    """A reader dataset's items (tokens, labels, worker, ...) in this process or through DataLoader workers,
+    checked against ``rr`` (advanced to the position the dataset starts at): DataLoader must hand out its
+    workers' batches round-robin, or a resume would not be exact."""
+    if num_workers == 0:
+        source: Any = iter(dataset)
+    else:
+        source = iter(DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                 prefetch_factor=prefetch_factor, persistent_workers=False, in_order=True))
+    try:
+        for item in source:
+            expected = rr.next()
+            if item[2] != expected:
+                raise RuntimeError(f"batch from loader worker {item[2]}, expected worker {expected}: DataLoader "
+                                   "no longer interleaves workers round-robin, so resume would not be exact")
+            if pin_memory and num_workers == 0:
+                item = (item[0].pin_memory(), item[1].pin_memory(), *item[2:])
+            yield item
+    except ShardError as e:
+        # DataLoader re-raises a worker's error with the worker's traceback in the message: keep its last line
+        msg = str(e)
+        if "Traceback" in msg:
+            raise ShardError(msg.rsplit("ShardError: ", 1)[-1].strip()) from None
+        raise
+    finally:
+        # stop the workers now: a traceback holding the DataLoader iterator would otherwise keep them alive
+        # (and the next fork would inherit it)
+        shutdown = getattr(source, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
 def label_count(labels: torch.Tensor) -> torch.Tensor:
     """The number of labels that count (not padding) in a batch, as a tensor on the labels' device (no host
     sync): what token counts, tokens/s and MFU should use."""
@@ -151,8 +196,7 @@ class TokenLoader:
                  pin_memory: bool = False, prefetch_factor: int = 2, readers: Optional[int] = None):
         folder = Path(folder)
         manifest = load_manifest(folder, (split,))
-        kept = [(e, pad) for e, pad in zip(manifest.splits[split], manifest.padding(split)) if e["samples"] > 0]
-        entries, pads = [e for e, _ in kept], [pad for _, pad in kept]
+        entries, pads = shard_entries(manifest, split)
         if micro_batch_size < 1 or not 0 <= dp_rank < dp_size or num_workers < 0 or shuffle_buffer < 1:
             raise ValueError(f"bad loader settings: micro_batch_size={micro_batch_size} dp_rank={dp_rank} "
                              f"dp_size={dp_size} num_workers={num_workers} shuffle_buffer={shuffle_buffer}")
@@ -171,8 +215,7 @@ class TokenLoader:
                                dp_rank=dp_rank, dp_size=dp_size, workers=max(1, num_workers),
                                batch=micro_batch_size, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
                                epochs=epochs, verify_sha256=verify_sha256, readers=readers)
-        self._fingerprint = hashlib.sha256("\n".join(f"{e['name']} {e['samples']} {e['sha256']}" for e in entries)
-                                           .encode()).hexdigest()[:16]
+        self._fingerprint = fingerprint(entries)
         self._batches = 0
 
     # ---- position ----------------------------------------------------------------------------------------
@@ -240,46 +283,43 @@ class TokenLoader:
             self._batches = 0                       # a finished bounded pass: the next ``for`` is a new pass
         rr = self._round_robin(self._batches)
         readers = Readers(self._plan, list(rr.done), rr.turn)
-        if self.num_workers == 0:
-            source: Any = iter(readers)
-        else:
-            source = iter(DataLoader(readers, batch_size=None, num_workers=self.num_workers,
-                                     pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
-                                     persistent_workers=False, in_order=True))
-        try:
-            for tokens, labels, worker in source:
-                expected = rr.next()
-                if worker != expected:
-                    raise RuntimeError(f"batch from loader worker {worker}, expected worker {expected}: DataLoader "
-                                       "no longer interleaves workers round-robin, so resume would not be exact")
-                if self.pin_memory and self.num_workers == 0:
-                    tokens, labels = tokens.pin_memory(), labels.pin_memory()
-                self._batches += 1
-                yield tokens, labels
-        except ShardError as e:
-            # DataLoader re-raises a worker's error with the worker's traceback in the message: keep its last line
-            msg = str(e)
-            if "Traceback" in msg:
-                raise ShardError(msg.rsplit("ShardError: ", 1)[-1].strip()) from None
-            raise
-        finally:
-            # stop the workers now: a traceback holding the DataLoader iterator would otherwise keep them alive
-            # (and the next fork would inherit it)
-            shutdown = getattr(source, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+        for tokens, labels, _ in worker_batches(readers, rr, num_workers=self.num_workers,
+                                                pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor):
+            self._batches += 1
+            yield tokens, labels
+
+    @property
+    def last_source(self) -> int:
+        """The source of the batch yielded last: a single data set is source 0 (see MixtureLoader)."""
+        return 0
 
 
-def split_loader(cfg, split: str, *, dp_rank: int, dp_size: int, readers: Optional[int] = None) -> TokenLoader:
+def split_loader(cfg, split: str, *, dp_rank: int, dp_size: int, readers: Optional[int] = None,
+                 source: Optional[str] = None):
     """The loader a run (``cfg``: pretrain.config.RunConfig) reads ``split`` with: ``train`` shuffles forever with
-    the run's seed and workers; any other split is read once, in order, in this process. A folder that cannot be
-    read is a ConfigError naming data.path."""
+    the run's seed and workers (a MixtureLoader over data.sources when the run has them); any other split is read
+    once, in order, in this process — of ``source`` for a mixture. A folder that cannot be read is a ConfigError
+    naming data.path or the source."""
     train = split == "train"
+    data = cfg.data
     try:
-        return TokenLoader(cfg.data.path, split=split, micro_batch_size=cfg.parallel.micro_batch_size,
-                           seed=cfg.data.seed if train else 0, dp_rank=dp_rank, dp_size=dp_size,
-                           num_workers=cfg.data.num_workers if train else 0, shuffle=train,
+        if data.sources and train:
+            from pretrain.data.mixed_loader import MixtureLoader, phases_of
+            from pretrain.parallel.layout import grad_accumulation_steps
+            return MixtureLoader({n: s.path for n, s in data.sources.items()}, phases_of(data),
+                                 micro_per_step=grad_accumulation_steps(cfg.parallel, dp_size) * dp_size,
+                                 micro_batch_size=cfg.parallel.micro_batch_size, seed=data.seed, dp_rank=dp_rank,
+                                 dp_size=dp_size, num_workers=data.num_workers, readers=readers or data.readers or None,
+                                 allow_mix_change=data.allow_mix_change)
+        folder = data.sources[source].path if data.sources else data.path
+        return TokenLoader(folder, split=split, micro_batch_size=cfg.parallel.micro_batch_size,
+                           seed=data.seed if train else 0, dp_rank=dp_rank, dp_size=dp_size,
+                           num_workers=data.num_workers if train else 0, shuffle=train,
                            epochs=None if train else 1,
-                           readers=(readers or cfg.data.readers or None) if train else None)
+                           readers=(readers or data.readers or None) if train else None)
     except ValueError as e:
+        if data.sources:
+            msg = str(e)
+            raise ConfigError(f"data.{msg}" if msg.startswith("sources.") else f"data.sources.{source}: {msg}") \
+                from None
         raise ConfigError(f"data.path: {e}") from None

@@ -177,13 +177,16 @@ class Readers(IterableDataset):
         readers = lay.reader_ids(worker)
         done, turn = lay.reader_positions(worker, self.done[worker])
         # one pipeline per reader, their batches interleaved in turn (a reader whose bounded pass ended skipped)
-        pipelines = [iter(wds.DataPipeline(partial(self._plan, r, d * lay.batch), self._samples, self._batches))
-                     for r, d in zip(readers, done)]
+        pipelines = [self.stream(r, d * lay.batch) for r, d in zip(readers, done)]
         rr = RoundRobin([lay.batches_of(r) for r in readers])
         rr.done, rr.turn = list(done), turn
         while (j := rr.next()) is not None:
             tokens, labels = next(pipelines[j])
             yield tokens, labels, worker
+
+    def stream(self, reader: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One reader's batches from its sample number ``start`` on (a mixture's reader slots use this too)."""
+        return iter(wds.DataPipeline(partial(self._plan, reader, start), self._samples, self._batches))
 
     def _plan(self, reader: int, start: int) -> Iterator[dict[str, Any]]:
         """The reader's parts from sample ``start`` on, whole parts before it skipped by their counts."""

@@ -329,7 +329,7 @@ def final_metrics(run_dir: Path, step: int) -> dict[str, tuple[int, float]]:
 def _seq_len(run) -> Optional[int]:
     from data_prep.shards import Manifest
     try:
-        return int(Manifest.load(Path(run.data.path)).seq_len)
+        return int(Manifest.load(Path(run.data.primary_path)).seq_len)
     except (FileNotFoundError, ValueError, OSError):
         return None
 

@@ -138,17 +138,18 @@ def sweep_config(cfg: StudyConfig) -> SweepConfig:
 
 
 def _seq_len(rc: RunConfig, where: str, model: str, strict: bool, cache: dict[str, int]) -> int:
-    if rc.data.path not in cache:
+    data = rc.data.primary_path
+    if data not in cache:
         try:
-            cache[rc.data.path] = load_manifest(rc.data.path).seq_len
+            cache[data] = load_manifest(data).seq_len
         except (FileNotFoundError, ValueError) as e:
             msg = f"{where}: model {model}: data.path: {one_line(e, None, name=False)}"
             if strict:
                 raise ConfigError(msg) from None
             print(f"warning: {msg}; planning with seq_len = model.max_seq_len = {rc.model.max_seq_len} "
                   "(a run would stop here)", file=sys.stderr)
-            cache[rc.data.path] = rc.model.max_seq_len
-    return cache[rc.data.path]
+            cache[data] = rc.model.max_seq_len
+    return cache[data]
 
 
 def plan(cfg: StudyConfig, where: str, *, strict: bool = True) -> list[ModelPlan]:

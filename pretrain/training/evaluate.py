@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -84,6 +84,42 @@ def _all_ranks(sums: EvalSums) -> tuple[float, dict[str, float]]:
     return (total[0] / total[1].clamp(min=1)).item(), stats
 
 
+def _batches(engine: TrainEngine, loader: Iterable[Batch], max_batches: int) -> list:
+    batches = []
+    for i, (tokens, labels) in enumerate(loader):
+        if i >= max_batches:
+            break
+        batches.append((tokens.to(engine.device), labels.to(engine.device)))
+    return batches
+
+
+def _sums(engine: TrainEngine, batches: list) -> tuple[EvalSums, Optional[EvalSums]]:
+    """This rank's sums under training routing and under causal routing (None: a routing whose training pass is
+    causal already — the class's causal_already: token-choice picks each token's depth from its own state; no
+    router: every token runs every step — would repeat it exactly)."""
+    train = engine.eval_sums(batches)
+    causal = None if routing_class(engine.cfg.model).causal_already else engine.eval_sums(batches, causal_routing=True)
+    return train, causal
+
+
+def _metrics(engine: TrainEngine, train: EvalSums, causal: Optional[EvalSums]) -> ValidationMetrics:
+    """Collective: every DP rank's sums pooled into the metrics (identical on every rank)."""
+    loss, stats = _all_ranks(train)
+    # without a causal pass both losses are the same number, and token-choice's causal kept fractions its
+    # training pass's depth loads
+    loss_causal, causal_stats = (loss, stats) if causal is None else _all_ranks(causal)
+    steps = [StepStats(stats.get(f"r{r}/rule_continue_frac"), stats.get(f"r{r}/sampling_acc"),
+                       causal_stats.get(f"r{r}/kept_frac"))
+             for r in range(1, engine.cfg.model.num_recursions + 1)]
+    if not any(v is not None for st in steps for v in vars(st).values()):
+        steps = []   # no router (vanilla, recursive): nothing to report per step
+    return ValidationMetrics(loss, loss_causal, steps)
+
+
+def _add(parts: list[EvalSums]) -> EvalSums:
+    return EvalSums(torch.stack([p.loss for p in parts]).sum(0), merge_stat_sums([p.stats for p in parts]))
+
+
 @torch.no_grad()
 def validate(engine: TrainEngine, loader: Iterable[Batch], max_batches: int) -> ValidationMetrics:
     """Both routings over the first ``max_batches`` micro-batches of each DP rank's share of the validation split
@@ -91,20 +127,29 @@ def validate(engine: TrainEngine, loader: Iterable[Batch], max_batches: int) -> 
     mean next-token loss (without router losses) per real token: batches weigh by their real tokens (padding
     labels count nowhere), so a short or padded last batch counts as much as it holds. Per-step fractions pool
     every position (or candidate) of every batch."""
-    batches = []
-    for i, (tokens, labels) in enumerate(loader):
-        if i >= max_batches:
-            break
-        batches.append((tokens.to(engine.device), labels.to(engine.device)))
-    loss, stats = _all_ranks(engine.eval_sums(batches))
-    # A routing whose training pass is causal already (the class's causal_already: token-choice picks each token's
-    # depth from its own state; no router: every token runs every step) would repeat it exactly: both losses are
-    # the same number, and token-choice's causal kept fractions its training pass's depth loads.
-    loss_causal, causal_stats = ((loss, stats) if routing_class(engine.cfg.model).causal_already
-                                 else _all_ranks(engine.eval_sums(batches, causal_routing=True)))
-    steps = [StepStats(stats.get(f"r{r}/rule_continue_frac"), stats.get(f"r{r}/sampling_acc"),
-                       causal_stats.get(f"r{r}/kept_frac"))
-             for r in range(1, engine.cfg.model.num_recursions + 1)]
-    if not any(v is not None for st in steps for v in vars(st).values()):
-        steps = []   # no router (vanilla, recursive): nothing to report per step
-    return ValidationMetrics(loss, loss_causal, steps)
+    return _metrics(engine, *_sums(engine, _batches(engine, loader, max_batches)))
+
+
+@torch.no_grad()
+def validate_sources(engine: TrainEngine, loaders: dict[str, Iterable[Batch]], max_batches: int
+                     ) -> tuple[ValidationMetrics, dict[str, ValidationMetrics]]:
+    """A mixture's validation: each source's own validation split as ``validate`` reads one, and all of them
+    pooled (every real token of every source's batches counts once: the sums add, nothing is run twice)."""
+    sums = {name: _sums(engine, _batches(engine, loader, max_batches)) for name, loader in loaders.items()}
+    per_source = {name: _metrics(engine, *s) for name, s in sums.items()}
+    train = _add([t for t, _ in sums.values()])
+    causal = None if any(c is None for _, c in sums.values()) else _add([c for _, c in sums.values()])
+    return _metrics(engine, train, causal), per_source
+
+
+def sources_record(per_source: dict[str, ValidationMetrics]) -> dict[str, float]:
+    """metrics.jsonl / wandb names of each source's losses: val_loss/<source>, val_loss_causal/<source>."""
+    out: dict[str, float] = {}
+    for name, m in per_source.items():
+        out[f"val_loss/{name}"], out[f"val_loss_causal/{name}"] = m.loss, m.loss_causal
+    return out
+
+
+def sources_line(step: int, per_source: dict[str, ValidationMetrics]) -> str:
+    return f"step {step:>6d}  val loss by source [training / causal routing]: " + "  ".join(
+        f"{name} {m.loss:.4f} / {m.loss_causal:.4f}" for name, m in per_source.items())

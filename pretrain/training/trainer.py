@@ -41,11 +41,14 @@ from pretrain.checkpoint.save import DISK_FULL_EXIT_CODE, DiskFull, free_bytes, 
 from pretrain.checkpoint.state import TrainerState
 from pretrain.config import RunConfig, computes_in_bf16
 from pretrain.data.loader import label_count, load_manifest, split_loader
+from pretrain.data.mixed_loader import load_sources
 from pretrain.parallel.engine import TrainEngine
 from pretrain.parallel.layout import describe_nodes, init_distributed
 from pretrain.training import downstream, runlock
 from pretrain.training.callbacks import Callback, default_callbacks
-from pretrain.training.evaluate import ValidationMetrics, validate
+from pretrain.training.evaluate import (ValidationMetrics, sources_line, sources_record, validate,
+                                        validate_sources)
+from pretrain.training.mix_accounting import MixAccounting
 from pretrain.training.metrics import MetricsLog, NullLog, Progress, device_peak_flops
 from pretrain.training.preempt import PreemptionFlag
 from pretrain.training.schedule import lr_multiplier
@@ -57,10 +60,17 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, log=print):
         self.cfg, self.print = cfg, log
         faults.point("startup.config")
+        # A mixture's sources share one tokenizer and sequence length (checked here): the first one's manifest
+        # speaks for all of them.
         try:
-            self.manifest = load_manifest(Path(cfg.data.path))
+            if cfg.data.sources:
+                self.source_manifests = load_sources({n: s.path for n, s in cfg.data.sources.items()})
+                self.manifest = next(iter(self.source_manifests.values()))
+            else:
+                self.source_manifests = {}
+                self.manifest = load_manifest(Path(cfg.data.path))
         except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"data.path: {e}") from None
+            raise ConfigError(f"data.{e}" if cfg.data.sources else f"data.path: {e}") from None
         if self.manifest.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's tokenizer "
                               f"({self.manifest.vocab_size}); set model.vocab_size={self.manifest.vocab_size}")
@@ -97,6 +107,8 @@ class Trainer:
                                         tokenizer_sha256=self.manifest.tokenizer.get("sha256"))
         self.step, self.tokens = 0, 0
         self.callbacks: list[Callback] = default_callbacks(cfg)
+        if cfg.data.sources:   # before the metrics logger, which logs what it adds to the step's record
+            self.callbacks.insert(1, MixAccounting(list(cfg.data.sources)))
         # Non-finite steps: the run's total, the current run of them, and the newest checkpoint saved before it
         # began (pruning keeps that one).
         self.skipped, self.consecutive_skips, self.guard_step = 0, 0, None
@@ -109,6 +121,8 @@ class Trainer:
         if resumed is not None:
             self.loader = resumed.loader
             self.load_state(resumed.state)
+            if getattr(self.loader, "note", None) and self.is_main:
+                self.print(self.loader.note)
         self.metrics = (MetricsLog(self.run_dir, wandb_mode=cfg.logging.wandb, project=cfg.logging.project,
                                    name=cfg.name, config=config_to_dict(cfg), start_step=self.step, say=self.print)
                         if self.is_main else NullLog())
@@ -145,15 +159,26 @@ class Trainer:
     def train_step(self, inject_nan: bool = False) -> dict:
         lr = self.cfg.optim.lr * lr_multiplier(self.step, self.cfg.train.steps, self.cfg.schedule)
         self.engine.set_lr(lr)
-        micro = [next(self.batches) for _ in range(self.engine.micro_batches)]
+        micro, sources = [], []
+        for _ in range(self.engine.micro_batches):
+            micro.append(next(self.batches))
+            sources.append(self.loader.last_source)
         micro = [(t.to(self.device), y.to(self.device)) for t, y in micro]
-        real = sum(label_count(y) for _, y in micro).float()   # padding is no token
+        counts = [label_count(y) for _, y in micro]               # padding is no token
+        real = sum(counts).float()
         out = self.engine.train_step(micro, inject_nan=inject_nan)
-        both = torch.stack([out.loss.float(), real.to(out.loss.device)])
+        # the loss, the step's real tokens and (a mixture) each source's, added over DP ranks in one collective
+        per_source = torch.zeros(len(self.cfg.data.sources), device=out.loss.device)
+        for c, s in zip(counts, sources):
+            per_source[s] += c.to(per_source.device)
+        both = torch.cat([torch.stack([out.loss.float(), real.to(out.loss.device)]), per_source])
         dist.all_reduce(both, group=ps.get_data_parallel_group())
-        return {"loss": both[0].item() / self.layout.dp, "lr": lr if out.finite else 0.0,
-                "grad_norm": out.grad_norm, "finite": out.finite, "step_tokens": int(both[1].item()),
-                **out.router_stats}
+        rec = {"loss": both[0].item() / self.layout.dp, "lr": lr if out.finite else 0.0,
+               "grad_norm": out.grad_norm, "finite": out.finite, "step_tokens": int(both[1].item()),
+               **out.router_stats}
+        if self.cfg.data.sources:
+            rec["source_tokens"] = [int(x) for x in both[2:].tolist()]
+        return rec
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def _nonfinite(self, rec: dict, progress: Progress) -> Optional[int]:
@@ -224,13 +249,23 @@ class Trainer:
         """Validation under both routings (training's top-k and a deployed model's causal routing) over the real
         tokens of up to eval_batches micro-batches per DP rank; logged to metrics.jsonl and as one line.
         Collective. None when the data has no validation split."""
-        if not self.manifest.splits.get("val"):
-            return None
-        loader = split_loader(self.cfg, "val", dp_rank=ps.get_data_parallel_rank(), dp_size=self.layout.dp)
-        result = validate(self.engine, loader, self.cfg.train.eval_batches)
-        self.metrics.log({"step": self.step, **result.record()})
+        dp_rank, dp = ps.get_data_parallel_rank(), self.layout.dp
+        if self.source_manifests:   # a mixture: each source's own validation split, and all of them pooled
+            with_val = [n for n, m in self.source_manifests.items() if m.splits.get("val") and m.samples("val")]
+            if not with_val:
+                return None
+            loaders = {n: split_loader(self.cfg, "val", dp_rank=dp_rank, dp_size=dp, source=n) for n in with_val}
+            result, per_source = validate_sources(self.engine, loaders, self.cfg.train.eval_batches)
+        else:
+            if not self.manifest.splits.get("val"):
+                return None
+            loader = split_loader(self.cfg, "val", dp_rank=dp_rank, dp_size=dp)
+            result, per_source = validate(self.engine, loader, self.cfg.train.eval_batches), {}
+        self.metrics.log({"step": self.step, **result.record(), **sources_record(per_source)})
         if self.is_main:
             (say or self.print)(result.line(self.step))
+            if per_source:
+                (say or self.print)(sources_line(self.step, per_source))
         return result
 
     def _downstream_eval(self) -> downstream.DownstreamEval:
