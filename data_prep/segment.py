@@ -72,13 +72,28 @@ class _Assembler:
     Takes the reader's settings one by one rather than the Reader itself: sources.py builds on this module, so
     this one must not need sources.py back."""
 
-    def __init__(self, piece_chars: int, drop_space: bool, split_of: Callable[[str], int], counts: Counter):
+    def __init__(self, piece_chars: int, drop_space: bool, split_of: Callable[[str], int], counts: Counter,
+                 drop: Optional[dict[int, bool]] = None):
         self.piece_chars, self.drop_space, self.split_of, self.counts = piece_chars, drop_space, split_of, counts
         self.buf, self.first, self.split = "", True, 0
         self.index = 0                        # next piece index within the input
         self.out: list[Piece] = []
+        # duplicates to skip (data_prep/dedup.py): record number -> whether the kept copy is in an earlier corpus
+        self.drop = drop or {}
+        self.record, self.skip = 0, False
+
+    def begin(self, record: int) -> None:
+        """The next document is record ``record`` of its input: its line (.jsonl, .txt read by line), its parquet
+        row, or 0 for a document that is a whole file. A record in ``drop`` is skipped whole and counted."""
+        self.record, self.skip = record, record in self.drop
+
+    def open(self) -> bool:
+        """A document has begun and holds text (or is being skipped): it needs an ``end``."""
+        return bool(self.buf) or not self.first or self.skip
 
     def add(self, text: str) -> None:
+        if self.skip:
+            return
         self.buf = self.buf + text if self.buf else text
         limit = self.piece_chars
         while len(self.buf) > limit:
@@ -87,6 +102,11 @@ class _Assembler:
             self.buf = self.buf[nxt:]
 
     def end(self) -> None:
+        if self.skip:
+            self.counts["duplicates_dropped"] += 1
+            self.counts["duplicates_dropped_across"] += self.drop[self.record]
+            self.skip = False
+            return
         text, self.buf = self.buf, ""
         self._emit(text, last=True)
         self.first = True

@@ -49,14 +49,8 @@ DOC_PER = ("auto", "file", "line", "record")
 # Names of the per-input counters (all ints).
 COUNT_KEYS = ("documents", "documents_val", "empty_skipped", "invalid_utf8_replaced", "nul_removed",
               "bad_records_skipped", "long_documents_split", "pieces", "text_chars")
-
-
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Cutting text
-
-
+# With --dedup: documents dropped as duplicates, and those of them whose kept copy is in an earlier corpus.
+DEDUP_KEYS = ("duplicates_dropped", "duplicates_dropped_across")
 
 _REPLACED = [0]
 
@@ -108,13 +102,17 @@ class Reader:
         return self.doc_per
 
     def pieces(self, f: InputFile, counts: Counter, blocks: Optional[Iterator[tuple[bytes, int]]] = None,
-               line0: int = 0, report: bool = True) -> Iterator[list[Piece]]:
+               line0: int = 0, report: bool = True, drop: Optional[dict[int, bool]] = None,
+               asm: Optional[_Assembler] = None) -> Iterator[list[Piece]]:
         """Yields lists of consecutive pieces of one input (possibly empty lists), bounded in size. With ``blocks``
         ((bytes, position) ending with an empty block) the text is those bytes — a unit of a larger file or its
         rest, whose first line is line ``line0 + 1`` (see data_prep/units.py). With ``report`` the input's
-        replaced characters are warned about at its end; else they are left in ``self.issues`` for the caller."""
+        replaced characters are warned about at its end; else they are left in ``self.issues`` for the caller.
+        ``drop``: records to skip (see _Assembler.begin); ``asm``: what takes the documents' text instead of the
+        usual assembler (data_prep/dedup.py hashes documents with the same reading)."""
         self.position = 0
-        asm = _Assembler(self.piece_chars, self.drop_space, self.split_of, counts)
+        if asm is None:
+            asm = _Assembler(self.piece_chars, self.drop_space, self.split_of, counts, drop)
         self.issues: dict[str, list] = {}
         blocks = self._blocks(f) if blocks is None else blocks
         if f.kind == "txt":
@@ -224,6 +222,7 @@ class Reader:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="data_prep.count_replace")
         by_line = self.mode(f) == "line"
         lines_before = line0                  # line mode: the unfinished line so far is in asm.buf
+        asm.begin(line0 + 1 if by_line else 0)
         for block, pos in blocks:
             final = not block
             _REPLACED[0] = 0
@@ -236,11 +235,12 @@ class Reader:
                                lambda t, k: f"line {lines_before + t.count(chr(10), 0, k) + 1}")
             if by_line:
                 parts = text.split("\n")
-                for part in parts[:-1]:
+                for n, part in enumerate(parts[:-1], lines_before + 2):
                     asm.add(part)
                     if asm.buf.endswith("\r"):
                         asm.buf = asm.buf[:-1]
                     asm.end()
+                    asm.begin(n)
                 if parts[-1]:
                     asm.add(parts[-1])
                 lines_before += len(parts) - 1
@@ -250,7 +250,7 @@ class Reader:
                     asm.add(text)
             self.position = pos
             yield
-        if not by_line or asm.buf or not asm.first:
+        if not by_line or asm.open():
             if by_line and asm.buf.endswith("\r"):
                 asm.buf = asm.buf[:-1]
             asm.end()
@@ -316,6 +316,7 @@ class Reader:
         mode = self.mode(f)
         first = True
         lineno = line0
+        asm.begin(0)
         for line, pos in self._lines(blocks):
             lineno += 1
             if not line.strip():
@@ -336,6 +337,8 @@ class Reader:
                 continue
             text = self._fix_surrogates(text, counts, f"line {lineno}")
             text = self._clean(text, counts, lambda t, k: f"line {lineno}")
+            if mode != "file":
+                asm.begin(lineno)
             self._add_record(asm, text, mode, first)
             first = False
             if lineno % 64 == 0:
@@ -363,6 +366,7 @@ class Reader:
         mode = self.mode(f)
         total = max(pf.metadata.num_rows, 1)
         row, first = 0, True
+        asm.begin(0)
         try:
             for batch in pf.iter_batches(batch_size=256, columns=[field]):
                 for text in batch.column(0).to_pylist():
@@ -373,6 +377,8 @@ class Reader:
                         continue
                     text = self._fix_surrogates(text, counts, where)
                     text = self._clean(text, counts, lambda t, k: where)
+                    if mode != "file":
+                        asm.begin(row)
                     self._add_record(asm, text, mode, first)
                     first = False
                 self.position = f.size * row // total

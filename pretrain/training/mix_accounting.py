@@ -36,8 +36,10 @@ class MixAccounting(Callback):
             self.tokens[name] += n
             step_counts[name] += n
         mine = self.phase_tokens().get(phase, {})
-        before = self._epochs(loader, consumed - trainer.engine.micro_batches * trainer.layout.dp)
-        now = self._epochs(loader, consumed)
+        step_micro = trainer.engine.micro_batches * trainer.layout.dp
+        read = loader.schedule.counts(consumed)                      # the running total: cheap
+        now = self._epochs(loader, read)
+        before = self._epochs(loader, read - loader.schedule.counts(consumed, consumed - step_micro))
         total = sum(mine.values())
         for i, name in enumerate(self.names):
             rec[f"tokens/{name}"] = self.tokens[name]
@@ -61,9 +63,8 @@ class MixAccounting(Callback):
         return out
 
     @staticmethod
-    def _epochs(loader, consumed: int) -> np.ndarray:
-        """Passes over each source after ``consumed`` global micro-batches: samples read / samples it holds."""
-        batches = loader.schedule.counts(max(consumed, 0))
+    def _epochs(loader, batches: np.ndarray) -> np.ndarray:
+        """Passes over each source after reading ``batches`` micro-batches of each: samples read / samples held."""
         size = np.array([loader.samples[n] for n in loader.names], dtype=np.float64)
         return batches * loader.micro_batch_size / size
 
