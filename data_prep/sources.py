@@ -49,8 +49,6 @@ DOC_PER = ("auto", "file", "line", "record")
 # Names of the per-input counters (all ints).
 COUNT_KEYS = ("documents", "documents_val", "empty_skipped", "invalid_utf8_replaced", "nul_removed",
               "bad_records_skipped", "long_documents_split", "pieces", "text_chars")
-# With --dedup: documents dropped as duplicates, and those of them whose kept copy is in an earlier corpus.
-DEDUP_KEYS = ("duplicates_dropped", "duplicates_dropped_across")
 
 _REPLACED = [0]
 
@@ -108,8 +106,7 @@ class Reader:
         ((bytes, position) ending with an empty block) the text is those bytes — a unit of a larger file or its
         rest, whose first line is line ``line0 + 1`` (see data_prep/units.py). With ``report`` the input's
         replaced characters are warned about at its end; else they are left in ``self.issues`` for the caller.
-        ``drop``: records to skip (see _Assembler.begin); ``asm``: what takes the documents' text instead of the
-        usual assembler (data_prep/dedup.py hashes documents with the same reading)."""
+        ``drop``: records to skip (_Assembler.begin); ``asm``: another taker of the text (data_prep/dedup.py)."""
         self.position = 0
         if asm is None:
             asm = _Assembler(self.piece_chars, self.drop_space, self.split_of, counts, drop)
@@ -283,12 +280,13 @@ class Reader:
             counts["invalid_utf8_replaced"] += _REPLACED[0]
             return text
 
-    def _add_record(self, asm: _Assembler, text: str, mode: str, first_record: bool) -> None:
-        if mode == "file":
+    def _add_record(self, asm: _Assembler, text: str, mode: str, first_record: bool, record: int) -> None:
+        if mode == "file":                    # the file is the document: its record number is 0 (begun above)
             if not first_record:
                 asm.add("\n")
             asm.add(text)
         else:
+            asm.begin(record)
             asm.add(text)
             asm.end()
 
@@ -337,9 +335,7 @@ class Reader:
                 continue
             text = self._fix_surrogates(text, counts, f"line {lineno}")
             text = self._clean(text, counts, lambda t, k: f"line {lineno}")
-            if mode != "file":
-                asm.begin(lineno)
-            self._add_record(asm, text, mode, first)
+            self._add_record(asm, text, mode, first, lineno)
             first = False
             if lineno % 64 == 0:
                 self.position = pos
@@ -377,9 +373,7 @@ class Reader:
                         continue
                     text = self._fix_surrogates(text, counts, where)
                     text = self._clean(text, counts, lambda t, k: where)
-                    if mode != "file":
-                        asm.begin(row)
-                    self._add_record(asm, text, mode, first)
+                    self._add_record(asm, text, mode, first, row)
                     first = False
                 self.position = f.size * row // total
                 yield

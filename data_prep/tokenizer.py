@@ -166,10 +166,12 @@ def _advice(msg: str) -> str:
 
 def train(texts: Iterable[str], out_path: str, *, vocab_size: int = 32000, sentences: int = 1_000_000,
           seed: int = 0, threads: int = 4, settings_key: Optional[dict] = None, overwrite: bool = False,
-          log=print) -> bool:
+          log=print, split: bool = True, record: Optional[dict] = None) -> bool:
     """Train a BPE model on ``texts`` (an iterable of document texts) and write it atomically to ``out_path``.
     ``settings_key`` (settings + inputs) goes to ``<out_path>.json``; if that file already matches, training is
-    skipped and False is returned."""
+    skipped and False is returned. ``split=False``: ``texts`` are training sentences already, fed as they are (a
+    weighted sample of several corpora, data_prep/sample.py); ``record``: more for ``<out_path>.json``, read once
+    the texts are (what the sample holds)."""
     import sentencepiece as spm
     from pathlib import Path
 
@@ -213,7 +215,7 @@ def train(texts: Iterable[str], out_path: str, *, vocab_size: int = 32000, sente
 
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=counted(_sentences(texts)), model_writer=writer, model_type="bpe",
+            sentence_iterator=counted(_sentences(texts) if split else texts), model_writer=writer, model_type="bpe",
             vocab_size=vocab_size, byte_fallback=True, character_coverage=0.9995,
             normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
             split_digits=True, allow_whitespace_only_pieces=True, split_by_whitespace=True,
@@ -234,6 +236,7 @@ def train(texts: Iterable[str], out_path: str, *, vocab_size: int = 32000, sente
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(out_path), proto)
     meta = {"key": key, "settings": settings, "sha256": hashlib.sha256(proto).hexdigest(), "sentences_seen": n_sent[0]}
+    meta.update(record or {})
     atomic_write_bytes(Path(sidecar), (json.dumps(meta, indent=1) + "\n").encode())
     return True
 
@@ -244,18 +247,24 @@ def train(texts: Iterable[str], out_path: str, *, vocab_size: int = 32000, sente
 _W: dict[str, Any] = {}
 
 
+def worker_process_setup() -> None:
+    """In a worker process of a pool: Ctrl-C is the main process's to handle, SIGTERM ends the worker (not the main
+    process's handler, inherited by fork), and the worker dies with the main process (Linux)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except Exception:
+        pass
+
+
 def init_worker(proto: bytes, info: dict, dtype: str, bos: bool, in_worker: bool = True) -> None:
     """Process initialiser: load the model from its bytes (the same model in every process)."""
     import sentencepiece as spm
     if in_worker:
-        import signal
-        signal.signal(signal.SIGINT, signal.SIG_IGN)      # the main process handles Ctrl-C
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)     # not the main process's handler (inherited by fork)
-        try:                                               # die with the main process (Linux)
-            import ctypes
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-        except Exception:
-            pass
+        worker_process_setup()
     sp = spm.SentencePieceProcessor()
     sp.LoadFromSerializedProto(proto)
     _W.update(sp=sp, dtype=np.dtype(dtype), bos=info["bos_id"] if bos else -1, eos=info["eos_id"],

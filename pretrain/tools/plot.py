@@ -9,6 +9,10 @@ causal kept fraction (``val_r{r}_causal_kept``: the share of all tokens that run
 dashed). The training records' kept fraction is not drawn: under expert-choice it is the capacity, flat by
 construction.
 
+Then, for a data mixture (``data.sources``): per source, its own validation loss (``val_loss/<source>``, solid,
+training routing) and, on the right axis, its share of all tokens trained so far (``tokens/<source>`` over
+``tokens``, dashed): what the model learns where, and the mix as trained, phases included.
+
 Last, where the run evaluated downstream in the loop: each task's primary metric (``downstream_<task>``, its own
 colour and marker) over the average (``downstream_avg``, wide and grey), a dotted line at each chance level of the
 tasks with a fixed number of choices (HellaSwag and MMLU 1/4, PIQA and WinoGrande 1/2; ARC mixes 3- to 5-choice
@@ -94,7 +98,8 @@ def figure(records: list[dict], title: str = ""):
     val = [r for r in records if record_kind(r) == "val"]
     down = [r for r in records if record_kind(r) == "downstream"]
     routing = _routing_series(val)
-    panels = 1 + bool(routing) + bool(down)
+    sources = sorted({k.split("/", 1)[1] for r in train for k in r if k.startswith("tokens/")})
+    panels = 1 + bool(routing) + bool(sources) + bool(down)
     fig, axes = plt.subplots(panels, 1, figsize=(10, 4 if panels == 1 else 3.6 * panels), squeeze=False)
     colours = plt.get_cmap("tab10").colors
     ax = axes[0][0]
@@ -123,6 +128,8 @@ def figure(records: list[dict], title: str = ""):
         ax.set_title("routing per recursion step (validation)")
         ax.grid(alpha=0.3)
         _legend(ax)
+    if sources:
+        _sources_panel(axes[1 + bool(routing)][0], train, val, sources, colours)
     if down:
         ax = axes[-1][0]
         # the average underneath, wide and pale, so that a task on the same values stays visible on top of it
@@ -151,6 +158,29 @@ def figure(records: list[dict], title: str = ""):
         _legend(ax)
     fig.tight_layout()
     return fig
+
+
+def _sources_panel(ax, train: list[dict], val: list[dict], sources: list[str], colours) -> None:
+    share_ax = ax.twinx()
+    for i, name in enumerate(sources):
+        colour = colours[i % 10]
+        pts = [(r["step"], r[f"val_loss/{name}"]) for r in val if f"val_loss/{name}" in r]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colour, label=f"{name}: validation loss")
+        share = [(r["step"], r[f"tokens/{name}"] / r["tokens"]) for r in train
+                 if f"tokens/{name}" in r and r.get("tokens")]
+        share_ax.plot([p[0] for p in share], [p[1] for p in share], "--", color=colour, alpha=0.8,
+                      label=f"{name}: share of tokens so far")
+    share_ax.set_ylim(0, 1)
+    share_ax.set_ylabel("share of tokens")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("data mixture: per source")
+    ax.grid(alpha=0.3)
+    lines, labels = ax.get_legend_handles_labels()
+    more, more_labels = share_ax.get_legend_handles_labels()
+    ax.legend(lines + more, labels + more_labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.08, 1.0),
+              borderaxespad=0.0)
 
 
 def plot(run_dir: Path, out: Path) -> Path:

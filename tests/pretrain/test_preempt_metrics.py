@@ -110,3 +110,23 @@ def test_plot_keeps_train_val_and_downstream_records_of_a_step_and_draws_three_p
         plt.close(fig)
     out = plot(tmp_path, tmp_path / "curves.png")
     assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_mixture_gets_a_panel_of_its_sources(tmp_path):
+    """Per source: its validation loss and its share of the tokens trained so far (right axis)."""
+    import matplotlib.pyplot as plt
+
+    from pretrain.tools.plot import figure
+    recs = [{"step": s, "loss": 3.0 / s, "tokens": 100 * s, "tokens/web": 70 * s, "tokens/code": 30 * s}
+            for s in (1, 2, 3, 4)]
+    recs += [{"step": s, "val_loss": 2.0 / s, "val_loss/web": 2.1 / s, "val_loss/code": 1.9 / s} for s in (2, 4)]
+    fig = figure(recs, "run")
+    try:
+        titles = [ax.get_title() for ax in fig.axes]
+        assert titles[:2] == ["run", "data mixture: per source"], titles
+        panel, share = fig.axes[1], fig.axes[2]
+        assert [ln.get_label() for ln in panel.get_lines()] == ["code: validation loss", "web: validation loss"]
+        lines = {ln.get_label(): list(ln.get_ydata()) for ln in share.get_lines()}
+        assert lines == {"code: share of tokens so far": [0.3] * 4, "web: share of tokens so far": [0.7] * 4}
+    finally:
+        plt.close(fig)
