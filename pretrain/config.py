@@ -94,8 +94,9 @@ class DataConfig:
         last = 0
         for i, ph in enumerate(self.phases):
             if ph.start <= last:
-                raise ConfigError(f"phases[{i}].start: {ph.start} must be after "
-                                  + (f"phases[{i - 1}].start ({last})" if i else "step 0 (the sources' own mix)"))
+                raise ConfigError(f"phases[{i}].start: {ph.start} must be greater than "
+                                  + (f"data.phases[{i - 1}].start ({last})" if i else "0 (the sources' own weights "
+                                     "hold from step 0)"))
             last = ph.start
             for name, w in ph.weights.items():
                 if name not in self.sources:

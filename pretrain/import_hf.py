@@ -168,7 +168,8 @@ def import_export(hf_dir: Path, run_dir: Path, *, run: Optional[str] = None, ove
     cfg = run_config(hf_dir, run_dir, model_cfg, record, run, list(overrides or []), say)
     from conf import config_to_dict, dump_yaml
     from conf.files import atomic_write_text
-    from pretrain.data.loader import load_manifest, split_loader
+    from pretrain.data.loader import load_manifest
+    from pretrain.data.splits import split_loader
     from pretrain.checkpoint.checkpointer import Checkpointer
     from pretrain.checkpoint.state import TrainerState
     from pretrain.config import computes_in_bf16

@@ -207,7 +207,7 @@ def _position_data(ck, loader, path: Path, rank_state: dict):
     count continues the same data order."""
     from megatron.core import parallel_state as ps
 
-    from pretrain.data.loader import split_loader
+    from pretrain.data.splits import split_loader
     readers = _saved_readers(rank_state)
     if loader.readers != readers:
         loader = split_loader(ck.cfg, "train", dp_rank=ps.get_data_parallel_rank(),

@@ -90,7 +90,6 @@ from typing import Any, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from conf.errors import ConfigError
 from data_prep.shards import MANIFEST, Manifest
 from model.loss import IGNORE_INDEX
 from pretrain.data.readers import ReadPlan, Readers, RoundRobin, ShardError
@@ -292,34 +291,3 @@ class TokenLoader:
     def last_source(self) -> int:
         """The source of the batch yielded last: a single data set is source 0 (see MixtureLoader)."""
         return 0
-
-
-def split_loader(cfg, split: str, *, dp_rank: int, dp_size: int, readers: Optional[int] = None,
-                 source: Optional[str] = None):
-    """The loader a run (``cfg``: pretrain.config.RunConfig) reads ``split`` with: ``train`` shuffles forever with
-    the run's seed and workers (a MixtureLoader over data.sources when the run has them); any other split is read
-    once, in order, in this process — of ``source`` for a mixture. A folder that cannot be read is a ConfigError
-    naming data.path or the source."""
-    train = split == "train"
-    data = cfg.data
-    try:
-        if data.sources and train:
-            from pretrain.data.mixed_loader import MixtureLoader, phases_of
-            from pretrain.parallel.layout import grad_accumulation_steps
-            return MixtureLoader({n: s.path for n, s in data.sources.items()}, phases_of(data),
-                                 micro_per_step=grad_accumulation_steps(cfg.parallel, dp_size) * dp_size,
-                                 micro_batch_size=cfg.parallel.micro_batch_size, seed=data.seed, dp_rank=dp_rank,
-                                 dp_size=dp_size, num_workers=data.num_workers, readers=readers or data.readers or None,
-                                 allow_mix_change=data.allow_mix_change)
-        folder = data.sources[source].path if data.sources else data.path
-        return TokenLoader(folder, split=split, micro_batch_size=cfg.parallel.micro_batch_size,
-                           seed=data.seed if train else 0, dp_rank=dp_rank, dp_size=dp_size,
-                           num_workers=data.num_workers if train else 0, shuffle=train,
-                           epochs=None if train else 1,
-                           readers=(readers or data.readers or None) if train else None)
-    except ValueError as e:
-        if data.sources:
-            msg = str(e)
-            raise ConfigError(f"data.{msg}" if msg.startswith("sources.") else f"data.sources.{source}: {msg}") \
-                from None
-        raise ConfigError(f"data.path: {e}") from None

@@ -47,7 +47,7 @@ def validate(cfg: SweepConfig, points: list[Point], where: str, *, dry_run: bool
     """Before anything is submitted: every point's config, its layout on the job's world size, and its data. In
     a dry run a data problem is a warning: the plan can be read before the shards are made."""
     from pretrain.config import RunConfig
-    from pretrain.data.loader import TokenLoader
+    from pretrain.data.splits import split_loader
     from pretrain.parallel.layout import check_layout
     world = cfg.slurm.nodes * cfg.slurm.tasks_per_node
     for p in points:
@@ -56,11 +56,15 @@ def validate(cfg: SweepConfig, points: list[Point], where: str, *, dry_run: bool
             dp = check_layout(rc.parallel, world, rc.model)
         except ConfigError as e:
             raise ConfigError(f"{where}: point {p.name}: {one_line(e, None, name=False)}") from None
-        try:  # the trainer's own loader checks: a finished data set, enough samples for dp × workers readers
-            TokenLoader(rc.data.path, "train", micro_batch_size=rc.parallel.micro_batch_size, dp_size=dp,
-                        num_workers=rc.data.num_workers)
-        except (FileNotFoundError, ValueError) as e:
-            msg = f"{where}: point {p.name}: data.path: {e}"
+        try:  # the trainer's own loader checks: a finished data set (or mixture), enough samples for the readers
+            split_loader(rc, "train", dp_rank=0, dp_size=dp)
+        except FileNotFoundError as e:
+            msg = f"{where}: point {p.name}: {'data.sources' if rc.data.sources else 'data.path'}: {e}"
+        except ConfigError as e:
+            msg = f"{where}: point {p.name}: {one_line(e, None, name=False)}"
+        else:
+            msg = None
+        if msg:
             if not dry_run:
                 raise ConfigError(msg) from None
             print(f"warning: {msg} (a submission would stop here)", file=sys.stderr)

@@ -40,7 +40,8 @@ from pretrain.checkpoint.checkpointer import Checkpointer
 from pretrain.checkpoint.save import DISK_FULL_EXIT_CODE, DiskFull, free_bytes, human
 from pretrain.checkpoint.state import TrainerState
 from pretrain.config import RunConfig, computes_in_bf16
-from pretrain.data.loader import label_count, load_manifest, split_loader
+from pretrain.data.loader import label_count, load_manifest
+from pretrain.data.splits import split_loader
 from pretrain.data.mixed_loader import load_sources
 from pretrain.parallel.engine import TrainEngine
 from pretrain.parallel.layout import describe_nodes, init_distributed
@@ -169,8 +170,9 @@ class Trainer:
         out = self.engine.train_step(micro, inject_nan=inject_nan)
         # the loss, the step's real tokens and (a mixture) each source's, added over DP ranks in one collective
         per_source = torch.zeros(len(self.cfg.data.sources), device=out.loss.device)
-        for c, s in zip(counts, sources):
-            per_source[s] += c.to(per_source.device)
+        if self.cfg.data.sources:
+            for c, s in zip(counts, sources):
+                per_source[s] += c.to(per_source.device)
         both = torch.cat([torch.stack([out.loss.float(), real.to(out.loss.device)]), per_source])
         dist.all_reduce(both, group=ps.get_data_parallel_group())
         rec = {"loss": both[0].item() / self.layout.dp, "lr": lr if out.finite else 0.0,

@@ -111,3 +111,30 @@ def test_only_phases_that_have_begun_count_as_changes():
     assert change.startswith("phase 1: was from step 10: a 0.2, b 0.8, now from step 10: a 0.9, b 0.1")
     assert started_changes(saved, [saved[0], phase(4, a=0.2, b=0.8)], at_step=8)   # moved before the resume
     assert started_changes(saved, [phase(0, a=0.6, b=0.4), saved[1]], at_step=1)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.path=x", "data.path: x is set together with data.sources; give one of them (data.path=null with sources)"),
+    ("data.phases=[{start: 3, weights: {middle: 1}}]", "data.phases[0].weights.middle: not a source (sources: "
+                                                       "early, late)"),
+    ("data.phases=[{start: 3, weights: {early: 0}}]", "data.phases[0].weights: every weight is 0"),
+    ("data.phases=[{start: 0, weights: {early: 1}}]", "data.phases[0].start: 0 must be greater than 0"),
+    ("data.phases=[{start: 9, weights: {early: 1}}, {start: 9, weights: {late: 1}}]",
+     "data.phases[1].start: 9 must be greater than data.phases[0].start (9)"),
+    ("data.sources.early.weight=-1", "data.sources.early.weight: must be >= 0, got -1.0"),
+])
+def test_a_mixture_config_mistake_is_one_line_naming_the_key(override, message):
+    from conf import load_config, run_file
+    from conf.errors import ConfigError
+    from pretrain.config import RunConfig
+    with pytest.raises(ConfigError) as e:
+        load_config(run_file("demo_mix"), [override], schema=RunConfig)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_no_data_at_all_is_one_line():
+    from conf import load_config, run_file
+    from conf.errors import ConfigError
+    from pretrain.config import RunConfig
+    with pytest.raises(ConfigError, match="data.path: null without data.sources; give the tokenized folder"):
+        load_config(run_file("tiny_cpu"), ["data.path=null"], schema=RunConfig)

@@ -15,7 +15,8 @@ import pytest
 from conf import load_config
 from data_prep.shards import Manifest
 from pretrain.config import RunConfig
-from pretrain.data.loader import IGNORE_INDEX, split_loader
+from pretrain.data.loader import IGNORE_INDEX
+from pretrain.data.splits import split_loader
 from pretrain.training.trainer import Trainer
 from tests.pretrain.fixtures import make_shards
 from tests.pretrain.validation_reference import reference_metrics
