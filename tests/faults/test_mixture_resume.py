@@ -84,17 +84,20 @@ def test_a_run_killed_before_a_phase_boundary_resumes_across_it_bit_for_bit(data
     assert all(got[s][f"tokens/{n}"] == want[s][f"tokens/{n}"] for s in want for n in SOURCES)
 
 
-def test_one_process_continues_what_two_ranks_began_with_the_same_data(data, straight, tmp_path):
-    """Resumed from step 6 (inside phase 1) with DP=1 accumulating the two micro-batches DP=2 split: each step
-    reads the same sources' samples (its tokens per source equal) and logs the same loss, bit for bit (two
-    micro-batches' gradients halved and added are the same numbers whether a rank or an all-reduce adds them)."""
-    ckpt = straight / "checkpoints" / "step-000006"
-    train(1, args(data, tmp_path, "one", f"checkpoint.resume={ckpt}"), tmp_path, prefix="one")
-    got, want = records(tmp_path / "one"), records(straight)
-    assert sorted(got) == [7, 8]
-    for s in (7, 8):
-        assert all(got[s][f"tokens/{n}"] == want[s][f"tokens/{n}"] for n in SOURCES), (got[s], want[s])
-        assert got[s]["loss"] == want[s]["loss"], (s, got[s]["loss"], want[s]["loss"])
+def test_two_ranks_killed_in_the_new_phase_are_continued_by_one_process_bit_for_bit(data, straight, tmp_path):
+    """Killed at step 7 on two ranks (DP=2, inside phase 1), resumed from step 6 on one process (DP=1 accumulating
+    the two micro-batches DP=2 split): each step reads the same sources' samples (its tokens per source equal)
+    and logs the same loss, bit for bit (two micro-batches' gradients halved and added are the same numbers
+    whether a rank or an all-reduce adds them)."""
+    codes = train(2, args(data, tmp_path, "run"), tmp_path, check=False, prefix="killed",
+                  env={"MOR_FAULT_KILL_AT_STEP": "7"})
+    assert all(c != 0 for c in codes), codes
+    train(1, args(data, tmp_path, "run"), tmp_path, prefix="one")
+    text = (tmp_path / "one0.log").read_text()
+    assert "at step 6" in text and "DP=1" in text, text
+    assert losses(tmp_path / "run") == losses(straight)
+    got, want = records(tmp_path / "run"), records(straight)
+    assert all(got[s][f"tokens/{n}"] == want[s][f"tokens/{n}"] for s in want for n in SOURCES)
 
 
 def test_changing_a_phase_that_has_begun_is_one_line_unless_allowed(data, straight, tmp_path):
