@@ -104,6 +104,10 @@ class Trainer:
                        f"{cfg.model.attention_backend})")
         faults.point("startup.engine")
         self.loader = split_loader(cfg, "train", dp_rank=ps.get_data_parallel_rank(), dp_size=self.layout.dp)
+        if cfg.data.sources and self.is_main:
+            phases = self.loader.phases
+            self.print(f"data: a mixture of {len(cfg.data.sources)} sources: {phases[0].describe()}"
+                       + "".join(f"; from step {p.start}: {p.describe()}" for p in phases[1:]))
         self.checkpoints = Checkpointer(cfg, self.layout, self.run_dir, log=self.print,
                                         tokenizer_sha256=self.manifest.tokenizer.get("sha256"))
         self.step, self.tokens = 0, 0
