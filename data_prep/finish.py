@@ -60,14 +60,27 @@ def _inputs(paths: list[str], out: Path) -> list[str]:
     return [common] if sorted(found) == sorted(paths) else paths
 
 
+def _where(folder: Path, manifest: Manifest) -> tuple[list[str], Path]:
+    """The inputs and the --out folder. A corpus deduplicated after others in a run of several corpora
+    (data_prep/mix.py) is finished by that run, ending with this corpus: the documents it drops depend on theirs."""
+    paths = [i["path"] for i in manifest.inputs]
+    earlier = (manifest.settings.get("dedup") or {}).get("earlier_corpora")
+    if not earlier:
+        return _inputs(paths, folder), folder
+    corpora = [(e["corpus"], e["inputs"], folder.parent / e["corpus"]) for e in earlier]
+    corpora.append((folder.name, paths, folder))
+    args = [w for name, inputs, out in corpora for spec in _inputs(inputs, out) for w in ("--corpus", f"{name}={spec}")]
+    return args, folder.parent
+
+
 def finish_command(folder: str | Path, manifest: Manifest) -> str:
     """The ``python data_prep/tokenize.py ...`` line that finishes the data set in ``folder``: it resumes from the
     progress journal, or, with no journal left to resume from, makes the data set again (``--overwrite``)."""
     folder = Path(folder)
     st, default = manifest.settings, Options(inputs=[], out="", tokenizer="")
     seq_len = st.get("seq_len", manifest.seq_len)
-    args = [*_inputs([i["path"] for i in manifest.inputs], folder),
-            "--tokenizer", manifest.tokenizer.get("path") or "MODEL", "--out", str(folder)]
+    inputs, out = _where(folder, manifest)
+    args = [*inputs, "--tokenizer", manifest.tokenizer.get("path") or "MODEL", "--out", str(out)]
     for flag, value, usual in (("--seq-len", seq_len, default.seq_len),
                                ("--val-fraction", st.get("val_fraction"), default.val_fraction),
                                ("--doc-per", st.get("doc_per"), default.doc_per),
@@ -77,6 +90,8 @@ def finish_command(folder: str | Path, manifest: Manifest) -> str:
             args += [flag, str(value)]
     if st.get("bos"):
         args.append("--bos")
+    if st.get("dedup"):
+        args += ["--dedup", st["dedup"].get("mode", "exact")]
     # the manifest records samples per shard, whichever option chose it: name it unless the default size gives it
     per_shard = st.get("samples_per_shard")
     if per_shard is not None and per_shard != samples_per_shard(seq_len, manifest.np_dtype.itemsize,

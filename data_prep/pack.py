@@ -24,17 +24,19 @@ removed.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
-from data_prep import shards as S
+from data_prep import dedup, shards as S
 from data_prep import sources, units
 from data_prep import tokenizer as T
+from data_prep.progress import Progress
 from data_prep.sources import UserError
 from data_prep.stream import PIECE_BITS, Encoder
 from data_prep.writer import END, KILL_ENV, Journal, SplitWriter, _Kill, replay  # noqa: F401
@@ -66,6 +68,21 @@ class Options:
     overwrite: bool = False
     progress: Optional[bool] = None   # None: a bar when stderr is a terminal
     log: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr))
+    dedup: str = "none"               # none | exact (data_prep/dedup.py)
+    # with dedup, the corpora read before this one in the same run (data_prep/mix.py): dedup.settings_entry
+    dedup_earlier: list[dict] = field(default_factory=list)
+    label: str = "tokenize"           # the progress bar's name
+
+    def show_progress(self) -> bool:
+        return self.progress if self.progress is not None else sys.stderr.isatty()
+
+    def dedup_bar(self, total: int) -> Progress:
+        return Progress(self.show_progress(), total, 0, self.log, desc="dedup")
+
+    def reader_args(self, drop_space: bool = True) -> dict[str, Any]:
+        """How the inputs are read (sources.Reader): the same in the dedup pass, the workers and the main process."""
+        return dict(doc_per=self.doc_per, text_field=self.text_field, val_fraction=self.val_fraction,
+                    skip_bad_records=self.skip_bad_records, drop_space=drop_space)
 
 
 def default_workers() -> int:
@@ -95,8 +112,9 @@ def _our_files(out: Path) -> list[Path]:
     return found
 
 
-def _lock(out: Path):
-    """An exclusive lock on OUT/.lock for the run: a second tokenize.py on the same folder stops at once."""
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """An exclusive lock on OUT/.lock while the block runs: a second tokenize.py on the same folder stops at once."""
     f = open(out / ".lock", "a+b")
     try:
         import fcntl
@@ -106,7 +124,14 @@ def _lock(out: Path):
     except OSError:
         f.close()
         raise UserError(f"{out}: another tokenize.py is writing here (it holds {out / '.lock'})") from None
-    return f
+    try:
+        yield
+    finally:
+        try:
+            (out / ".lock").unlink()                # held by us until close: nobody else is inside
+        except OSError:
+            pass
+        f.close()
 
 
 def _diff(old: dict, new: dict) -> str:
@@ -155,6 +180,8 @@ def _plan(opt: Options) -> _Plan:
         raise UserError(f"--samples-per-shard {opt.samples_per_shard}: must be >= 1")
     if opt.shard_size_mb <= 0:
         raise UserError(f"--shard-size-mb {opt.shard_size_mb}: must be > 0")
+    if opt.dedup not in dedup.MODES:
+        raise UserError(f"--dedup {opt.dedup!r}: expected one of {', '.join(dedup.MODES)}")
     workers = opt.workers or default_workers()
     if workers < 1:
         raise UserError(f"--workers {opt.workers}: must be >= 1")
@@ -185,6 +212,8 @@ def _plan(opt: Options) -> _Plan:
                 "piece_chars": sources.PIECE_CHARS, "segment_chars": T.SEGMENT_CHARS, "unit_bytes": units.UNIT_BYTES,
                 "packing": "samples of seq_len+1 tokens, consecutive samples overlap by one token",
                 "split": "val iff blake2b-64(first piece of the document, UTF-8) < val_fraction * 2**64"}
+    if opt.dedup != "none":             # absent without it: a data set made before --dedup existed stays valid
+        settings["dedup"] = dedup.settings_entry(opt.dedup_earlier)
     fingerprint = {"tokenizer_sha256": tok.sha256, "settings": settings, "inputs": inputs}
     return _Plan(tok, proto, dtype, fill_id, per_shard, last, workers, files, inputs, settings, fingerprint)
 
@@ -236,65 +265,36 @@ def _existing(opt: Options, plan: _Plan, out: Path, journal: Journal):
     return header, records
 
 
-class _Progress:
-    """The tqdm bar (bytes of input, with documents/s and tokens/s) when asked for, and warnings that keep it."""
-
-    def __init__(self, show: bool, total: int, initial: int, log: Callable[[str], None]):
-        self.bar, self.log, self.t_start, self.t_last = None, log, time.time(), 0.0
-        if show:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
-                            desc="tokenize", dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
-
-    def warn(self, msg: str) -> None:
-        if self.bar is not None:
-            self.bar.write(f"warning: {msg}", file=sys.stderr)
-        else:
-            self.log(f"warning: {msg}")
-
-    def update(self, position: int, docs: int, tokens: int) -> None:
-        if self.bar is None:
-            return
-        self.bar.update(position - self.bar.n)
-        now = time.time()
-        if now - self.t_last > 0.5:
-            el = max(now - self.t_start, 1e-9)
-            dps = docs / el
-            self.bar.set_postfix_str(f"{dps:,.{0 if dps >= 100 else 1}f} docs/s, {tokens / el:,.0f} tok/s",
-                                     refresh=False)
-            self.t_last = now
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+def prepare(opt: Options) -> _Plan:
+    """Check ``opt`` and find its inputs (with their sha256): what ``run`` takes, made beforehand by a run of
+    several corpora (data_prep/mix.py), which needs every corpus's inputs first."""
+    return _plan(opt)
 
 
-def run(opt: Options) -> dict[str, Any]:
-    """Tokenize ``opt.inputs`` into shards in ``opt.out``. Returns a summary dict. Raises UserError, Interrupted."""
+def run(opt: Options, planned: Optional[_Plan] = None,
+        drops: Optional[Callable[[], list[dedup.Drops]]] = None) -> dict[str, Any]:
+    """Tokenize ``opt.inputs`` into shards in ``opt.out``. Returns a summary dict. Raises UserError, Interrupted.
+    With ``opt.dedup``, ``drops()`` gives the documents to drop per input (by default found among the inputs)."""
     t0 = time.time()
-    plan = _plan(opt)
+    plan = planned or _plan(opt)
     out = Path(opt.out)
     out.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out)
-    try:
+    with locked(out):
         journal = Journal(out / JOURNAL)
         found = _existing(opt, plan, out, journal)
         if isinstance(found, S.Manifest):
             opt.log(f"{out}: already complete with these inputs and settings; nothing to do (--overwrite redoes it)")
             return {"manifest": found, "already_complete": True, "elapsed": time.time() - t0, "resumed": False}
         header, records = found
-        return _tokenize(opt, plan, out, journal, header, records, t0)
-    finally:
-        try:
-            (out / ".lock").unlink()                # held by us until close: nobody else is inside
-        except OSError:
-            pass
-        lock.close()
+        file_drops = None
+        if opt.dedup != "none":
+            file_drops = drops() if drops is not None else \
+                dedup.Dedup([plan.files], opt.reader_args(), plan.workers, opt.dedup_bar, opt.log).of(0)
+        return _tokenize(opt, plan, out, journal, header, records, t0, file_drops)
 
 
 def _tokenize(opt: Options, plan: _Plan, out: Path, journal: Journal, header: Optional[dict], records: list[dict],
-              t0: float) -> dict[str, Any]:
+              t0: float, drops: Optional[list[dedup.Drops]]) -> dict[str, Any]:
     files, tok = plan.files, plan.tok
     kill = _Kill()
     input_counts: dict[int, dict] = {}
@@ -341,13 +341,11 @@ def _tokenize(opt: Options, plan: _Plan, out: Path, journal: Journal, header: Op
     manifest.save(out)
 
     done_bytes = sum(f.size for f in files[:start_input])
-    show = opt.progress if opt.progress is not None else sys.stderr.isatty()
-    prog = _Progress(show, sum(f.size for f in files), done_bytes, opt.log)
-    reader_args = dict(doc_per=opt.doc_per, text_field=opt.text_field, val_fraction=opt.val_fraction,
-                       skip_bad_records=opt.skip_bad_records, drop_space=tok.add_dummy_prefix)
+    prog = Progress(opt.show_progress(), sum(f.size for f in files), done_bytes, opt.log, desc=opt.label)
+    reader_args = opt.reader_args(drop_space=tok.add_dummy_prefix)
     reader = sources.Reader(**reader_args, warn=prog.warn)
     encoder = Encoder(files, start_input, done_bytes, reader, writers, plan.workers,
-                      (plan.proto, asdict(tok), plan.dtype.name, opt.bos), reader_args, on_input, prog.update)
+                      (plan.proto, asdict(tok), plan.dtype.name, opt.bos), reader_args, on_input, prog.update, drops)
     t_start = time.time()
     try:
         encoder.run()
@@ -368,7 +366,8 @@ def _tokenize(opt: Options, plan: _Plan, out: Path, journal: Journal, header: Op
     counts = Counter()
     for c in input_counts.values():
         counts.update(c)
-    counts = {k: int(counts.get(k, 0)) for k in sources.COUNT_KEYS}
+    keys = sources.COUNT_KEYS + (dedup.DEDUP_KEYS if drops is not None else ())
+    counts = {k: int(counts.get(k, 0)) for k in keys}
     counts["input_files"] = len(files)
     for w in writers:
         counts[f"tokens_{w.name}"] = int(w.stream_end)

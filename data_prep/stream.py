@@ -16,6 +16,7 @@ import numpy as np
 
 from data_prep import sources, units
 from data_prep import tokenizer as T
+from data_prep.dedup import DEDUP_KEYS, Drops
 from data_prep.inputs import InputFile
 from data_prep.sources import MAX_WARNINGS_PER_KIND, Reader, add_issue
 from data_prep.writer import SplitWriter, _excl_cumsum
@@ -45,14 +46,17 @@ class _Input:                         # per input, what the unit results add up 
 
 class Encoder:
     """Runs the encoding stage for ``files[start_input:]``. ``on_input(i, counts)`` is called in order when input
-    ``i`` has been read to its end and all its tokens fed; ``progress(position, docs, tokens)`` after each item."""
+    ``i`` has been read to its end and all its tokens fed; ``progress(position, docs, tokens)`` after each item.
+    ``drops``: per input, the documents to skip (duplicates, data_prep/dedup.py), or None."""
 
     def __init__(self, files: list[InputFile], start_input: int, done_bytes: int, reader: Reader,
                  writers: list[SplitWriter], workers: int, init_args: tuple, reader_args: dict,
-                 on_input: Callable[[int, dict], None], progress: Callable[[int, int, int], None]):
+                 on_input: Callable[[int, dict], None], progress: Callable[[int, int, int], None],
+                 drops: Optional[list[Drops]] = None):
         self.files, self.start_input, self.done_bytes, self.reader = files, start_input, done_bytes, reader
         self.writers, self.workers, self.init_args, self.reader_args = writers, workers, init_args, reader_args
-        self.on_input, self.progress = on_input, progress
+        self.on_input, self.progress, self.drops = on_input, progress, drops
+        self.count_keys = sources.COUNT_KEYS + (DEDUP_KEYS if drops is not None else ())
         self.resume = [list(w.resume_at) for w in writers]
         self.acc: dict[int, _Input] = {}
         self.docs = self.tokens = 0
@@ -66,6 +70,7 @@ class Encoder:
             f = self.files[i]
             counts: Counter = Counter()
             pieces, first_pid = None, i << PIECE_BITS
+            drops = self.drops[i] if self.drops is not None else None
             if units.by_units(self.reader, f):
                 if batch.pieces.texts or batch.dones:
                     yield batch.item(base)
@@ -75,14 +80,18 @@ class Encoder:
                 for part in units.cut(self.reader, f):
                     if part[0] == "unit":
                         _, data, line0, pos = part
-                        yield Item(units.encode_unit, (f, i, u, data, line0, self.resume), base + pos, unit_of=i)
+                        # the unit's lines are line0 + 1 ... line0 + its line ends (+ 1 for an unended last line)
+                        drop = drops.lookup(line0, line0 + data.count(b"\n") + 1) if drops is not None else None
+                        yield Item(units.encode_unit, (f, i, u, data, line0, self.resume, drop), base + pos,
+                                   unit_of=i)
                         u += 1
                     else:                         # a very long line: the rest of the file is read here
                         _, blocks, line0 = part
-                        pieces = self.reader.pieces(f, counts, blocks=blocks, line0=line0, report=False)
+                        pieces = self.reader.pieces(f, counts, blocks=blocks, line0=line0, report=False,
+                                                    drop=drops.lookup() if drops is not None else None)
                         first_pid |= u << units.UNIT_BITS
             else:
-                pieces = self.reader.pieces(f, counts)
+                pieces = self.reader.pieces(f, counts, drop=drops.lookup() if drops is not None else None)
             for group in pieces or ():
                 for piece in group:
                     batch.pieces.offer(piece, first_pid + piece[0], self.resume)
@@ -117,7 +126,7 @@ class Encoder:
                 _merge(acc.issues, issues)
                 self.reader.report(self.files[i].path, acc.issues)
                 counts = acc.counts
-            self.on_input(i, {k: int(counts[k]) for k in sources.COUNT_KEYS})
+            self.on_input(i, {k: int(counts[k]) for k in self.count_keys})
         self.progress(item.position, self.docs, self.tokens)
 
     def _warn_bad(self, acc: _Input, warnings: list[str], path: str) -> None:

@@ -3,6 +3,8 @@
 
     python data_prep/tokenize.py INPUTS... --out DIR --tokenizer tok.model
     python data_prep/tokenize.py INPUTS... --train-tokenizer tok.model --vocab-size 32000 [--out DIR]
+    python data_prep/tokenize.py --corpus web=raw/web --corpus books=raw/books --weight books=2 \
+        --train-tokenizer tok.model --out DIR          # DIR/web/, DIR/books/: a data set per corpus
     python -m data_prep.tokenize ...
 """
 # Guard first: `python data_prep/tokenize.py` puts data_prep/ at the front of sys.path, where this file would
@@ -38,8 +40,20 @@ val when BLAKE2b-64 of its UTF-8 text (hashlib.blake2b(text, digest_size=8), rea
 at whitespace into pieces; with a whitespace-splitting model (as trained here, or Llama-style) the ids do not
 change.
 
-resuming: an interrupted run (Ctrl-C, kill, crash) keeps its finished shards; rerun the same command to continue.
-A complete output folder is never overwritten without --overwrite.
+several corpora (--corpus NAME=PATH, repeated; no INPUTS then): corpus NAME goes to OUT/NAME/, a data set of its
+own (shards + manifest.json, as a run on that corpus alone writes), all with one tokenizer. --train-tokenizer
+trains it once on a sample of all corpora in which corpus NAME has the share W/sum(W) of its --weight NAME=W
+(default 1): min(--tokenizer-sentences, all sentences) sentences, a small corpus repeated to fill its share.
+Corpora are tokenized in the order given.
+
+--dedup exact: a document whose normalised text (Unicode NFC, whitespace runs as one space, no whitespace at the
+ends; case kept) equals an earlier one's is dropped. Earlier: corpora in the order given, then inputs in path
+order, then documents in file order, whatever --workers. Manifests count duplicates_dropped (and
+duplicates_dropped_across: those whose kept copy is in an earlier corpus). The inputs are read once more first.
+
+resuming: an interrupted run (Ctrl-C, kill, crash) keeps its finished shards; rerun the same command to continue
+(with --corpus: complete corpus folders are kept, the others resume). A complete output folder is never
+overwritten without --overwrite.
 
 exit status: 0 done, 2 bad input or options (one line on stderr), 130 interrupted.
 """
@@ -55,8 +69,17 @@ def parser() -> argparse.ArgumentParser:
         prog="data_prep/tokenize.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Tokenize .txt, .txt.gz, .jsonl, .jsonl.gz and .parquet inputs (files, folders, globs) with a "
                     "SentencePiece model into WebDataset shards train-NNNNNN.tar / val-NNNNNN.tar + manifest.json.")
-    p.add_argument("inputs", nargs="+", help="files, folders (searched recursively) or glob patterns")
-    p.add_argument("--out", help="output folder for shards and manifest.json")
+    p.add_argument("inputs", nargs="*", metavar="INPUTS", help="files, folders (searched recursively) or glob "
+                   "patterns (or --corpus instead)")
+    p.add_argument("--out", help="output folder for shards and manifest.json (with --corpus: the folder of one such "
+                                 "folder per corpus)")
+    c = p.add_argument_group("several corpora (instead of INPUTS)")
+    c.add_argument("--corpus", action="append", default=[], metavar="NAME=PATH",
+                   help="a corpus to tokenize into OUT/NAME/: PATH is a file, folder or glob; give NAME again to add "
+                        "inputs (NAME: letters, digits, _ and -)")
+    c.add_argument("--weight", action="append", default=[], metavar="NAME=W",
+                   help="with --train-tokenizer: corpus NAME's share W/sum(W) of the tokenizer's training sample "
+                        "(W > 0; default 1)")
     g = p.add_argument_group("tokenizer (one of)")
     g.add_argument("--tokenizer", metavar="MODEL", help="an existing SentencePiece .model file")
     g.add_argument("--train-tokenizer", metavar="MODEL",
@@ -73,6 +96,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--text-field", default="text", help="JSON field / parquet column with the text (default text)")
     d.add_argument("--skip-bad-records", action="store_true",
                    help="skip (and count) bad .jsonl lines / null parquet values instead of stopping")
+    d.add_argument("--dedup", default="none", choices=("none", "exact"),
+                   help="exact: drop a document equal to an earlier one after normalisation (NFC, whitespace runs "
+                        "as one space, ends stripped; across all corpora with --corpus) (default none)")
     s = p.add_argument_group("samples and shards")
     s.add_argument("--seq-len", type=int, default=2048, help="tokens per training sequence (default 2048)")
     s.add_argument("--val-fraction", type=float, default=0.01, help="share of documents in val (default 0.01)")
@@ -93,9 +119,42 @@ def _fmt(n: float) -> str:
     return f"{n:,.0f}"
 
 
+def _check(args) -> None:
+    from data_prep.sources import UserError
+    if args.corpus and args.inputs:
+        raise UserError(f"give INPUTS or --corpus NAME=PATH, not both (INPUTS: {' '.join(args.inputs)})")
+    if not args.corpus and not args.inputs:
+        raise UserError("no inputs: give INPUTS (files, folders, globs) or --corpus NAME=PATH")
+    if args.weight and not args.corpus:
+        raise UserError("--weight NAME=W weighs a --corpus; with INPUTS there is one corpus")
+    if args.weight and not args.train_tokenizer:
+        raise UserError("--weight sets shares of the tokenizer's training sample: it needs --train-tokenizer")
+    if args.tokenizer and args.train_tokenizer:
+        raise UserError("give --tokenizer or --train-tokenizer, not both")
+    if not args.tokenizer and not args.train_tokenizer:
+        raise UserError("give --tokenizer MODEL (an existing SentencePiece model) or --train-tokenizer MODEL")
+    if not args.train_tokenizer and not args.out:
+        raise UserError("--out is required (the output folder)")
+
+
+def _train_single(args, log) -> bool:
+    from data_prep import pack, sources
+    from data_prep import tokenizer as T
+    files = sources.find_inputs(args.inputs)
+    sha = sources.sha256_files(files, pack.default_workers())
+    reader = sources.Reader(args.doc_per, args.text_field, 0.0, args.skip_bad_records, drop_space=True,
+                            warn=lambda m: log(f"warning: {m}"))
+    key = {"inputs": [{"path": f.path, "bytes": f.size, "sha256": h} for f, h in zip(files, sha)],
+           "doc_per": args.doc_per, "text_field": args.text_field}
+    texts = (t for parts, _ in sources.iter_documents(files, reader) for t in parts)
+    return T.train(texts, args.train_tokenizer, vocab_size=args.vocab_size, sentences=args.tokenizer_sentences,
+                   seed=args.tokenizer_seed, threads=args.tokenizer_threads, settings_key=key,
+                   overwrite=args.overwrite, log=log)
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from data_prep import pack, sources
+    from data_prep import mix, pack
     from data_prep import tokenizer as T
     from data_prep.sources import UserError
 
@@ -103,26 +162,20 @@ def main(argv=None) -> int:
         print(msg, file=_sys.stderr, flush=True)
 
     try:
-        if args.tokenizer and args.train_tokenizer:
-            raise UserError("give --tokenizer or --train-tokenizer, not both")
-        if not args.tokenizer and not args.train_tokenizer:
-            raise UserError("give --tokenizer MODEL (an existing SentencePiece model) or --train-tokenizer MODEL")
-        if not args.train_tokenizer and not args.out:
-            raise UserError("--out is required (the output folder)")
+        _check(args)
+        corpora = mix.parse(args.corpus, args.weight) if args.corpus else None
         model = args.tokenizer
         if args.train_tokenizer:
             model = args.train_tokenizer
-            files = sources.find_inputs(args.inputs)
-            sha = sources.sha256_files(files, pack.default_workers())
-            reader = sources.Reader(args.doc_per, args.text_field, 0.0, args.skip_bad_records, drop_space=True,
-                                    warn=lambda m: log(f"warning: {m}"))
-            key = {"inputs": [{"path": f.path, "bytes": f.size, "sha256": h} for f, h in zip(files, sha)],
-                   "doc_per": args.doc_per, "text_field": args.text_field}
-            texts = (t for parts, _ in sources.iter_documents(files, reader) for t in parts)
             t0 = time.time()
-            trained = T.train(texts, model, vocab_size=args.vocab_size, sentences=args.tokenizer_sentences,
-                              seed=args.tokenizer_seed, threads=args.tokenizer_threads, settings_key=key,
-                              overwrite=args.overwrite, log=log)
+            if corpora is None:
+                trained = _train_single(args, log)
+            else:
+                trained = mix.train_tokenizer(
+                    corpora, model, doc_per=args.doc_per, text_field=args.text_field,
+                    skip_bad_records=args.skip_bad_records, vocab_size=args.vocab_size,
+                    sentences=args.tokenizer_sentences, seed=args.tokenizer_seed, threads=args.tokenizer_threads,
+                    overwrite=args.overwrite, workers=pack.default_workers(), log=log)
             if trained:
                 _, info, _ = T.load(model)
                 print(f"tokenizer: trained {model} ({info.vocab_size} pieces, sha256 {info.sha256[:16]}…) in "
@@ -134,8 +187,13 @@ def main(argv=None) -> int:
                            bos=args.bos, last=args.last, shard_size_mb=args.shard_size_mb,
                            samples_per_shard=args.samples_per_shard, workers=args.workers,
                            skip_bad_records=args.skip_bad_records, overwrite=args.overwrite,
-                           progress=False if args.no_progress else None, log=log)
-        res = pack.run(opt)
+                           progress=False if args.no_progress else None, log=log, dedup=args.dedup)
+        if corpora is None:
+            res = pack.run(opt)
+            if not res["already_complete"]:
+                _summary(res, args.out, "done")
+            return 0
+        results = mix.run(corpora, opt)
     except UserError as e:
         print(f"error: {e}", file=_sys.stderr, flush=True)
         return 2
@@ -145,15 +203,34 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=_sys.stderr, flush=True)
         return 130
-    if res["already_complete"]:
-        return 0
+    for c, res in zip(corpora, results):
+        _summary(res, _os.path.join(args.out, c.name), c.name)
+    counts = [r["manifest"].counts for r in results]
+    total = sum(c["tokens_train"] + c["tokens_val"] for c in counts)
+    dups = sum(c.get("duplicates_dropped", 0) for c in counts)
+    print(f"done: {len(results)} corpora, {_fmt(sum(c['documents'] for c in counts))} documents, {_fmt(total)} "
+          f"tokens" + (f", {_fmt(dups)} duplicate(s) dropped" if args.dedup != "none" else "")
+          + f"; tokenizer sha256 {results[0]['manifest'].tokenizer['sha256'][:16]}… in every manifest", flush=True)
+    return 0
+
+
+def _summary(res: dict, out: str, head: str) -> None:
+    """What one data set holds: ``head`` is "done" for a single corpus, else the corpus's name."""
     m = res["manifest"]
     c = m.counts
-    el = res["tokenize_seconds"]
     ntok = c["tokens_train"] + c["tokens_val"]
-    print(f"done: {_fmt(c['documents'])} documents ({_fmt(c['documents_val'])} val) from {c['input_files']} "
-          f"file(s), {_fmt(ntok)} tokens in {el:.1f} s ({_fmt(ntok / max(el, 1e-9))} tokens/s, "
-          f"{res['workers']} workers){' (resumed)' if res['resumed'] else ''}")
+    docs = f"{_fmt(c['documents'])} documents ({_fmt(c['documents_val'])} val"
+    if "duplicates_dropped" in c:
+        docs += f"; {_fmt(c['duplicates_dropped'])} duplicate(s) dropped"
+        if c.get("duplicates_dropped_across"):
+            docs += f", {_fmt(c['duplicates_dropped_across'])} of them of a document in an earlier corpus"
+    docs += f") from {c['input_files']} file(s), {_fmt(ntok)} tokens"
+    if res["already_complete"]:
+        print(f"{head}: already complete: {docs}")
+    else:
+        el = res["tokenize_seconds"]
+        print(f"{head}: {docs} in {el:.1f} s ({_fmt(ntok / max(el, 1e-9))} tokens/s, {res['workers']} workers)"
+              f"{' (resumed)' if res['resumed'] else ''}")
     for split in ("train", "val"):
         print(f"  {split}: {_fmt(m.samples(split))} samples of {m.seq_len}+1 tokens in {len(m.splits[split])} "
               f"shard(s), {_fmt(c[f'tokens_{split}'])} tokens")
@@ -164,8 +241,7 @@ def main(argv=None) -> int:
         ("dropped_tokens", "tokens dropped (--last drop)")) if c.get(k)]
     if notes:
         print("  " + "; ".join(notes))
-    print(f"  manifest: {_os.path.join(args.out, 'manifest.json')}", flush=True)
-    return 0
+    print(f"  manifest: {_os.path.join(out, 'manifest.json')}", flush=True)
 
 
 if __name__ == "__main__":

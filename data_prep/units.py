@@ -93,9 +93,10 @@ def init_worker(proto: bytes, info: dict, dtype: str, bos: bool, reader_args: di
 
 def encode_unit(item: tuple) -> tuple:
     """Parse and encode one unit. ``item`` = (InputFile, input index, unit index, bytes, lines before it,
-    resume points per split or None). Returns (tokens, stream lengths, piece ids, splits, token skips, documents,
-    counts, issues, warnings) for the pieces at or after the resume points; counts cover the whole unit."""
-    f, i, u, data, line0, resume = item
+    resume points per split or None, {line: across} of duplicates to skip or None). Returns (tokens, stream
+    lengths, piece ids, splits, token skips, documents, counts, issues, warnings) for the pieces at or after the
+    resume points; counts cover the whole unit."""
+    f, i, u, data, line0, resume, drop = item
     if u >= 1 << (INPUT_BITS - UNIT_BITS):
         raise UserError(f"{f.path}: longer than {(1 << (INPUT_BITS - UNIT_BITS)) * UNIT_BYTES >> 40} TiB "
                         "uncompressed; split it into several files")
@@ -107,7 +108,7 @@ def encode_unit(item: tuple) -> tuple:
     base = (i << INPUT_BITS) | (u << UNIT_BITS)
     batch = PieceBatch()
     blocks = iter([(data, len(data)), (b"", len(data))])
-    for pieces in reader.pieces(unit_file, counts, blocks=blocks, line0=line0, report=False):
+    for pieces in reader.pieces(unit_file, counts, blocks=blocks, line0=line0, report=False, drop=drop):
         for piece in pieces:
             if piece[0] >= 1 << UNIT_BITS:
                 raise RuntimeError(f"{f.path}: more than 2**{UNIT_BITS} pieces in one unit")
