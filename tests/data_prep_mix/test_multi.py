@@ -33,8 +33,8 @@ def test_two_corpora_two_data_sets_one_trained_tokenizer(two, cli):
     from pretrain.data.loader import load_manifest
     tmp, early, late = two
     model, out = tmp / "tok.model", tmp / "data"
-    rc, stdout, err = cli("--corpus", f"early={tmp / 'raw' / 'early.jsonl'}", "--corpus", f"late={tmp / 'raw' / 'late'}",
-                          "--train-tokenizer", model, "--vocab-size", 400, "--out", out, *ARGS)
+    corpora = ["--corpus", f"early={tmp / 'raw' / 'early.jsonl'}", "--corpus", f"late={tmp / 'raw' / 'late'}"]
+    rc, stdout, err = cli(*corpora, "--train-tokenizer", model, "--vocab-size", 400, "--out", out, *ARGS)
     assert rc == 0, err
     sha = hashlib.sha256(model.read_bytes()).hexdigest()
     sp = spm.SentencePieceProcessor(model_file=str(model))
@@ -50,8 +50,7 @@ def test_two_corpora_two_data_sets_one_trained_tokenizer(two, cli):
     assert f"done: 2 corpora, {len(early) + len(late)} documents" in stdout and sha[:16] in stdout
     assert sorted(p.name for p in out.iterdir()) == ["early", "late"]
     # the same command again: the tokenizer is reused, both folders are complete and kept
-    rc, stdout, err = cli("--corpus", f"early={tmp / 'raw' / 'early.jsonl'}", "--corpus", f"late={tmp / 'raw' / 'late'}",
-                          "--train-tokenizer", model, "--vocab-size", 400, "--out", out, *ARGS)
+    rc, stdout, err = cli(*corpora, "--train-tokenizer", model, "--vocab-size", 400, "--out", out, *ARGS)
     assert rc == 0 and "reusing it" in err and err.count("already complete") == 2
     assert "early: already complete" in stdout and hashlib.sha256(model.read_bytes()).hexdigest() == sha
 
