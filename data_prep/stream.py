@@ -80,8 +80,10 @@ class Encoder:
                 for part in units.cut(self.reader, f):
                     if part[0] == "unit":
                         _, data, line0, pos = part
-                        # the unit's lines are line0 + 1 ... line0 + its line ends (+ 1 for an unended last line)
-                        drop = drops.lookup(line0, line0 + data.count(b"\n") + 1) if drops is not None else None
+                        # the unit's lines: line0 + 1 ... line0 + its line ends (+ 1 for an unended last line);
+                        # not the next unit's first, which the reader begins after the unit's last line end
+                        last = line0 + data.count(b"\n") + (not data.endswith(b"\n"))
+                        drop = drops.lookup(line0, last) if drops is not None else None
                         yield Item(units.encode_unit, (f, i, u, data, line0, self.resume, drop), base + pos,
                                    unit_of=i)
                         u += 1

@@ -34,7 +34,10 @@ def _one_word_changed(t: str) -> str:
 
 
 def _plant(root: Path, by_hand: bool) -> dict[str, list[Path]]:
-    """Corpus "one" (a.jsonl, b.jsonl.gz, c.txt) and "two" (x.jsonl). ``by_hand``: without the duplicates."""
+    """Corpus "one" (a.jsonl, b.jsonl.gz, c.txt) and "two" (x.jsonl, y.parquet). ``by_hand``: without the
+    duplicates."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     d = texts(10, start=20, chars=500)
     acc = ACCENTS + d[9]
     nfd = unicodedata.normalize("NFD", acc)
@@ -53,6 +56,8 @@ def _plant(root: Path, by_hand: bool) -> dict[str, list[Path]]:
     if not by_hand:                                       # a whole-file document: d[1] with line ends for spaces
         (one_dir / "c.txt").write_text(d[1].replace(" ", "\n", 7) + "\n", encoding="utf-8")
     write_lines(two_dir / "x.jsonl", [t for t in two if t])
+    rows = [dup and _spaced(d[8]), ACCENTS + d[6]]
+    pq.write_table(pa.table({"text": [t for t in rows if t]}), two_dir / "y.parquet")
     return {"one": one_dir, "two": two_dir}
 
 
@@ -75,7 +80,7 @@ def test_exactly_the_planted_duplicates_are_dropped(planted, cli, mix_model, tmp
     assert rc == 0, log
     rc, _, err = cli(*_corpora(clean), "--tokenizer", mix_model, "--out", tmp_path / "by_hand", "--workers", 1, *ARGS)
     assert rc == 0, err
-    for name, dropped, across, files in (("one", 5, 0, 3), ("two", 4, 3, 1)):
+    for name, dropped, across, files in (("one", 5, 0, 3), ("two", 5, 3, 2)):
         got, want = Manifest.load(tmp_path / "dedup" / name), Manifest.load(tmp_path / "by_hand" / name)
         assert shard_bytes(tmp_path / "dedup" / name) == shard_bytes(tmp_path / "by_hand" / name)
         assert len(shard_bytes(tmp_path / "dedup" / name)) >= 3
@@ -91,7 +96,7 @@ def test_exactly_the_planted_duplicates_are_dropped(planted, cli, mix_model, tmp
     earlier = Manifest.load(tmp_path / "dedup" / "two").settings["dedup"]["earlier_corpora"]
     assert [e["corpus"] for e in earlier] == ["one"] and len(earlier[0]["inputs"]) == 3
     assert "earlier_corpora" not in Manifest.load(tmp_path / "dedup" / "one").settings["dedup"]
-    assert "dedup: 9 of" in log and ", 9 duplicate(s) dropped" in stdout
+    assert "dedup: 10 of" in log and ", 10 duplicate(s) dropped" in stdout
 
 
 def test_workers_and_unit_size_do_not_change_what_is_dropped(planted, cli, mix_model, tmp_path, monkeypatch):
@@ -124,6 +129,30 @@ def test_single_corpus_dedup_is_the_first_corpus_of_several(planted, cli, mix_mo
     # without --dedup the folder holds other settings: refused, naming the difference
     rc, _, err = cli(dups / "one", "--tokenizer", mix_model, "--out", tmp_path / "alone", "--workers", 1, *ARGS)
     assert rc == 2 and err.count("\n") == 1 and "dedup" in err and "--overwrite" in err
+
+
+@pytest.mark.parametrize("units_of", ["files", "small units", "a long last line"])
+def test_lines_of_a_txt_file(units_of, cli, mix_model, tmp_path, monkeypatch):
+    """--doc-per line: duplicate lines dropped by line number, in the workers' units (a duplicate last line without
+    its line end too) and in the rest of a file that the main process reads after a long line."""
+    d = texts(4, start=70, chars=400)
+    lines = [d[0], d[1], d[0], "  " + d[1] + " ", "", d[2], d[2] + "\r", _one_word_changed(d[2]), d[3], d[0]]
+    (tmp_path / "dups.txt").write_text("\n".join(lines), encoding="utf-8")                # no line end at the end
+    (tmp_path / "clean.txt").write_text("\n".join([d[0], d[1], "", d[2], _one_word_changed(d[2]), d[3]]) + "\n",
+                                        encoding="utf-8")
+    args = ["--tokenizer", mix_model, "--doc-per", "line", *ARGS]
+    rc, _, err = cli(tmp_path / "clean.txt", "--out", tmp_path / "by_hand", "--workers", 1, *args)
+    assert rc == 0, err
+    if units_of == "small units":
+        monkeypatch.setattr(units, "UNIT_BYTES", 300)
+    elif units_of == "a long last line":
+        monkeypatch.setattr(units, "LONG_LINE_BYTES", len(d[0]) * 2)
+    rc, _, err = cli(tmp_path / "dups.txt", "--out", tmp_path / "dedup", "--dedup", "exact", "--workers", 2, *args)
+    assert rc == 0, err
+    assert shard_bytes(tmp_path / "dedup") == shard_bytes(tmp_path / "by_hand")
+    got, want = Manifest.load(tmp_path / "dedup").counts, Manifest.load(tmp_path / "by_hand").counts
+    assert got["duplicates_dropped"] == 4 and got["empty_skipped"] == want["empty_skipped"] == 1
+    assert got["documents"] == want["documents"] == 5
 
 
 def test_the_key_normalises_nfc_and_whitespace_only():
