@@ -83,12 +83,14 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("tokenizer (one of)")
     g.add_argument("--tokenizer", metavar="MODEL", help="an existing SentencePiece .model file")
     g.add_argument("--train-tokenizer", metavar="MODEL",
-                   help="train a BPE model (byte fallback) on the inputs and write it here; without --out only "
-                        "train. Reused when already trained from the same inputs and settings.")
+                   help="train a BPE model (byte fallback) on the inputs and write it here (with --corpus: once, "
+                        "on a sample of all corpora weighted by --weight); without --out only train. Reused when "
+                        "already trained from the same inputs and settings.")
     g.add_argument("--vocab-size", type=int, default=32000, help="for --train-tokenizer (default 32000)")
     g.add_argument("--tokenizer-sentences", type=int, default=1_000_000, metavar="N",
                    help="for --train-tokenizer: sample at most N sentences (lines) (default 1,000,000)")
-    g.add_argument("--tokenizer-seed", type=int, default=0, help="for --train-tokenizer (default 0)")
+    g.add_argument("--tokenizer-seed", type=int, default=0,
+                   help="for --train-tokenizer (and the draw of a weighted sample) (default 0)")
     g.add_argument("--tokenizer-threads", type=int, default=4,
                    help="for --train-tokenizer: SentencePiece threads; part of the result, so fixed (default 4)")
     d = p.add_argument_group("documents")
