@@ -171,7 +171,9 @@ class _Plan:
     fingerprint: dict
 
 
-def _plan(opt: Options) -> _Plan:
+def prepare(opt: Options) -> _Plan:
+    """Check ``opt`` and find its inputs (with their sha256). ``run`` does this itself; a run of several corpora
+    (data_prep/mix.py) does it for every corpus first, since a corpus's dedup settings name those before it."""
     if opt.seq_len < 1:
         raise UserError(f"--seq-len {opt.seq_len}: must be >= 1")
     if opt.last not in LAST_CHOICES:
@@ -265,18 +267,12 @@ def _existing(opt: Options, plan: _Plan, out: Path, journal: Journal):
     return header, records
 
 
-def prepare(opt: Options) -> _Plan:
-    """Check ``opt`` and find its inputs (with their sha256): what ``run`` takes, made beforehand by a run of
-    several corpora (data_prep/mix.py), which needs every corpus's inputs first."""
-    return _plan(opt)
-
-
 def run(opt: Options, planned: Optional[_Plan] = None,
         drops: Optional[Callable[[], list[dedup.Drops]]] = None) -> dict[str, Any]:
     """Tokenize ``opt.inputs`` into shards in ``opt.out``. Returns a summary dict. Raises UserError, Interrupted.
     With ``opt.dedup``, ``drops()`` gives the documents to drop per input (by default found among the inputs)."""
     t0 = time.time()
-    plan = planned or _plan(opt)
+    plan = planned or prepare(opt)
     out = Path(opt.out)
     out.mkdir(parents=True, exist_ok=True)
     with locked(out):
