@@ -100,6 +100,13 @@ class Cmd:
 
 
 DEMO = "python -m pretrain.tools.demo tiny_mor_tc --steps 100"
+SEL_EARLY = ("python data_prep/select.py data_prep/corpus/sotu-1900-2021.jsonl.gz --where 'year<1960' "
+             "--out runs/mix/raw/early.jsonl.gz")
+SEL_LATE = ("python data_prep/select.py data_prep/corpus/sotu-1900-2021.jsonl.gz --where 'year>=1960' "
+            "--out runs/mix/raw/late.jsonl.gz")
+MIX_TOK = ("python data_prep/tokenize.py --corpus early=runs/mix/raw/early.jsonl.gz --corpus "
+           "late=runs/mix/raw/late.jsonl.gz --weight late=2 --train-tokenizer runs/mix/tokenizer.model --vocab-size "
+           "2048 --seq-len 128 --val-fraction 0.05 --samples-per-shard 256 --dedup exact --out runs/mix/data")
 COMMANDS: dict[str, Cmd] = {
     "make demo": Cmd(MAKE, "builds .venv and trains for minutes"),
     "make test": Cmd(MAKE, "the whole suite, of which this test is a part"),
@@ -170,6 +177,13 @@ COMMANDS: dict[str, Cmd] = {
         Cmd(HELP, "a 360M run"),
     "python -m data_prep.bench --tokenizer out/bench/mistral.model --repeat 40 --workers 1,8,16":
         Cmd(HELP, "a 16-core benchmark with a downloaded 32k model"),
+    SEL_EARLY: Cmd(RUN, "the sample corpus's speeches before 1960, a second"),
+    SEL_LATE: Cmd(RUN, "the speeches from 1960 on, a second", needs=SEL_EARLY),
+    MIX_TOK: Cmd(RUN, "two corpora, one weighted tokenizer, seconds", needs=SEL_LATE),
+    "python -m pretrain.train demo_mix": Cmd(RUN, "the two corpora's mixture, 600 steps cut to 3, its phase "
+                                          "moved to step 2 so that the run crosses it",
+                                          shorter=("train.steps=3", "data.phases=[{start: 2, weights: {late: 1}}]"),
+                                          needs=MIX_TOK),
     "python -m pretrain.plan_layout 1b7_mor_ec --gpus 64 --gpus-per-node 8":
         Cmd(RUN, "the layout planner: shapes and formulas, seconds"),
     "python -m pretrain.plan_layout 360m_mor_ec --gpus 16 --gpu h200 --activation-checkpointing both --top 5":
