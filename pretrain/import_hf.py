@@ -174,7 +174,7 @@ def import_export(hf_dir: Path, run_dir: Path, *, run: Optional[str] = None, ove
     from pretrain.checkpoint.state import TrainerState
     from pretrain.config import computes_in_bf16
     try:
-        manifest = load_manifest(Path(cfg.data.path))
+        manifest = load_manifest(Path(cfg.data.primary_path))   # a mixture's sources share one tokenizer
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"data.path: {e}") from None
     # the tokenizer under its file name, or under the name earlier exports gave it
@@ -182,7 +182,7 @@ def import_export(hf_dir: Path, run_dir: Path, *, run: Optional[str] = None, ove
                hf_dir / TOKENIZER_FILE)
     want = manifest.tokenizer.get("sha256")
     if tok.is_file() and sha256_file(tok) != want:
-        raise ConfigError(f"data.path: {cfg.data.path} was tokenized with another tokenizer than the export's "
+        raise ConfigError(f"data.path: {cfg.data.primary_path} was tokenized with another tokenizer than the export's "
                           f"({tok}); the model reads that tokenizer's ids: give data made with it")
     if manifest.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"data.path: its tokenizer has {manifest.vocab_size} pieces, more than the model's "

@@ -24,6 +24,7 @@ class MixAccounting(Callback):
         self.tokens = {n: 0 for n in names}
         self.by_segment: dict[int, dict[str, int]] = {}
         self.segments: list = []          # the schedule's, for the weights and phase of each
+        self.last: dict[str, dict[str, float]] = {}   # the latest step's epochs and mix per source
 
     def step_end(self, trainer, rec: dict[str, Any]) -> None:
         loader = trainer.loader
@@ -49,6 +50,8 @@ class MixAccounting(Callback):
                 trainer.progress.say(f"step {trainer.step}: data: source {name} starts epoch {int(now[i]) + 1} (its "
                                      f"{loader.samples[name]:,} training samples each read {int(now[i])} time(s))")
         rec["phase"] = phase
+        self.last = {"epochs": {n: rec[f"epochs/{n}"] for n in self.names},
+                     "mix": {n: rec[f"mix/{n}"] for n in self.names}}
         for p, counts in self.phase_tokens().items():
             for name, n in counts.items():
                 rec[f"phase_tokens/{p}/{name}"] = n
@@ -97,7 +100,8 @@ class MixAccounting(Callback):
         return lines
 
     def state(self) -> dict[str, Any]:
-        return {"mix_tokens": dict(self.tokens),
+        # epochs and the mix are read back from the data position; kept here for whoever reads trainer.pt
+        return {"mix_tokens": dict(self.tokens), **{f"mix_{k}": v for k, v in self.last.items()},
                 "mix_by_segment": {str(s): dict(c) for s, c in self.by_segment.items()}}
 
     def load_state(self, state: dict[str, Any]) -> None:

@@ -10,8 +10,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from data_prep.shards import Manifest
+from pretrain.checkpoint.state import TrainerState
 from tests.distributed.harness import spawn_ranks
 from tests.faults.runs import losses, run_main
 from tests.pretrain.fixtures import make_shards
@@ -70,6 +72,12 @@ def test_the_tokens_of_every_source_add_up_and_the_small_source_starts_over(stra
     assert "data mix: tokens per source" in log and "total" in log
     val = [json.loads(ln) for ln in (straight / "metrics.jsonl").read_text().splitlines() if "val_loss" in ln]
     assert val and all(f"val_loss/{n}" in v and f"val_loss_causal/{n}" in v for v in val for n in SOURCES)
+    # the checkpoint holds the same counts, the epochs and the realised mix
+    saved = TrainerState.from_dict(torch.load(straight / "checkpoints" / f"step-{STEPS:06d}" / "trainer.pt",
+                                              weights_only=False)).callbacks
+    assert saved["mix_tokens"] == {n: last[f"tokens/{n}"] for n in SOURCES}
+    assert saved["mix_epochs"] == {n: last[f"epochs/{n}"] for n in SOURCES}
+    assert saved["mix_mix"] == {n: last[f"mix/{n}"] for n in SOURCES}
 
 
 def test_a_run_killed_before_a_phase_boundary_resumes_across_it_bit_for_bit(data, straight, tmp_path):
