@@ -254,6 +254,9 @@ class TokenLoader:
         return dict(version=STATE_VERSION, batches=self._batches, epoch=self.epoch, **self._layout_key())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") == "mixture":
+            raise ValueError("data: the checkpoint was trained on a mixture (data.sources); give its data.sources "
+                             "to continue it")
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state version {state.get('version')!r}, expected {STATE_VERSION}")
         state = {"readers": state["dp_size"] * max(1, state["num_workers"]), **state}   # saved before readers were

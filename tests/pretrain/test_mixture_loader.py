@@ -139,7 +139,7 @@ def test_every_source_needs_a_sample_per_reader(sources, tmp_path):
 def test_the_state_is_refused_by_a_single_data_set_and_vice_versa(sources):
     from pretrain.data.loader import TokenLoader
     (mix,) = loaders(sources, 1, 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="trained on a mixture"):
         TokenLoader(sources["a"], micro_batch_size=B, readers=READERS).load_state_dict(mix.state_dict())
     single = TokenLoader(sources["a"], micro_batch_size=B, readers=READERS).state_dict()
     with pytest.raises(ValueError, match="trained on one data set"):
