@@ -42,6 +42,7 @@ def read(ls: list[MixtureLoader], global_batches: int, first: int = 0) -> dict[i
     return out
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")   # 4 workers on a 2-core machine, on purpose
 def test_the_source_and_samples_of_every_global_micro_batch_do_not_depend_on_the_layout(sources):
     one = read(loaders(sources, 1, 0), 64)
     assert read(loaders(sources, 2, 0), 64) == one
