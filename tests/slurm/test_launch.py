@@ -39,10 +39,10 @@ def test_scontrol_requeue_resumes_without_repeating_or_missing_steps(slurm, data
     job = sbatch([*CPU_ALLOC, NO_WARNING, f"--output={log}", f"--error={log}", "--open-mode=append",
                   "slurm/mor_1b7.sh", *tiny(data, tmp_path / "runs", steps=40, every=5, name="requeue")],
                  env={"MOR_FAULT_STEP_SECONDS": "0.25"})
-    wait_for(lambda: len(steps_logged(run)) >= 12, 180, "step 12 of the first start")
+    wait_for(lambda: len(steps_logged(run)) >= 12, 400, "step 12 of the first start")
     res = subprocess.run(["scontrol", "requeue", str(job)], capture_output=True, text=True, timeout=30, check=False)
     assert res.returncode == 0, res.stderr
-    info = wait_for(lambda: finished(job), 300, "the requeued job to finish", every=2)
+    info = wait_for(lambda: finished(job), 600, "the requeued job to finish", every=2)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, (info, text)
     assert "resumed from" in text
@@ -63,10 +63,10 @@ def test_scancel_with_wandb_offline_saves_exits_75_and_a_resubmission_logs_the_u
     submit = [*CPU_ALLOC, NO_WARNING, f"--output={log}", f"--error={log}", "--open-mode=append", "slurm/mor_1b7.sh",
               *args]
     job = sbatch(submit, env={"MOR_FAULT_STEP_SECONDS": "0.5", **exact})
-    wait_for(lambda: len(steps_logged(run)) >= 3 or finished(job), 300, "step 3")
+    wait_for(lambda: len(steps_logged(run)) >= 3 or finished(job), 600, "step 3")
     res = subprocess.run(["scancel", str(job)], capture_output=True, text=True, timeout=30, check=False)
     assert res.returncode == 0, res.stderr
-    wait_for(lambda: gone(job), 120, "the cancelled job's processes to end", every=1)
+    wait_for(lambda: gone(job), 300, "the cancelled job's processes to end", every=1)
     info, text = job_info(job), log.read_text()
     assert info["JobState"] == "CANCELLED" and sacct_exit_codes(job)[f"{job}.0"] == "75:0", (info, text)
     said = [ln for ln in text.splitlines() if ln.startswith("preempted: saved step ")]
@@ -122,7 +122,7 @@ def test_a_time_limit_within_the_warning_lead_saves_once_and_does_not_requeue(sl
                   "slurm/mor_1b7.sh", *tiny(data, tmp_path / "runs", steps=40, every=0, name="short")],
                  env={"MOR_FAULT_STEP_SECONDS": "3"})
     # ended, or requeued: either answers the question
-    info = wait_for(lambda: finished(job) or restarted(job), 300, "the job to end", every=2)
+    info = wait_for(lambda: finished(job) or restarted(job), 600, "the job to end", every=2)
     text = log.read_text()
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0", (info, text)
     assert "launch: got USR1" in text and "trainer exited with status 2" in text, text
@@ -141,7 +141,7 @@ def test_ranks_start_with_the_warning_signals_blocked(slurm, tmp_path):
     probe.chmod(0o755)
     job = sbatch([*CPU_ALLOC, NO_WARNING, f"--output={log}", f"--error={log}", "slurm/mor_1b7.sh"],
                  env={"MOR_PYTHON": str(probe)})
-    info = wait_for(lambda: finished(job), 300, "the job to finish", every=2)
+    info = wait_for(lambda: finished(job), 600, "the job to finish", every=2)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED", text
     masks = [int(m, 16) for m in re.findall(r"^SigBlk:\s*([0-9a-f]+)$", text, re.M)]
