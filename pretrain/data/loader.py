@@ -180,6 +180,23 @@ def worker_batches(dataset, rr: RoundRobin, *, num_workers: int, pin_memory: boo
             shutdown()
 
 
+def continued_batches(state: dict[str, Any], now: dict[str, Any], dp_size: int, *, movable: bool = True) -> int:
+    """The rank's batch count that continues a saved position (``state``) under this loader's layout (``now``,
+    its layout key). Another number of ranks or workers over the same readers is allowed when ``movable``: global
+    micro-batch g comes from reader g mod R whatever the layout (readers.ReadPlan.reader_ids), so the position is
+    the count of global micro-batches read — every rank's count × ranks, taken at a step, where all ranks have read
+    alike. Any other difference is a ValueError listing it."""
+    diff = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
+    if set(diff) - {"dp_rank", "dp_size", "num_workers"} or (diff and not movable):
+        raise ValueError("data loader state is from another layout (saved, now): "
+                         + ", ".join(f"{k}: {a!r}, {b!r}" for k, (a, b) in diff.items()))
+    consumed = int(state["batches"]) * int(state["dp_size"])
+    if consumed % dp_size:
+        raise ValueError(f"data loader state: {consumed} micro-batches read by {state['dp_size']} rank(s) "
+                         f"cannot be continued by {dp_size}")
+    return consumed // dp_size
+
+
 def label_count(labels: torch.Tensor) -> torch.Tensor:
     """The number of labels that count (not padding) in a batch, as a tensor on the labels' device (no host
     sync): what token counts, tokens/s and MFU should use."""
@@ -260,21 +277,8 @@ class TokenLoader:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state version {state.get('version')!r}, expected {STATE_VERSION}")
         state = {"readers": state["dp_size"] * max(1, state["num_workers"]), **state}   # saved before readers were
-        diff = {k: (state.get(k), v) for k, v in self._layout_key().items() if state.get(k) != v}
-        movable = {"dp_rank", "dp_size", "num_workers"}
-        if set(diff) - movable or (diff and self.epochs is not None):
-            raise ValueError("data loader state is from another layout (saved, now): "
-                             + ", ".join(f"{k}: {a!r}, {b!r}" for k, (a, b) in diff.items()))
-        n = int(state["batches"])
-        if diff:
-            # Another number of ranks or workers over the same readers: global micro-batch g comes from reader
-            # g mod R whatever the layout (readers.ReadPlan.reader_ids), so the position is the count of global
-            # micro-batches read — every rank's count × ranks, taken at a step, where all ranks have read alike.
-            consumed = n * state["dp_size"]
-            if consumed % self.dp_size:
-                raise ValueError(f"data loader state: {consumed} micro-batches read by {state['dp_size']} rank(s) "
-                                 f"cannot be continued by {self.dp_size}")
-            n = consumed // self.dp_size
+        # a bounded pass (validation) continues only under its own layout
+        n = continued_batches(state, self._layout_key(), self.dp_size, movable=self.epochs is None)
         if n < 0 or (self.epochs is not None and n > len(self)):
             raise ValueError(f"data loader state: batches={n} is outside this pass")
         self._batches = n

@@ -29,7 +29,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from data_prep.shards import Manifest
 from pretrain.data import mixture
-from pretrain.data.loader import fingerprint, load_manifest, shard_entries, worker_batches
+from pretrain.data.loader import continued_batches, fingerprint, load_manifest, shard_entries, worker_batches
 from pretrain.data.mixture import MixSchedule, Phase, Segment
 from pretrain.data.readers import ReadPlan, Readers, RoundRobin
 
@@ -163,14 +163,8 @@ class MixtureLoader:
                              "(data.sources) cannot continue its data position")
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state version {state.get('version')!r}, expected {STATE_VERSION}")
-        diff = {k: (state.get(k), v) for k, v in self._layout_key().items() if state.get(k) != v}
-        if set(diff) - {"dp_rank", "dp_size", "num_workers"}:
-            raise ValueError("data loader state is from another layout (saved, now): "
-                             + ", ".join(f"{k}: {a!r}, {b!r}" for k, (a, b) in diff.items()))
-        consumed = int(state["batches"]) * int(state["dp_size"])
-        if consumed % self.dp_size:
-            raise ValueError(f"data loader state: {consumed} micro-batches read by {state['dp_size']} rank(s) "
-                             f"cannot be continued by {self.dp_size}")
+        batches = continued_batches(state, self._layout_key(), self.dp_size)
+        consumed = batches * self.dp_size
         history = [Segment.from_state(s) for s in state["segments"]]
         saved_names = list(state["sources"])
         trained = MixSchedule(saved_names, history, self.seed).counts(consumed)
@@ -191,7 +185,7 @@ class MixtureLoader:
         self.schedule = MixSchedule(self.names, segments, self.seed)
         self.note = (f"data: the mix changed where training had begun ({'; '.join(changes)}); the new weights "
                      f"apply from step {at_step} on (data.allow_mix_change=true)") if changes else None
-        self._batches = consumed // self.dp_size
+        self._batches = batches
 
     # ---- iteration ---------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
