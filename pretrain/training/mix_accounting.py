@@ -36,7 +36,8 @@ class MixAccounting(Callback):
         for name, n in zip(self.names, rec.pop("source_tokens")):
             self.tokens[name] += n
             step_counts[name] += n
-        mine = self.phase_tokens().get(phase, {})
+        by_phase = self.phase_tokens()
+        mine = by_phase.get(phase, {})
         step_micro = trainer.engine.micro_batches * trainer.layout.dp
         read = loader.schedule.counts(consumed)                      # the running total: cheap
         now = self._epochs(loader, read)
@@ -52,7 +53,7 @@ class MixAccounting(Callback):
         rec["phase"] = phase
         self.last = {"epochs": {n: rec[f"epochs/{n}"] for n in self.names},
                      "mix": {n: rec[f"mix/{n}"] for n in self.names}}
-        for p, counts in self.phase_tokens().items():
+        for p, counts in by_phase.items():
             for name, n in counts.items():
                 rec[f"phase_tokens/{p}/{name}"] = n
 
